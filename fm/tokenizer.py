@@ -1,0 +1,79 @@
+"""SentencePiece tokenizer wrapper: special-token ids, extra special tokens, batch encode."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+import sentencepiece as spm
+
+DEFAULT_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "quick_start", "tokenizer.model")
+
+
+class Tokenizer:
+    """A SentencePiece model with the ids training needs.
+
+    ``extra_special_tokens`` are strings that must map to one id each. Tokens already in the model
+    (user-defined symbols) keep their ids; unknown ones are an error, because adding ids after
+    training would change the embedding size silently.
+    """
+
+    def __init__(self, path: str = DEFAULT_TOKENIZER, extra_special_tokens: Sequence[str] = ()):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer model not found: {path} (pass tokenizer_path / --tokenizer)")
+        self.path = os.path.abspath(path)
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.unk_id = self.sp.unk_id()
+        pad = self.sp.pad_id()
+        self.pad_id = pad if pad >= 0 else self.eos_id
+        self.special_tokens: dict[str, int] = {}
+        for token in extra_special_tokens:
+            tid = self.sp.piece_to_id(token)
+            if tid == self.unk_id and token != self.sp.id_to_piece(self.unk_id):
+                raise ValueError(f"special token {token!r} is not in the tokenizer {path}; "
+                                 "retrain it with the token as a user-defined symbol")
+            self.special_tokens[token] = tid
+        self._special_re = (re.compile("(" + "|".join(map(re.escape, self.special_tokens)) + ")")
+                            if self.special_tokens else None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text) if self._special_re is None else self._encode_with_specials(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """One SentencePiece call for the whole batch (faster than a loop of ``encode``)."""
+        if self._special_re is None:
+            return self.sp.encode(list(texts))
+        return [self._encode_with_specials(t) for t in texts]
+
+    def _encode_with_specials(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for part in self._special_re.split(text):
+            if part in self.special_tokens:
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids.extend(self.sp.encode(part))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def id_to_piece(self, tid: int) -> str:
+        return self.sp.id_to_piece(tid)
+
+    def piece_to_id(self, piece: str) -> int:
+        return self.sp.piece_to_id(piece)
+
+    def is_byte(self, tid: int) -> bool:
+        return self.sp.is_byte(tid)
