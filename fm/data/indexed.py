@@ -1,0 +1,241 @@
+"""Random access to an index directory written by ``convert_json2index.py`` (ours or upstream's).
+
+An index directory holds ``data.jsonl`` (one JSON object per line) and the byte offsets of its lines,
+as text (``index``) and/or HDF5 (``index.h5``, one int64 dataset named ``index``), plus ``meta.json``.
+
+Two offset layouts exist:
+
+* ours: n+1 offsets starting at 0 — line i is bytes ``[off[i], off[i+1])``;
+* upstream FM9G: the n *end* offsets only (no leading 0). Upstream's own reader treated them as
+  n+1 offsets and so silently lost line 0. We detect this layout (the first value is not 0: a line is
+  at least one byte, so the first end offset is never 0) and read line 0 too.
+
+Opening is O(1) for our output: ``index.h5`` written by h5py is contiguous, so the offsets are a
+``np.memmap`` into the HDF5 file (no copy, no parse). A chunked or compressed ``index.h5`` is read
+into one numpy array; a text-only ``index`` is parsed by numpy (``np.fromfile(sep="\\n")``) into memory
+each time it is opened. We never write a cache next to a user's dataset: rebuilding the directory with
+the converter gives the h5 file and the O(1) path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DATA_FILE = "data.jsonl"
+META_FILE = "meta.json"
+DEFAULT_INDEX_NAME = "index"
+
+try:  # msgspec decodes ~2x faster than json; it is a hard dependency of the converter anyway
+    import msgspec
+
+    _decode = msgspec.json.Decoder().decode
+except ImportError:  # pragma: no cover
+    _decode = json.loads
+
+
+def read_meta(path: str) -> dict:
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
+        return {}
+    with open(meta_path, encoding="utf-8") as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: not valid JSON ({e}); rebuild the index with convert_json2index.py") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def index_name(path: str, meta: dict) -> str:
+    """The base name of the offsets files: ``index`` unless the converter was run with ``--hdfs_name``.
+
+    Ours records it as ``index_name``; upstream only has ``hdfs_path`` (``/user/.../<name>``), whose base
+    name we try; if neither names an existing file we fall back to ``index``.
+    """
+    candidates = []
+    if isinstance(meta.get("index_name"), str):
+        candidates.append(meta["index_name"])
+    if isinstance(meta.get("hdfs_path"), str) and meta["hdfs_path"].strip("/"):
+        candidates.append(os.path.basename(meta["hdfs_path"].rstrip("/")))
+    candidates.append(DEFAULT_INDEX_NAME)
+    for name in candidates:
+        if os.path.isfile(os.path.join(path, name + ".h5")) or os.path.isfile(os.path.join(path, name)):
+            return name
+    return DEFAULT_INDEX_NAME
+
+
+def _open_h5_offsets(h5_path: str) -> tuple[np.ndarray, str]:
+    import h5py
+
+    with h5py.File(h5_path, "r") as f:
+        if "index" not in f:
+            raise ValueError(f"{h5_path}: no dataset named 'index' (found {sorted(f.keys())}); "
+                             "rebuild the index with convert_json2index.py")
+        dset = f["index"]
+        if dset.ndim != 1 or dset.dtype.kind not in "iu":
+            raise ValueError(f"{h5_path}: dataset 'index' must be a 1-D integer array, "
+                             f"got shape {dset.shape} dtype {dset.dtype}")
+        n = dset.shape[0]
+        offset = dset.id.get_offset() if dset.chunks is None else None
+        if n == 0:
+            return np.zeros(0, dtype=np.int64), "h5"
+        if offset is not None:
+            # Contiguous: the raw values sit at a fixed byte offset, so map them (O(1) open).
+            return np.memmap(h5_path, dtype=dset.dtype, mode="r", offset=offset, shape=(n,)), "h5-mmap"
+        return dset[:].astype(np.int64, copy=False), "h5-read"
+
+
+def _parse_text_offsets(text_path: str) -> np.ndarray:
+    size = os.path.getsize(text_path)
+    try:
+        offsets = np.fromfile(text_path, dtype=np.int64, sep="\n") if size else np.zeros(0, dtype=np.int64)
+    except ValueError as e:  # numpy >= 2.3 raises on unparsable text, older versions stop quietly
+        raise ValueError(f"{text_path}: not a list of integers ({e}); "
+                         "rebuild the index with convert_json2index.py") from e
+    # np.fromfile stops quietly at the first bad token: check that every line was read.
+    with open(text_path, "rb") as f:
+        nlines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b""))
+        f.seek(max(size - 1, 0))
+        if size and f.read(1) != b"\n":
+            nlines += 1
+    if len(offsets) != nlines:
+        raise ValueError(f"{text_path}: line {len(offsets) + 1} is not an integer; "
+                         "rebuild the index with convert_json2index.py")
+    return offsets
+
+
+class IndexedDataset:
+    """``ds[i]`` → raw jsonl line i (bytes, no newline); ``ds.record(i)`` → parsed dict.
+
+    Safe to pass to DataLoader workers (fork or spawn): file handles are reopened per process.
+    """
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"index directory not found: {path} "
+                                    "(create it with quick_start/convert_json2index.py)")
+        self.data_path = os.path.join(self.path, DATA_FILE)
+        if not os.path.isfile(self.data_path):
+            raise FileNotFoundError(f"{self.data_path} not found: {path} is not an index directory "
+                                    "(create it with quick_start/convert_json2index.py)")
+        self.meta: dict = read_meta(self.path)
+        self.index_name = index_name(self.path, self.meta)
+        self._open_offsets()
+        self._fd: int | None = None
+        self._fd_pid: int | None = None
+
+    def _open_offsets(self) -> None:
+        h5_path = os.path.join(self.path, self.index_name + ".h5")
+        text_path = os.path.join(self.path, self.index_name)
+        if os.path.isfile(h5_path):
+            self._off, self.index_source = _open_h5_offsets(h5_path)
+            src = h5_path
+        elif os.path.isfile(text_path):
+            log.info("%s: no %s.h5, parsing the text index into memory", self.path, self.index_name)
+            self._off, self.index_source = _parse_text_offsets(text_path), "text"
+            src = text_path
+        else:
+            raise FileNotFoundError(f"{self.path}: neither {self.index_name}.h5 nor {self.index_name} exists; "
+                                    "rebuild the index with convert_json2index.py")
+        # Upstream wrote end offsets only; ours start with 0 (see the module docstring).
+        self.upstream_format = len(self._off) > 0 and int(self._off[0]) != 0
+        self._n = len(self._off) if self.upstream_format else max(len(self._off) - 1, 0)
+        self.nbytes = int(self._off[-1]) if len(self._off) else 0
+        data_size = os.path.getsize(self.data_path)
+        if self.nbytes != data_size:
+            raise ValueError(f"{src}: last offset {self.nbytes} != size of {self.data_path} ({data_size} bytes); "
+                             "the index does not belong to this data.jsonl: rebuild it with convert_json2index.py")
+
+    def __len__(self) -> int:
+        return self._n
+
+    def span(self, i: int) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of line i in data.jsonl, newline included."""
+        i = self._check(i)
+        if self.upstream_format:
+            return (int(self._off[i - 1]) if i else 0), int(self._off[i])
+        return int(self._off[i]), int(self._off[i + 1])
+
+    def _check(self, i: int) -> int:
+        i = int(i)
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"line {i} out of range for {self.path} ({self._n} lines)")
+        return i
+
+    def _read(self, start: int, end: int) -> bytes:
+        if self._fd is None or self._fd_pid != os.getpid():
+            self._fd = os.open(self.data_path, os.O_RDONLY)
+            self._fd_pid = os.getpid()
+        buf = os.pread(self._fd, end - start, start)
+        if len(buf) != end - start:
+            raise OSError(f"{self.data_path}: short read at byte {start} (file truncated?)")
+        return buf
+
+    def __getitem__(self, key: int | slice) -> bytes | list[bytes]:
+        if isinstance(key, slice):
+            return self._get_slice(key)
+        start, end = self.span(key)
+        line = self._read(start, end)
+        return line[:-1] if line.endswith(b"\n") else line
+
+    def _get_slice(self, key: slice) -> list[bytes]:
+        a, b, step = key.indices(self._n)
+        if step != 1 or b <= a:
+            return [self[i] for i in range(a, b, step)]
+        # One read for the whole range, then split at the known offsets.
+        base, _ = self.span(a)
+        _, stop = self.span(b - 1)
+        buf = self._read(base, stop)
+        out = []
+        for i in range(a, b):
+            s, e = self.span(i)
+            line = buf[s - base:e - base]
+            out.append(line[:-1] if line.endswith(b"\n") else line)
+        return out
+
+    def record(self, i: int) -> dict[str, Any]:
+        line = self[i]
+        try:
+            rec = _decode(line)
+        except Exception as e:
+            raise ValueError(f"{self.data_path}: line {self._check(i) + 1} is not valid JSON ({e})") from e
+        if not isinstance(rec, dict):
+            raise ValueError(f"{self.data_path}: line {self._check(i) + 1} is not a JSON object")
+        return rec
+
+    def __iter__(self) -> Iterator[bytes]:
+        for i in range(self._n):
+            yield self[i]
+
+    def close(self) -> None:
+        if self._fd is not None and self._fd_pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # Pickle by path: a memmap would otherwise be pickled as a full copy of the offsets.
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    def __repr__(self) -> str:
+        return f"IndexedDataset({self.path!r}, lines={self._n}, index={self.index_source})"
