@@ -1,0 +1,232 @@
+"""The engine interface: one object that owns the process group, the sharded model and its optimizer.
+
+Two implementations: ``fm.dist.bmtrain.BMTrainEngine`` (BMTrain ZeRO-3, CUDA only) and
+``fm.dist.fsdp.FSDPEngine`` (torch FSDP2; CPU/gloo or GPU/nccl). The trainer only talks to this
+interface, so the same loop runs on one CPU, under FSDP2 and under BMTrain.
+
+Typical use (the trainer's view)::
+
+    engine = build_engine("auto", seed=cfg.seed)
+    engine.init()
+    model = engine.shard(build_model(cfg_model, device="meta"), dtype=torch.bfloat16,
+                         activation_checkpointing=True)
+    opt = engine.build_optimizer(param_groups(model), lr=1e-2, eps=1e-8, weight_decay=0.1)
+    for micro in batches:                              # grad accumulation: several backward per step
+        logits = model(micro["inputs"], micro["position_ids"], micro["cu_seqlens"], micro["max_seqlen"])
+        loss_sum, count = engine.loss(logits, micro["targets"])
+        engine.backward(loss_sum / global_token_count)  # count all-reduced by the trainer beforehand
+    norm = engine.clip_grad_norm(1.0)
+    if math.isfinite(norm):
+        engine.optimizer_step()
+    engine.zero_grad()
+
+Gradient convention: gradients are SUMMED over ranks (never averaged). Divide the loss by the
+GLOBAL number of target tokens of the step (``engine.all_reduce(count)`` over ranks and
+accumulation micro-batches) and the update equals a single-process run on the concatenated data.
+
+Learning rate: the trainer sets ``group["lr"]`` on ``engine.optimizer.param_groups`` each step
+(both engines return a ``torch.optim.Optimizer``); a group built with ``"lr_scale"`` keeps it as a
+key so the scheduler can multiply (muP: hidden matrices use lr / scale_width).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+ReduceOp = Literal["sum", "max", "min"]
+ModelOrFactory = nn.Module | Callable[[], nn.Module]
+
+
+class Engine(abc.ABC):
+    """Distributed engine. Create with ``fm.dist.build_engine``, then call :meth:`init` once."""
+
+    name: str = "base"
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+
+    # ------------------------------------------------------------------ process group
+    @abc.abstractmethod
+    def init(self) -> None:
+        """Join the process group (torchrun env vars RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT).
+
+        Without those variables the engine runs as a single process (world size 1). Also seeds
+        torch's RNG with the engine's ``seed`` option (the same on every rank, so initial weights agree).
+        """
+
+    @property
+    @abc.abstractmethod
+    def rank(self) -> int:
+        """Global rank of this process (0 .. world_size-1)."""
+
+    @property
+    @abc.abstractmethod
+    def world_size(self) -> int:
+        """Number of processes."""
+
+    @property
+    @abc.abstractmethod
+    def local_rank(self) -> int:
+        """Rank on this node (selects the GPU)."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Device the model computes on (``cuda:<local_rank>`` or ``cpu``); batches go here."""
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0: the rank that logs and writes single-copy files."""
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ model
+    @abc.abstractmethod
+    def shard(
+        self,
+        model: ModelOrFactory,
+        *,
+        dtype: torch.dtype | None = None,
+        activation_checkpointing: bool = False,
+        state_dict: Mapping[str, torch.Tensor] | str | Path | None = None,
+    ) -> nn.Module:
+        """Materialise and shard ``model`` (preferably built on ``device="meta"``), one layer at a time.
+
+        Each layer of ``model.encoder.layers`` is moved to the device, initialised with
+        ``layer.init_weights()`` and sharded before the next one is touched, so host memory per rank
+        stays near one layer. The rest (embedding, final norm, head) is initialised with
+        ``model.init_weights()`` semantics and kept in the root unit (tied embeddings keep working).
+        ``state_dict`` (a full state dict or the path of a ``.pt`` written by :meth:`save_model`)
+        loads weights instead of initialising them. ``dtype`` is the compute/parameter dtype
+        (bf16 on GPU; CPU keeps fp32 master weights). Returns the module to call for forward; it
+        is also stored as ``engine.model``. Parameter names stay the model's own.
+        """
+
+    @abc.abstractmethod
+    def build_optimizer(
+        self,
+        param_groups: list[dict[str, Any]],
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        offload: bool = False,
+    ) -> torch.optim.Optimizer:
+        """AdamW over ``param_groups`` (``[{"params": [...], "weight_decay": ..., "lr_scale": ...}, ...]``).
+
+        Groups may override ``lr``/``weight_decay``; ``lr_scale`` (default 1.0) is stored in the group
+        and the initial group lr is ``lr * lr_scale``. ``offload`` keeps optimizer state on the CPU
+        (bmtrain: ``AdamOffloadOptimizer``; fsdp ignores it on CPU). Stored as ``engine.optimizer``.
+        """
+
+    @abc.abstractmethod
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token cross-entropy: ``(loss_sum, token_count)`` over this rank's targets != -100.
+
+        ``logits`` [B, S, V] (any float dtype; computed in fp32), ``targets`` [B, S]. Both results
+        are 0-dim tensors on ``device``; ``loss_sum`` carries the graph. Local to this rank.
+        """
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate (applies the loss scale when fp16 is used). Gradients accumulate and are summed over ranks."""
+
+    @abc.abstractmethod
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip to ``max_norm`` and return the global L2 norm before clipping (inf/nan returned as is).
+
+        ``max_norm <= 0`` only measures. Every rank returns the same value.
+        """
+
+    @abc.abstractmethod
+    def optimizer_step(self) -> None:
+        """Apply one optimizer step (skips it and lowers the scale on fp16 overflow)."""
+
+    @abc.abstractmethod
+    def zero_grad(self) -> None:
+        """Clear gradients."""
+
+    @property
+    def loss_scale(self) -> float:
+        """Current loss scale (1.0 unless fp16 loss scaling is on); logged as ``Optimizer/scale``."""
+        return 1.0
+
+    # ------------------------------------------------------------------ collectives
+    @abc.abstractmethod
+    def all_reduce(self, value: float | torch.Tensor, op: ReduceOp = "sum") -> float | torch.Tensor:
+        """Reduce over ranks. A Python number returns a float; a tensor returns a new tensor (input untouched)."""
+
+    @abc.abstractmethod
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Picklable object from every rank, in rank order."""
+
+    @abc.abstractmethod
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` from rank ``src`` on every rank."""
+
+    @abc.abstractmethod
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    # ------------------------------------------------------------------ checkpoints
+    @abc.abstractmethod
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) state dict on CPU, keys exactly the model's own; ``{}`` on ranks other than 0.
+
+        Collective: every rank must call it. Used by :meth:`save_model` and by async checkpointing
+        (snapshot now, write later).
+        """
+
+    def save_model(self, path: str | Path) -> None:
+        """Write the full state dict as one ``torch.save`` file from rank 0 (collective; atomic rename)."""
+        from fm.train.checkpoint import atomic_torch_save
+
+        sd = self.model_state_dict()
+        if self.is_main:
+            atomic_torch_save(sd, Path(path))
+        self.barrier()
+
+    @abc.abstractmethod
+    def load_model(self, path_or_state: str | Path | Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load a full state dict (:meth:`save_model` file, upstream ``.pt``, or a dict) into the sharded model.
+
+        With ``strict`` missing/unexpected keys raise ``KeyError`` naming them. Collective.
+        """
+
+    @abc.abstractmethod
+    def save_optimizer(self, directory: str | Path) -> None:
+        """Write the optimizer state under ``directory`` (collective; all ranks write their part).
+
+        fsdp: a ``torch.distributed.checkpoint`` directory, reshardable to any world size.
+        bmtrain: one file per rank (``optimizer.rank-{r}.pt``); resume needs the same world size.
+        """
+
+    @abc.abstractmethod
+    def load_optimizer(self, directory: str | Path) -> None:
+        """Load what :meth:`save_optimizer` wrote (after :meth:`build_optimizer`). Collective."""
+
+    # ------------------------------------------------------------------ misc
+    def memory_stats(self) -> dict[str, float]:
+        """GiB figures for the step log: ``allocated``/``max_allocated``/``reserved`` on CUDA, ``rss`` on CPU."""
+        if self.device.type == "cuda":
+            g = 1024**3
+            return {
+                "allocated": torch.cuda.memory_allocated(self.device) / g,
+                "max_allocated": torch.cuda.max_memory_allocated(self.device) / g,
+                "reserved": torch.cuda.memory_reserved(self.device) / g,
+            }
+        try:
+            import resource
+
+            return {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+        except ImportError:  # pragma: no cover - non-POSIX
+            return {}
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Leave the process group (safe to call twice)."""
