@@ -1,0 +1,256 @@
+"""Step logging: console line, tensorboardX scalars (upstream tags), jsonl stats, MFU, inspect table, loss PNG.
+
+Only rank 0 writes. Tensorboard tags (upstream names first): ``Loss/train``, ``Loss/train/<task>``,
+``Optimizer/lr``, ``Optimizer/scale``, ``Optimizer/grad_norm``; ours: ``Optimizer/skipped_steps``,
+``Throughput/tokens_per_sec``, ``Throughput/tokens_per_sec_per_device``, ``Throughput/mfu``,
+``Throughput/step_time``, ``Memory/<stat>_gib``.
+
+MFU = achieved FLOP/s / (peak FLOP/s × devices) with FLOPs per token = ``6·N + 12·L·d·S`` (N non-embedding
+parameters, L layers, d hidden size, S sequence length; the attention term is not halved for causal
+masking, as in the PaLM/Megatron convention). The peak is ``peak_tflops`` from the config, else a
+table of bf16 dense peaks by GPU name; on CPU (no known peak) MFU is not reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger("fm.train")
+
+# bf16 dense tensor-core peaks (TFLOP/s) by substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40": 181.0,
+               "A40": 150.0, "4090": 165.0, "3090": 71.0, "V100": 125.0}
+
+
+def guess_peak_tflops(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, val in PEAK_TFLOPS.items():
+        if key in name:
+            return val
+    return 0.0
+
+
+def flops_per_token(non_embedding_params: int, num_layers: int, dim_model: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): ``6·N + 12·L·d·S``."""
+    return 6.0 * non_embedding_params + 12.0 * num_layers * dim_model * seq_len
+
+
+def count_non_embedding_params(model: nn.Module) -> int:
+    total = 0
+    for name, p in model.named_parameters():
+        if "embedding" in name or "lm_head" in name:
+            continue
+        shape = getattr(p, "_original_shape", None) or p.shape  # bmtrain keeps the unsharded shape here
+        total += math.prod(shape)
+    return total
+
+
+def format_step_line(s: dict[str, Any]) -> str:
+    parts = [
+        f"| iter {s['iter']:>6d}/{s['train_iters']}",
+        f"loss {s['loss']:.4f}",
+        f"lr {s['lr']:.3e}",
+        f"grad_norm {s['grad_norm']:.4f}",
+        f"tokens/s {s['tokens_per_sec']:.0f}",
+        f"time {s['step_time']:.3f}s",
+    ]
+    if s.get("mfu") is not None:
+        parts.append(f"mfu {100 * s['mfu']:.1f}%")
+    mem = s.get("memory") or {}
+    if mem:
+        key = "max_allocated" if "max_allocated" in mem else next(iter(mem))
+        parts.append(f"mem {mem[key]:.2f}GiB")
+    parts.append(f"skipped {s['skipped_steps']}")
+    if s.get("skipped"):
+        parts.append("SKIPPED(non-finite)")
+    tasks = s.get("task_loss") or {}
+    if tasks:
+        parts.append("tasks " + " ".join(f"{k}={v:.4f}" for k, v in tasks.items()))
+    return " | ".join(parts) + " |"
+
+
+class MetricsWriter:
+    """Console + tensorboard + jsonl for one run (no-op on ranks other than 0)."""
+
+    def __init__(self, *, enabled: bool, tensorboard_dir: str | os.PathLike | None,
+                 jsonl_path: str | os.PathLike | None, all_tasks: bool = True, log_iters: int = 1):
+        self.enabled = enabled
+        self.all_tasks = all_tasks
+        self.log_iters = max(1, log_iters)
+        self.tb = None
+        self.jsonl = None
+        if not enabled:
+            return
+        if tensorboard_dir:
+            from tensorboardX import SummaryWriter
+
+            Path(tensorboard_dir).mkdir(parents=True, exist_ok=True)
+            self.tb = SummaryWriter(logdir=str(tensorboard_dir))
+        if jsonl_path:
+            Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+
+    def log_step(self, s: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        step = int(s["iter"])
+        if step % self.log_iters == 0 or s.get("skipped"):
+            log.info(format_step_line(s))
+        if self.jsonl is not None:
+            row = {k: v for k, v in s.items() if k != "train_iters"}
+            row["wall_time"] = time.time()
+            self.jsonl.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.jsonl.flush()
+        if self.tb is not None:
+            add = self.tb.add_scalar
+            if math.isfinite(s["loss"]):
+                add("Loss/train", s["loss"], step)
+            if self.all_tasks:
+                for task, val in (s.get("task_loss") or {}).items():
+                    add(f"Loss/train/{task}", val, step)
+            add("Optimizer/lr", s["lr"], step)
+            add("Optimizer/scale", s.get("loss_scale", 1.0), step)
+            if math.isfinite(s["grad_norm"]):
+                add("Optimizer/grad_norm", s["grad_norm"], step)
+            add("Optimizer/skipped_steps", s["skipped_steps"], step)
+            add("Throughput/tokens_per_sec", s["tokens_per_sec"], step)
+            add("Throughput/tokens_per_sec_per_device", s["tokens_per_sec"] / max(1, s.get("world_size", 1)), step)
+            add("Throughput/step_time", s["step_time"], step)
+            if s.get("mfu") is not None:
+                add("Throughput/mfu", s["mfu"], step)
+            for k, v in (s.get("memory") or {}).items():
+                add(f"Memory/{k}_gib", v, step)
+
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+        if self.jsonl is not None:
+            self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+
+
+# ------------------------------------------------------------------------------------------ inspect
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def inspect_stats(model: nn.Module, all_reduce) -> list[dict[str, Any]]:
+    """Per-parameter statistics over the FULL (all-ranks) tensor, from local shards + two all-reduces.
+
+    ``all_reduce(tensor, op)`` is the engine's. Collective: every rank must call it."""
+    rows, sums, maxes = [], [], []
+    for name, p in model.named_parameters():
+        x = _local(p.detach()).float()
+        g = _local(p.grad.detach()).float() if p.grad is not None else None
+        sums.append(torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel())),
+                                 g.sum() if g is not None else torch.tensor(0.0),
+                                 (g * g).sum() if g is not None else torch.tensor(0.0)]).cpu())
+        maxes.append(torch.stack([x.abs().max() if x.numel() else torch.tensor(0.0),
+                                  g.abs().max() if g is not None and g.numel() else torch.tensor(0.0)]).cpu())
+        rows.append({"name": name, "shape": tuple(getattr(p, "_original_shape", None) or p.shape),
+                     "has_grad": g is not None})
+    if not rows:
+        return []
+    S = all_reduce(torch.stack(sums), "sum")
+    M = all_reduce(torch.stack(maxes), "max")
+    for r, s, m in zip(rows, S.tolist(), M.tolist()):
+        n = max(1.0, s[2])
+        mean = s[0] / n
+        r["mean"] = mean
+        r["std"] = math.sqrt(max(0.0, s[1] / n - mean * mean))
+        r["max_abs"] = m[0]
+        gmean = s[3] / n
+        r["grad_std"] = math.sqrt(max(0.0, s[4] / n - gmean * gmean)) if r["has_grad"] else float("nan")
+        r["grad_max_abs"] = m[1] if r["has_grad"] else float("nan")
+    return rows
+
+
+def format_inspect_table(rows: list[dict[str, Any]]) -> str:
+    width = max([len(r["name"]) for r in rows] + [4])
+    head = f"{'name':<{width}} {'shape':>18} {'mean':>11} {'std':>11} {'max|.|':>11} {'grad std':>11}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        shape = "x".join(str(d) for d in r["shape"])
+        lines.append(f"{r['name']:<{width}} {shape:>18} {r['mean']:>11.3e} {r['std']:>11.3e} "
+                     f"{r['max_abs']:>11.3e} {r['grad_std']:>11.3e}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ loss curve
+def read_stats(jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
+    rows = []
+    with open(jsonl_path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    # A resumed run appends again from the resume step: keep the last value per iteration.
+    by_iter = {int(r["iter"]): r for r in rows}
+    return [by_iter[k] for k in sorted(by_iter)]
+
+
+def plot_loss_curve(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, title: str | None = None) -> Path:
+    """Render loss (and lr on a second axis) per iteration from a run's ``train_stats.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_stats(jsonl_path)
+    it = [r["iter"] for r in rows if math.isfinite(r["loss"])]
+    loss = [r["loss"] for r in rows if math.isfinite(r["loss"])]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(it, loss, color="tab:blue", label="loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("train loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot([r["iter"] for r in rows], [r["lr"] for r in rows], color="tab:orange", alpha=0.7, label="lr")
+    ax2.set_ylabel("lr", color="tab:orange")
+    ax.set_title(title or Path(jsonl_path).parent.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fm.train.metrics STATS.jsonl OUT.png``: render the loss curve."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("jsonl")
+    ap.add_argument("png")
+    a = ap.parse_args(argv)
+    print(plot_loss_curve(a.jsonl, a.png))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
