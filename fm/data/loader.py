@@ -1,0 +1,623 @@
+"""The training data loader: weighted mixture → tokenize → pack, sharded, with exact and reshardable resume.
+
+Design (see docs/mixtures.md):
+
+* Virtual streams. Each (rank, DataLoader worker) pair is a virtual stream ``v`` of ``V = world_size ×
+  max(1, num_workers)``. A stream runs its own token-share mixer and packer, so its output depends only on
+  its own small state.
+* Line order. Dataset d's lines form an ordered *sequence*: epoch e is a deterministic permutation
+  ``P_{d,e}`` (a keyed Feistel network: O(1) memory, whatever the dataset size), and epochs of an
+  ``allow_repeat`` dataset follow each other (an infinite sequence). Stream v takes sequence positions
+  ``v, v+V, v+2V, …``, so its progress in a dataset is one counter ``n``.
+* Layers. Resuming with a different V' turns what is left of the sequence (the positions no stream took)
+  into a new, shorter sequence that the V' streams share the same interleaved way. The remaining set is
+  described by the old counters alone (``V`` integers), so a dataset's state is a short chain of layers
+  ``[V, counters]``, compacted as soon as the holes they describe are filled.
+* Snapshots. Every batch carries the state of its stream as it was right after the batch; the loader
+  keeps, per stream, the snapshot of the last batch it handed out (not what workers prefetched) and which
+  stream comes next in the DataLoader's round-robin order. That is the whole state: O(datasets × streams)
+  integers, independent of how many lines were read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from fm.data.mixture import (
+    DatasetSpec,
+    MixtureConfig,
+    TokenShareMixer,
+    TransformError,
+    _short,
+    check_transformed,
+    identity_transform,
+    load_mixture,
+    load_transform,
+)
+from fm.data.packing import (
+    INPUT_TOO_LONG,
+    OVERSIZE_DROPPED,
+    SEGMENTED,
+    TRUNCATED,
+    PackedBatchBuilder,
+    build_samples,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+REFILL_LINES = 64  # lines read + tokenized per dataset at a time (one encode_batch call)
+
+# Per stream and dataset, the snapshot holds these integers (in this order).
+C_N, C_SEG, C_MIX = 0, 1, 2  # line counter, chunks already taken from the current line, mixer tokens
+STAT_KEYS = ("tokens", "samples", "lines", INPUT_TOO_LONG, OVERSIZE_DROPPED, TRUNCATED, SEGMENTED)
+C_STATS = 3
+NCOLS = C_STATS + len(STAT_KEYS)
+S_TOKENS, S_SAMPLES, S_LINES, S_INPUT, S_OVERSIZE, S_TRUNC, S_SEG = range(C_STATS, NCOLS)
+EVENT_COL = {INPUT_TOO_LONG: S_INPUT, OVERSIZE_DROPPED: S_OVERSIZE, TRUNCATED: S_TRUNC, SEGMENTED: S_SEG}
+
+
+# --------------------------------------------------------------------------------------------- line order
+
+def _key(*parts: Any) -> int:
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    # splitmix64 finaliser: a good 64-bit hash with numpy's wrapping uint64 arithmetic
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(positions: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
+    """A keyed pseudo-random permutation of ``range(n)`` evaluated at ``positions`` (O(1) memory).
+
+    Feistel network on the smallest even bit width covering n, with cycle walking to stay below n.
+    """
+    positions = np.asarray(positions, dtype=np.uint64)
+    if n <= 2:
+        return positions.astype(np.int64) if n < 2 else (positions ^ np.uint64(key & 1)).astype(np.int64)
+    bits = max(2, (n - 1).bit_length())
+    bits += bits & 1
+    half = np.uint64(bits // 2)
+    mask = np.uint64((1 << (bits // 2)) - 1)
+    keys = [np.uint64(_key(key, r)) for r in range(rounds)]
+
+    def encrypt(x: np.ndarray) -> np.ndarray:
+        left, right = x >> half, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        return (left << half) | right
+
+    out = encrypt(positions)
+    todo = np.flatnonzero(out >= np.uint64(n))
+    while len(todo):  # cycle walking: expected < 4 rounds since the domain is < 4n
+        out[todo] = encrypt(out[todo])
+        todo = todo[out[todo] >= np.uint64(n)]
+    return out.astype(np.int64)
+
+
+@dataclass
+class _Layer:
+    """The positions of the parent sequence that V streams with counters ``n`` did not take, in order."""
+
+    V: int
+    n: list[int]
+    parent_len: int | None  # None: infinite
+
+    def __post_init__(self) -> None:
+        V, n = self.V, np.asarray(self.n, dtype=np.int64)
+        self.m, self.M = int(n.min()), int(n.max())
+        hi = self.V * self.M if self.parent_len is None else min(self.V * self.M, self.parent_len)
+        idx = np.arange(V * self.m, max(hi, V * self.m), dtype=np.int64)
+        self.partial = idx[idx // V >= n[idx % V]]  # holes between the slowest and the fastest stream
+        self.S = len(self.partial)
+        self.length = None if self.parent_len is None else self.parent_len - int(n.sum())
+
+    def map(self, j: np.ndarray) -> np.ndarray:
+        j = np.asarray(j, dtype=np.int64)
+        out = self.V * self.M + (j - self.S)
+        inside = j < self.S
+        if inside.any():
+            out[inside] = self.partial[j[inside]]
+        return out
+
+
+def _build_chain(layers: Sequence[Sequence], root_len: int | None) -> list[_Layer]:
+    chain: list[_Layer] = []
+    length = root_len
+    for V, n in layers:
+        layer = _Layer(int(V), [int(x) for x in n], length)
+        chain.append(layer)
+        length = layer.length
+    return chain
+
+
+def compact_layers(layers: list, root_len: int | None, next_min: int) -> list:
+    """Replace layers whose holes are all behind every stream (``next_min``: smallest next top index) by offsets."""
+    chain = _build_chain(layers, root_len)
+    out: list = [None] * len(chain)
+    a = np.asarray([next_min], dtype=np.int64)
+    for k in range(len(chain) - 1, -1, -1):
+        layer = chain[k]
+        if int(a[0]) >= layer.S:
+            out[k] = [1, [layer.V * layer.M - layer.S]]
+        else:
+            out[k] = [layer.V, list(layer.n)]
+        a = layer.map(a)
+    merged: list = []
+    for V, n in out:  # bottom-up: fold consecutive offsets (identity layers vanish)
+        if V == 1 and merged and merged[-1][0] == 1:
+            merged[-1] = [1, [merged[-1][1][0] + n[0]]]
+        else:
+            merged.append([V, list(n)])
+    return [layer for layer in merged if not (layer[0] == 1 and layer[1][0] == 0)]
+
+
+class LineOrder:
+    """Top-layer sequence positions of a dataset → line numbers (and epochs)."""
+
+    def __init__(self, nlines: int, allow_repeat: bool, layers: Sequence, seed: int, task: str):
+        self.nlines = nlines
+        self.allow_repeat = allow_repeat and nlines > 0
+        root_len = None if self.allow_repeat else nlines
+        self.chain = _build_chain(layers, root_len)
+        self.length = self.chain[-1].length if self.chain else root_len  # None: infinite
+        self.seed, self.task = seed, task
+
+    def lines(self, top: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(line numbers, epochs, root positions) of top-layer positions (all < length)."""
+        g = np.asarray(top, dtype=np.int64)
+        for layer in reversed(self.chain):
+            g = layer.map(g)
+        epochs = g // self.nlines
+        pos = g - epochs * self.nlines
+        lines = np.empty_like(pos)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            lines[sel] = permute(pos[sel], self.nlines, _key(self.seed, self.task, int(e)))
+        return lines, epochs, g
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+class _Source:
+    """Reads records of one dataset and turns them into token ids (input, output)."""
+
+    def __init__(self, spec: DatasetSpec, tokenizer, seed: int):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.seed = seed
+        if spec.format == "megatron":
+            from fm.data.megatron import MegatronDataset
+
+            self.ds = MegatronDataset(spec.path)
+            self.transform = None
+        else:
+            from fm.data.indexed import IndexedDataset
+
+            self.ds = IndexedDataset(spec.path)
+            self.transform = load_transform(spec.transforms) if spec.transforms else None
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def tokenize(self, lines: np.ndarray, epochs: np.ndarray, roots: np.ndarray) -> list[tuple[list, list]]:
+        if self.spec.format == "megatron":
+            return [([], np.asarray(self.ds[int(i)]).tolist()) for i in lines]
+        inputs, outputs = [], []
+        for line, epoch, root in zip(lines.tolist(), epochs.tolist(), roots.tolist()):
+            record = self.ds.record(line)
+            if self.transform is None:
+                inp, out = identity_transform(record, root, None).values()
+                if not isinstance(inp, str) or not isinstance(out, str):
+                    check_transformed({"input": inp, "output": out}, self.spec.task_name, record)
+            else:
+                # The RNG is a function of (seed, task, line, epoch): no RNG state to save, same result on resume.
+                r = random.Random(_key(self.seed, self.spec.task_name, line, epoch))
+                try:
+                    result = self.transform(record, root, r)
+                except Exception as e:
+                    raise TransformError(f"task {self.spec.task_name!r}: transform {self.spec.transforms} raised "
+                                         f"{type(e).__name__}: {e} on line {line} {_short(record)}") from e
+                inp, out = check_transformed(result, self.spec.task_name, record)
+            inputs.append(inp)
+            outputs.append(out)
+        enc = self.tokenizer.encode_batch
+        out_ids = enc(outputs)
+        nonempty = [i for i, s in enumerate(inputs) if s]
+        in_ids: list[list[int]] = [[] for _ in inputs]
+        if nonempty:
+            for i, ids in zip(nonempty, enc([inputs[i] for i in nonempty])):
+                in_ids[i] = ids
+        return list(zip(in_ids, out_ids))
+
+
+class _Cursor:
+    """One stream's position in one dataset: counter n (lines done), seg (chunks of line n done), a buffer."""
+
+    def __init__(self, source: _Source, order: LineOrder, v: int, V: int, n: int, seg: int, max_length: int):
+        self.source, self.order = source, order
+        self.v, self.V = v, V
+        self.n, self.seg = n, seg
+        self.max_length = max_length
+        self.buffer: deque = deque()  # (line, samples, event) for lines n, n+1, …
+        self.exhausted = False
+
+    def _refill(self) -> None:
+        start = self.n + len(self.buffer)
+        top = self.v + (start + np.arange(REFILL_LINES, dtype=np.int64)) * self.V
+        if self.order.length is not None:
+            top = top[top < self.order.length]
+        if self.order.nlines == 0 or len(top) == 0:
+            return
+        lines, epochs, roots = self.order.lines(top)
+        tok = self.source.tokenizer
+        rule = self.source.spec.oversize_rule
+        for line, (in_ids, out_ids) in zip(lines.tolist(), self.source.tokenize(lines, epochs, roots)):
+            samples, event = build_samples(in_ids, out_ids, tok.bos_id, tok.eos_id, self.max_length, rule)
+            self.buffer.append((line, samples, event))
+
+    def peek(self, stats: list[int]) -> tuple[int, list[int], list[int]] | None:
+        """The next sample (line, src, tgt), skipping (and counting) dropped lines; None when exhausted."""
+        while True:
+            if not self.buffer:
+                self._refill()
+                if not self.buffer:
+                    return None
+            line, samples, event = self.buffer[0]
+            if samples:
+                src, tgt = samples[self.seg]
+                return line, src, tgt
+            stats[EVENT_COL[event]] += 1
+            stats[S_LINES] += 1
+            self.buffer.popleft()
+            self.n += 1
+
+    def commit(self, stats: list[int], ntokens: int) -> None:
+        _, samples, event = self.buffer[0]
+        if self.seg == 0:
+            stats[S_LINES] += 1
+            if event is not None:
+                stats[EVENT_COL[event]] += 1
+        stats[S_TOKENS] += ntokens
+        stats[S_SAMPLES] += 1
+        self.seg += 1
+        if self.seg == len(samples):
+            self.buffer.popleft()
+            self.n += 1
+            self.seg = 0
+
+
+# --------------------------------------------------------------------------------------------- one stream
+
+@dataclass
+class _Plan:
+    """Everything a worker needs to run its streams (picklable: no open files)."""
+
+    specs: list[DatasetSpec]
+    weights: list[float]
+    dataset_states: list[dict]  # per dataset: {"lines", "layers"}
+    tokenizer: Any
+    batch_size: int
+    max_length: int
+    seed: int
+    V: int
+
+
+def run_stream(plan: _Plan, v: int, snapshot: dict) -> Iterator[tuple[dict, dict]]:
+    """Batches of virtual stream v from ``snapshot``; each with the stream's snapshot right after it."""
+    names = [s.task_name for s in plan.specs]
+    sources = [_Source(s, plan.tokenizer, plan.seed) for s in plan.specs]
+    cols = [list(c) for c in snapshot["c"]]
+    cursors = []
+    for d, (spec, ds_state) in enumerate(zip(plan.specs, plan.dataset_states)):
+        order = LineOrder(ds_state["lines"], spec.allow_repeat, ds_state["layers"], plan.seed, spec.task_name)
+        cursors.append(_Cursor(sources[d], order, v, plan.V, cols[d][C_N], cols[d][C_SEG], plan.max_length))
+    mixer = TokenShareMixer(plan.weights, [c[C_MIX] for c in cols])
+    active = [True] * len(cursors)
+    batches = snapshot["b"]
+    compact = [s.do_compact for s in plan.specs]
+    pad = plan.tokenizer.pad_id
+
+    def export() -> dict:
+        for d, cur in enumerate(cursors):
+            cols[d][C_N], cols[d][C_SEG], cols[d][C_MIX] = cur.n, cur.seg, mixer.tokens[d]
+        return {"b": batches, "c": [list(c) for c in cols]}
+
+    builder = PackedBatchBuilder(plan.batch_size, plan.max_length, pad, names)
+    while True:
+        d = mixer.pick(active)
+        if d < 0:
+            break
+        item = cursors[d].peek(cols[d])
+        if item is None:
+            active[d] = False
+            continue
+        line, src, tgt = item
+        if not builder.add(src, tgt, d, line, compact[d]):
+            batches += 1
+            yield builder.finish(), export()  # state before this sample: a resume re-picks it
+            builder = PackedBatchBuilder(plan.batch_size, plan.max_length, pad, names)
+            builder.add(src, tgt, d, line, compact[d])
+        cursors[d].commit(cols[d], len(src))
+        mixer.add(d, len(src))
+    if not builder.empty:
+        batches += 1
+        yield builder.finish(), export()
+
+
+def _exhausted_reason(specs: Sequence[DatasetSpec]) -> str:
+    return ("every dataset is exhausted (none has allow_repeat: true): "
+            + ", ".join(repr(s.task_name) for s in specs))
+
+
+class _MixtureIterable(IterableDataset):
+    """DataLoader worker i runs virtual stream ``assignment[i]`` (a local stream index)."""
+
+    def __init__(self, plan: _Plan, assignment: list[int], snapshots: list[dict], rank: int, local: int):
+        self.plan, self.assignment, self.snapshots = plan, assignment, snapshots
+        self.rank, self.local = rank, local
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid = 0 if info is None else info.id
+        if wid >= len(self.assignment):
+            return
+        s = self.assignment[wid]
+        v = self.rank * self.local + s
+        for batch, snap in run_stream(self.plan, v, self.snapshots[s]):
+            batch["_stream"], batch["_state"] = s, snap
+            yield batch
+        yield {"_stream": s, "_end": True}
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+# --------------------------------------------------------------------------------------------- the loader
+
+class MixtureLoader:
+    """Iterable over packed batches of one rank (contract 2 in /tmp/api.md); see the module docstring."""
+
+    def __init__(self, config: MixtureConfig, tokenizer, *, batch_size: int, max_length: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2, seed: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if batch_size < 1 or max_length < 4:
+            raise ValueError(f"batch_size must be ≥ 1 and max_length ≥ 4, got {batch_size}, {max_length}")
+        self.config = config
+        self.specs = config.datasets
+        self.task_names = config.task_names
+        self.weights = config.weights()
+        self.tokenizer = tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.seed = seed
+        self.local = max(1, num_workers)
+        self.V = world_size * self.local
+        self.stop_reason: str | None = None
+        nlines = [self._count_lines(s) for s in self.specs]
+        self._datasets = [{"lines": n, "layers": [], "base": [0] * len(STAT_KEYS)} for n in nlines]
+        self._streams = [self._fresh_snapshot() for _ in range(self.local)]
+        self._finished = [False] * self.local
+        self._next = 0
+
+    @staticmethod
+    def _count_lines(spec: DatasetSpec) -> int:
+        if spec.format == "megatron":
+            from fm.data.megatron import MegatronDataset
+
+            return len(MegatronDataset(spec.path))
+        from fm.data.indexed import IndexedDataset
+
+        return len(IndexedDataset(spec.path))
+
+    def _fresh_snapshot(self) -> dict:
+        return {"b": 0, "c": [[0] * NCOLS for _ in self.specs]}
+
+    def _plan(self) -> _Plan:
+        return _Plan(self.specs, self.weights, [{"lines": d["lines"], "layers": d["layers"]} for d in self._datasets],
+                     self.tokenizer, self.batch_size, self.max_length, self.seed, self.V)
+
+    # ---- iteration
+
+    def __iter__(self) -> Iterator[dict]:
+        order = [(self._next + i) % self.local for i in range(self.local)]
+        order = [s for s in order if not self._finished[s]]
+        self.stop_reason = None
+        if order:
+            data = _MixtureIterable(self._plan(), order, [dict(s) for s in self._streams], self.rank, self.local)
+            if self.num_workers == 0:
+                items = iter(data)
+                loader = None
+            else:
+                loader = DataLoader(data, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                                    prefetch_factor=self.prefetch_factor, persistent_workers=False)
+                items = iter(loader)
+            try:
+                for item in items:
+                    s = item.pop("_stream")
+                    self._next = (s + 1) % self.local
+                    if item.get("_end"):
+                        self._finished[s] = True
+                        continue
+                    self._streams[s] = item.pop("_state")
+                    yield item
+            finally:
+                del items, loader  # shuts the workers down (prefetched batches are dropped, never counted)
+        self.stop_reason = _exhausted_reason(self.specs)
+        log.info("data loader of rank %d ended: %s", self.rank, self.stop_reason)
+
+    # ---- state
+
+    def _meta(self) -> dict:
+        return {"kind": "fm.mixture_loader", "version": STATE_VERSION, "seed": self.seed,
+                "world_size": self.world_size, "num_workers": self.num_workers, "V": self.V,
+                "batch_size": self.batch_size, "max_length": self.max_length}
+
+    def state_dict(self) -> dict:
+        """This rank's state as of the last batch handed out (JSON-serialisable); merge ranks with merge_states."""
+        tasks = [{"task": s.task_name, "weight": w, "allow_repeat": s.allow_repeat, "lines": d["lines"],
+                  "layers": [[V, list(n)] for V, n in d["layers"]], "base": list(d["base"])}
+                 for s, w, d in zip(self.specs, self.weights, self._datasets)]
+        first = self.rank * self.local
+        return {**self._meta(), "tasks": tasks,
+                "streams": {str(first + i): {**s, "f": self._finished[i]} for i, s in enumerate(self._streams)},
+                "next": {str(self.rank): self._next}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from a global state (merge_states), for any world size / worker count / config change."""
+        _check_state(state)
+        if len(state["streams"]) != state["V"]:
+            raise ValueError(f"loader state holds {len(state['streams'])} of {state['V']} streams: "
+                             "pass merge_states([state of every rank]), not one rank's state_dict()")
+        old = {t["task"]: (i, t) for i, t in enumerate(state["tasks"])}
+        same_streams = state["V"] == self.V and state["num_workers"] == self.num_workers \
+            and state["world_size"] == self.world_size
+        same_mix = [t["task"] for t in state["tasks"]] == self.task_names and \
+            all(abs(t["weight"] - w) < 1e-12 for t, w in zip(state["tasks"], self.weights))
+        if not same_mix:
+            log.warning("dataset mixture changed since the checkpoint (tasks or weights): token-share counters "
+                        "restart; datasets kept continue where they were, new ones start at their beginning")
+        if state["batch_size"] != self.batch_size or state["max_length"] != self.max_length:
+            log.warning("batch_size/max_length changed since the checkpoint (%s×%s → %s×%s): rows differ from an "
+                        "uninterrupted run, no line is skipped or repeated", state["batch_size"],
+                        state["max_length"], self.batch_size, self.max_length)
+        if state["seed"] != self.seed:
+            log.warning("seed changed since the checkpoint (%s → %s): the order of lines not yet read changes",
+                        state["seed"], self.seed)
+        if not same_streams:
+            log.info("resharding the data loader: %d streams (world %d × workers %d) → %d (world %d × workers %d)",
+                     state["V"], state["world_size"], state["num_workers"], self.V, self.world_size, self.num_workers)
+        streams = [state["streams"][str(v)] for v in range(state["V"])]
+        first = self.rank * self.local
+        new_streams = [self._fresh_snapshot() for _ in range(self.local)]
+        if same_streams:
+            for i in range(self.local):
+                new_streams[i]["b"] = streams[first + i]["b"]
+        for d, spec in enumerate(self.specs):
+            name = spec.task_name
+            ds = self._datasets[d]
+            if name not in old:
+                log.warning("dataset %r is new since the checkpoint: it starts at its beginning", name)
+                ds.update(layers=[], base=[0] * len(STAT_KEYS))
+                continue
+            j, t = old[name]
+            if t["lines"] != ds["lines"]:
+                log.warning("dataset %r has %d lines, the checkpoint saw %d: its order restarts from the beginning",
+                            name, ds["lines"], t["lines"])
+                ds.update(layers=[], base=[0] * len(STAT_KEYS))
+                continue
+            if t["allow_repeat"] != spec.allow_repeat:
+                log.warning("dataset %r: allow_repeat changed to %s", name, spec.allow_repeat)
+            cols = [s["c"][j] for s in streams]
+            if same_streams:
+                ds.update(layers=[[V, list(n)] for V, n in t["layers"]], base=list(t["base"]))
+                for i in range(self.local):
+                    c = list(cols[first + i])
+                    if not same_mix:
+                        c[C_MIX] = 0
+                    new_streams[i]["c"][d] = c
+            else:
+                # The lines each old stream took are gone; a partly used line (seg > 0) goes back.
+                root_len = None if (t["allow_repeat"] and t["lines"] > 0) else t["lines"]
+                layers = [[V, list(n)] for V, n in t["layers"]] + [[state["V"], [c[C_N] for c in cols]]]
+                ds["layers"] = compact_layers(layers, root_len, 0)
+                ds["base"] = [b + sum(c[C_STATS + k] for c in cols) for k, b in enumerate(t["base"])]
+        for name in old:
+            if name not in self.task_names:
+                log.warning("dataset %r was removed from the mixture since the checkpoint", name)
+        self._streams = new_streams
+        if same_streams:
+            self._finished = [bool(streams[first + i]["f"]) for i in range(self.local)]
+            self._next = int(state["next"][str(self.rank)])
+        else:
+            self._finished = [False] * self.local
+            self._next = 0
+
+    # ---- statistics
+
+    def stats(self) -> dict:
+        """Per task: tokens, samples, lines, drops by reason, share vs weight (this rank, as of the last batch)."""
+        out: dict[str, dict] = {}
+        total = 0
+        for d, (spec, w) in enumerate(zip(self.specs, self.weights)):
+            vals = list(self._datasets[d]["base"])
+            for s in self._streams:
+                for k in range(len(STAT_KEYS)):
+                    vals[k] += s["c"][d][C_STATS + k]
+            out[spec.task_name] = dict(zip(STAT_KEYS, vals), weight=w)
+            total += vals[0]
+        for v in out.values():
+            v["share"] = v["tokens"] / total if total else 0.0
+        return out
+
+
+def _check_state(state: dict) -> None:
+    if not isinstance(state, dict) or state.get("kind") != "fm.mixture_loader":
+        raise ValueError("not a data loader state (expected the dict from MixtureLoader.state_dict/merge_states)")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"data loader state version {state.get('version')} is not supported "
+                         f"(this fm reads version {STATE_VERSION})")
+
+
+def merge_states(states: Sequence[dict]) -> dict:
+    """Combine every rank's ``state_dict()`` into the global state the trainer saves once."""
+    if not states:
+        raise ValueError("merge_states needs the state of every rank")
+    for s in states:
+        _check_state(s)
+    base = states[0]
+    keys = ("V", "world_size", "num_workers", "seed", "batch_size", "max_length")
+    for s in states[1:]:
+        if any(s[k] != base[k] for k in keys) or [t["task"] for t in s["tasks"]] != [t["task"] for t in base["tasks"]]:
+            raise ValueError("merge_states: the rank states come from differently configured loaders")
+    merged = {k: v for k, v in base.items() if k not in ("streams", "next")}
+    merged["streams"], merged["next"] = {}, {}
+    for s in states:
+        merged["streams"].update(s["streams"])
+        merged["next"].update(s["next"])
+    if len(merged["streams"]) != base["V"] or len(merged["next"]) != base["world_size"]:
+        raise ValueError(f"merge_states: got {len(merged['next'])} of {base['world_size']} ranks "
+                         "(pass the state of every rank, e.g. gathered with all_gather_object)")
+    return merged
+
+
+def _as_tokenizer(tokenizer):
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from fm.tokenizer import Tokenizer
+
+        return Tokenizer(str(tokenizer))
+    return tokenizer
+
+
+def build_train_loader(dataset_config: str | MixtureConfig, tokenizer, *, batch_size: int, max_length: int,
+                       rank: int = 0, world_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2,
+                       seed: int = 0) -> MixtureLoader:
+    """The training loader of contract 2: validated config → MixtureLoader for this rank."""
+    config = dataset_config if isinstance(dataset_config, MixtureConfig) else load_mixture(dataset_config)
+    return MixtureLoader(config, _as_tokenizer(tokenizer), batch_size=batch_size, max_length=max_length, rank=rank,
+                         world_size=world_size, num_workers=num_workers, prefetch_factor=prefetch_factor, seed=seed)
+
+
+__all__ = ["MixtureLoader", "build_train_loader", "merge_states", "permute", "LineOrder", "compact_layers",
+           "run_stream"]
