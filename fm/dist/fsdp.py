@@ -1,0 +1,353 @@
+"""torch FSDP2 engine: ``fully_shard`` per transformer layer and at the root; gloo on CPU, nccl on GPU.
+
+Layers are materialised from the meta device and sharded one at a time (host memory per rank stays
+near one layer). Parameter names never change (activation checkpointing patches ``forward`` instead
+of wrapping the module), so full state dicts carry the model's own keys. Optimizer state is saved
+with ``torch.distributed.checkpoint`` and reshards to any world size on load.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+
+from fm.dist.base import Engine, ModelOrFactory, ReduceOp
+
+log = logging.getLogger(__name__)
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def load_full_state_dict(src: Mapping[str, torch.Tensor] | str | Path) -> Mapping[str, torch.Tensor]:
+    """A full state dict from a mapping or a ``.pt`` path (memory-mapped: pages load on use, shared between ranks)."""
+    if isinstance(src, Mapping):
+        return src
+    path = Path(src)
+    if not path.is_file():
+        raise FileNotFoundError(f"model checkpoint {path} does not exist: pass the fm9g_live_checkpoint-<step>.pt file")
+    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"{path} holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
+def check_keys(expected: set[str], got: set[str], where: str) -> None:
+    """Raise ``KeyError`` naming missing/unexpected keys (first 10 of each)."""
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"{where}: state dict keys do not match the model: missing {missing[:10]} ({len(missing)}), "
+            f"unexpected {unexpected[:10]} ({len(unexpected)}); pass strict=False to load a subset"
+        )
+
+
+def checkpoint_forward(module: nn.Module) -> None:
+    """Recompute ``module``'s activations in backward. Patches ``forward`` so no wrapper renames parameters."""
+    inner = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    module.forward = forward  # type: ignore[method-assign]
+
+
+def materialise(module: nn.Module, device: torch.device, sd: Mapping[str, torch.Tensor] | None, prefix: str) -> None:
+    """``to_empty`` + ``init_weights`` (also restores non-persistent buffers), then copy weights from ``sd``."""
+    module.to_empty(device=device)
+    init = getattr(module, "init_weights", None)
+    if init is None:
+        raise AttributeError(f"{type(module).__name__} has no init_weights(): the engine needs it to materialise meta")
+    with torch.no_grad():
+        init()
+        if sd is not None:
+            for k, t in module.state_dict().items():
+                if prefix + k in sd:
+                    t.copy_(sd[prefix + k])
+
+
+class FSDPEngine(Engine):
+    """FSDP2 engine. Options: ``seed``, ``backend`` (default nccl on CUDA else gloo), ``cpu_offload``,
+    ``reshard_after_forward`` (True: ZeRO-3; False: keep gathered params until backward, ZeRO-2-like)."""
+
+    name = "fsdp"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        backend: str | None = None,
+        cpu_offload: bool = False,
+        reshard_after_forward: bool = True,
+        timeout_s: int = 1800,
+    ) -> None:
+        self.seed = seed
+        self.backend = backend
+        self.cpu_offload = cpu_offload
+        self.reshard_after_forward = reshard_after_forward
+        self.timeout_s = timeout_s
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._rank = 0
+        self._world = 1
+        self._local = 0
+        self._device = torch.device("cpu")
+        self._owns_pg = False
+        self._ckpt_group: Any = None
+        self.mesh: Any = None
+
+    # ------------------------------------------------------------------ process group
+    def init(self) -> None:
+        env = os.environ
+        self._local = int(env.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() and self.backend != "gloo"
+        backend = self.backend or ("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            torch.cuda.set_device(self._local)
+            self._device = torch.device("cuda", self._local)
+        if not dist.is_initialized():
+            timeout = datetime.timedelta(seconds=self.timeout_s)
+            if "RANK" in env and "WORLD_SIZE" in env:
+                dist.init_process_group(backend, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                                        timeout=timeout)
+            else:  # plain `python script.py`: a world of one, no rendezvous needed
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            self._owns_pg = True
+        self._rank, self._world = dist.get_rank(), dist.get_world_size()
+        self.mesh = init_device_mesh(self._device.type, (self._world,))
+        # Checkpoint writes run collectives from a background thread: give them their own group.
+        self._ckpt_group = dist.new_group(backend="gloo")
+        torch.manual_seed(self.seed)
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    @property
+    def local_rank(self) -> int:
+        return self._local
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # ------------------------------------------------------------------ model
+    def _mp_policy(self, dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+        if dtype is None or dtype == torch.float32:
+            return MixedPrecisionPolicy()
+        if self._device.type == "cpu":
+            log.warning("fsdp on CPU computes in fp32 (asked for %s)", dtype)
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+    def shard(
+        self,
+        model: ModelOrFactory,
+        *,
+        dtype: torch.dtype | None = None,
+        activation_checkpointing: bool = False,
+        state_dict: Mapping[str, torch.Tensor] | str | Path | None = None,
+    ) -> nn.Module:
+        if not isinstance(model, nn.Module):
+            with torch.device("meta"):
+                model = model()
+        sd = load_full_state_dict(state_dict) if state_dict is not None else None
+        if sd is not None:
+            own = {k for k in model.state_dict()}
+            check_keys(own, set(sd), "shard(state_dict=...)")
+        kw: dict[str, Any] = {"mesh": self.mesh, "mp_policy": self._mp_policy(dtype)}
+        if self.cpu_offload:
+            kw["offload_policy"] = CPUOffloadPolicy()
+        layers = model.encoder.layers
+        for i, layer in enumerate(layers):
+            materialise(layer, self._device, sd, f"encoder.layers.{i}.")
+            if activation_checkpointing:
+                checkpoint_forward(layer)
+            fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **kw)
+        # The root unit holds embedding, final norm and (tied) head; hide the layers while materialising it.
+        model.encoder.layers = nn.ModuleList()
+        try:
+            materialise(model, self._device, sd, "")
+        finally:
+            model.encoder.layers = layers
+        fully_shard(model, reshard_after_forward=False, **kw)
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)  # gradients are summed over ranks (see base.py)
+                m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+        self.model = model
+        return model
+
+    def build_optimizer(
+        self,
+        param_groups: list[dict[str, Any]],
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        offload: bool = False,
+    ) -> torch.optim.Optimizer:
+        if offload and not self.cpu_offload:
+            log.warning("fsdp: optimizer offload is an engine option (FSDPEngine(cpu_offload=True)); ignoring offload")
+        groups = [_group(g, lr, weight_decay) for g in param_groups]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                           foreach=True)
+        return self.optimizer
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = targets.reshape(-1).to(logits.device)
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=-100,
+                                   reduction="sum")
+        return loss_sum, (flat != -100).sum()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        assert self.model is not None, "call shard() first"
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return params, [p.grad for p in params]  # type: ignore[misc]
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        _, grads = self._grads()
+        if not grads:
+            return 0.0
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()  # sums squares over shards: the global norm
+        norm = float(total)
+        if max_norm > 0:
+            coef = max_norm / (norm + 1e-6)
+            if coef < 1.0:  # nan/inf fail the comparison: grads stay as they are, the trainer skips the step
+                for g in grads:
+                    g.mul_(coef)
+        return norm
+
+    def optimizer_step(self) -> None:
+        assert self.optimizer is not None, "call build_optimizer() first"
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        elif self.model is not None:
+            self.model.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, value: float | torch.Tensor, op: ReduceOp = "sum") -> float | torch.Tensor:
+        if op not in _OPS:
+            raise ValueError(f"all_reduce op {op!r} is not one of {sorted(_OPS)}")
+        if isinstance(value, torch.Tensor):
+            t = value.detach().to(self._device, copy=True)
+            dist.all_reduce(t, op=_OPS[op])
+            return t.to(value.device)
+        t = torch.tensor(float(value), dtype=torch.float64, device=self._device)
+        dist.all_reduce(t, op=_OPS[op])
+        return float(t)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self._world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # ------------------------------------------------------------------ checkpoints
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        assert self.model is not None, "call shard() first"
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return {}
+        live = {p.to_local().data_ptr() if isinstance(p, DTensor) else p.data_ptr() for p in self.model.parameters()}
+        # With one rank the gathered tensor can be the live parameter: copy it so later steps do not change it.
+        return {k: (v.clone() if v.data_ptr() in live else v) for k, v in sd.items()}
+
+    def load_model(self, path_or_state: str | Path | Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        assert self.model is not None, "call shard() first"
+        sd = dict(load_full_state_dict(path_or_state))
+        if strict:
+            where = "load_model(dict)" if isinstance(path_or_state, Mapping) else f"load_model({path_or_state})"
+            check_keys(set(self.model.state_dict()), set(sd), where)
+        set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+    def snapshot_optimizer(self) -> dict[str, Any]:
+        """This rank's shard of the optimizer state, copied to CPU (cheap; safe to write later from a thread)."""
+        return {"optimizer": _to_cpu(self._optim_sd())}
+
+    def _optim_sd(self) -> dict[str, Any]:
+        assert self.model is not None and self.optimizer is not None, "call shard() and build_optimizer() first"
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def write_optimizer(self, snapshot: dict[str, Any], directory: str | Path) -> None:
+        """Write a :meth:`snapshot_optimizer` result as a DCP directory; may run in a background thread."""
+        dcp.save(snapshot, checkpoint_id=str(directory), process_group=self._ckpt_group)
+
+    def save_optimizer(self, directory: str | Path) -> None:
+        dcp.save({"optimizer": self._optim_sd()}, checkpoint_id=str(directory))
+
+    def load_optimizer(self, directory: str | Path) -> None:
+        path = Path(directory)
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"{path} is not a torch.distributed.checkpoint directory (no .metadata): "
+                                    "fsdp optimizer state is saved by FSDPEngine.save_optimizer")
+        state = {"optimizer": self._optim_sd()}  # template with this world size's shards: DCP reshards into it
+        dcp.load(state, checkpoint_id=str(path))
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+
+    def shutdown(self) -> None:
+        if self._owns_pg and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_pg = False
+
+
+def _group(g: dict[str, Any], lr: float, weight_decay: float) -> dict[str, Any]:
+    out = dict(g)
+    out.setdefault("lr_scale", 1.0)
+    out.setdefault("lr", lr * out["lr_scale"])
+    out.setdefault("weight_decay", weight_decay)
+    return out
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Deep copy of a state tree with every tensor (DTensor local shards included) copied to CPU."""
+    if isinstance(obj, DTensor):
+        local = obj.to_local().detach().to("cpu", copy=True)
+        return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape,
+                                  stride=obj.stride())
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

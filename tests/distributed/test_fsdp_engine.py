@@ -1,0 +1,243 @@
+"""FSDP2 engine on CPU/gloo: 2-rank training equals a single-process reference; checkpoints reshard 2 -> 1."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB, DIM, LAYERS = 64, 16, 3
+LR, MAX_NORM = 1e-2, 0.05
+
+
+# ---------------------------------------------------------------- a stand-in model with the contract's structure
+class TinyBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.w_in = nn.Linear(dim, 2 * dim, bias=False)
+        self.w_out = nn.Linear(2 * dim, dim, bias=False)
+
+    def forward(self, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        pos = (position_ids.unsqueeze(-1).float() + 1.0).log()  # uses the extra positional arg like rotary would
+        return h + self.w_out(F.silu(self.w_in(self.norm(h) + 0.01 * pos)))
+
+    def init_weights(self) -> None:
+        self.norm.reset_parameters()
+        nn.init.normal_(self.w_in.weight, std=0.2)
+        nn.init.normal_(self.w_out.weight, std=0.2)
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self, dim: int, n: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TinyBlock(dim) for _ in range(n))
+        self.output_layernorm = nn.LayerNorm(dim)
+
+    def forward(self, h: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, *args)
+        return self.output_layernorm(h)
+
+
+class TinyLM(nn.Module):
+    """Tied head (logits = h @ Eᵀ) and a non-persistent buffer that init_weights must restore."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = DIM, n: int = LAYERS) -> None:
+        super().__init__()
+        self.input_embedding = nn.Embedding(vocab, dim)
+        self.encoder = TinyEncoder(dim, n)
+        self.register_buffer("emb_scale", torch.empty(()), persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.input_embedding.weight, std=0.5)
+        for layer in self.encoder.layers:
+            layer.init_weights()
+        self.encoder.output_layernorm.reset_parameters()
+        self.emb_scale.fill_(2.0)
+
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None):
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        h = self.input_embedding(input_ids) * self.emb_scale
+        h = self.encoder(h, position_ids)
+        return F.linear(h, self.input_embedding.weight)
+
+
+def make_meta_model() -> TinyLM:
+    with torch.device("meta"):
+        return TinyLM()
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0, "lr_scale": 0.5}]
+
+
+def make_batches(steps: int = 2, batch: int = 4, seq: int = 8) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(steps):
+        inputs = torch.randint(0, VOCAB, (batch, seq), generator=g)
+        targets = torch.randint(0, VOCAB, (batch, seq), generator=g)
+        targets[torch.rand(batch, seq, generator=g) < 0.3] = -100  # uneven token counts per rank
+        pos = torch.arange(seq).repeat(batch, 1)
+        out.append({"inputs": inputs, "targets": targets, "position_ids": pos})
+    return out
+
+
+def rank_slice(b: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    n = b["inputs"].shape[0] // world
+    return {k: v[rank * n:(rank + 1) * n] for k, v in b.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_step(engine, model, batch) -> tuple[float, float]:
+    logits = model(batch["inputs"], batch["position_ids"])
+    loss_sum, count = engine.loss(logits, batch["targets"])
+    total = engine.all_reduce(count)
+    engine.backward(loss_sum / total)
+    loss = engine.all_reduce(float(loss_sum)) / total
+    norm = engine.clip_grad_norm(MAX_NORM)
+    engine.optimizer_step()
+    engine.zero_grad()
+    return float(loss), norm
+
+
+def reference_run(init_sd: dict, batches) -> tuple[list[tuple[float, float]], list[dict]]:
+    """Plain single-process torch: the numbers the engine must reproduce."""
+    model = TinyLM()
+    model.load_state_dict(init_sd)
+    groups = param_groups(model)
+    for g in groups:
+        g["lr"] = LR * g.get("lr_scale", 1.0)
+    opt = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    stats, states = [], []
+    for b in batches:
+        logits = model(b["inputs"], b["position_ids"])
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), b["targets"].reshape(-1), ignore_index=-100)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        opt.step()
+        opt.zero_grad()
+        stats.append((loss.item(), norm.item()))
+        states.append(copy.deepcopy(model.state_dict()))
+    return stats, states
+
+
+# ---------------------------------------------------------------- the 2-rank worker
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from fm.dist import build_engine
+
+    tmpdir = Path(tmp)
+    engine = build_engine("fsdp", seed=1)
+    engine.init()
+    assert (engine.rank, engine.world_size, engine.is_main) == (rank, world, rank == 0)
+    model = engine.shard(make_meta_model(), activation_checkpointing=True, state_dict=tmpdir / "init.pt")
+    engine.build_optimizer(param_groups(model), lr=LR, eps=1e-8)
+    results: dict = {"stats": []}
+    for step, b in enumerate(make_batches()):
+        results["stats"].append(engine_step(engine, model, rank_slice(b, rank, world)))
+        if step == 0:
+            engine.save_model(tmpdir / "step1.pt")
+            engine.save_optimizer(tmpdir / "optim1")
+    final = engine.model_state_dict()
+    results["coll"] = {
+        "sum": engine.all_reduce(rank + 1.0),
+        "max": engine.all_reduce(rank + 1.0, op="max"),
+        "min": engine.all_reduce(torch.tensor([rank + 1.0, -rank]), op="min").tolist(),
+        "gather": engine.all_gather_object({"r": rank}),
+        "bcast": engine.broadcast_object(f"from{rank}", src=1),
+    }
+    results["keys"] = sorted(model.state_dict())
+    if rank == 0:
+        torch.save({"final": final, **results}, tmpdir / "results.pt")
+    engine.barrier()
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    torch.manual_seed(0)
+    init_sd = TinyLM().state_dict()
+    torch.save(init_sd, tmp / "init.pt")
+    mp.spawn(_worker, args=(2, free_port(), str(tmp)), nprocs=2, join=True)
+    return tmp, init_sd, torch.load(tmp / "results.pt", weights_only=False)
+
+
+def assert_sd_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_two_rank_training_matches_single_process(two_rank_run):
+    tmp, init_sd, res = two_rank_run
+    ref_stats, ref_states = reference_run(init_sd, make_batches())
+    for (loss, norm), (rloss, rnorm) in zip(res["stats"], ref_stats):
+        assert loss == pytest.approx(rloss, rel=1e-5)
+        assert norm == pytest.approx(rnorm, rel=1e-5)  # global clip norm, not a per-rank one
+    assert ref_stats[0][1] > MAX_NORM  # clipping really happened
+    assert_sd_close(res["final"], ref_states[-1])
+    assert res["keys"] == sorted(init_sd)  # no wrapper prefixes (activation checkpointing on)
+
+
+def test_collectives(two_rank_run):
+    _, _, res = two_rank_run
+    c = res["coll"]
+    assert c["sum"] == 3.0 and c["max"] == 2.0
+    assert c["min"] == [1.0, -1.0]
+    assert c["gather"] == [{"r": 0}, {"r": 1}]
+    assert c["bcast"] == "from1"
+
+
+def test_full_state_dict_loads_into_plain_model(two_rank_run):
+    tmp, init_sd, _ = two_rank_run
+    _, ref_states = reference_run(init_sd, make_batches()[:1])
+    sd = torch.load(tmp / "step1.pt", weights_only=True)
+    plain = TinyLM()
+    plain.load_state_dict(sd, strict=True)
+    assert_sd_close(plain.state_dict(), ref_states[0])
+
+
+def test_optimizer_reshards_two_to_one(two_rank_run):
+    """Resume the 2-rank step-1 checkpoint in ONE process; step 2 equals the uninterrupted run."""
+    from fm.dist import build_engine
+
+    tmp, init_sd, res = two_rank_run
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        assert k not in os.environ  # this process is a plain single-process run
+    engine = build_engine("fsdp", seed=3)
+    engine.init()
+    try:
+        assert engine.world_size == 1
+        model = engine.shard(make_meta_model(), state_dict=tmp / "step1.pt")
+        engine.build_optimizer(param_groups(model), lr=LR, eps=1e-8)
+        engine.load_optimizer(tmp / "optim1")
+        loss, norm = engine_step(engine, model, make_batches()[1])
+        assert (loss, norm) == pytest.approx(res["stats"][1], rel=1e-5)
+        assert_sd_close(engine.model_state_dict(), res["final"])
+        # load_model on the sharded model, strict key check
+        engine.load_model(tmp / "step1.pt")
+        assert_sd_close(engine.model_state_dict(), torch.load(tmp / "step1.pt", weights_only=True))
+        with pytest.raises(KeyError, match="missing"):
+            engine.load_model({"input_embedding.weight": init_sd["input_embedding.weight"]})
+    finally:
+        engine.shutdown()
