@@ -1,0 +1,142 @@
+"""Model families: config loading by path or name, building, muP parameter classification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fm.models.config import ModelConfigError, config_from_dict, read_json
+from fm.models.dragonfly import Dragonfly, DragonflyConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    config_cls: type
+    model_cls: type
+    app_dir: str  # apps/<app_dir>/model_configs holds its shipped configs
+
+
+def _families() -> dict[str, Family]:
+    from fm.models.spark import Spark, SparkConfig  # noqa: PLC0415 - keeps import order simple
+
+    return {
+        "dragonfly": Family("dragonfly", DragonflyConfig, Dragonfly, "fm9g_2b"),
+        "spark": Family("spark", SparkConfig, Spark, "spark_13b"),
+    }
+
+
+def families() -> dict[str, Family]:
+    return _families()
+
+
+def _family(name: str, source: str = "") -> Family:
+    fams = _families()
+    if name not in fams:
+        where = f"{source}: " if source else ""
+        raise ModelConfigError(f"{where}unknown model family {name!r}; use one of {', '.join(fams)}")
+    return fams[name]
+
+
+def shipped_configs() -> dict[str, list[Path]]:
+    """``{family: [apps/<app>/model_configs/*.json, …]}``."""
+    return {
+        name: sorted((REPO_ROOT / "apps" / fam.app_dir / "model_configs").glob("*.json"))
+        for name, fam in _families().items()
+    }
+
+
+def _resolve_path(path_or_name: str, family: str | None) -> tuple[Path, str | None]:
+    """A file path, or a shipped config name (``2.4b``, ``tiny``, ``spark_13b/tiny``)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path, family
+    name = path_or_name.removesuffix(".json")
+    app = None
+    if "/" in name:
+        app, name = name.split("/", 1)
+    candidates: list[tuple[str, Path]] = []
+    for fam_name, fam in _families().items():
+        if family is not None and fam_name != family:
+            continue
+        if app is not None and app not in (fam.app_dir, fam_name):
+            continue
+        file = REPO_ROOT / "apps" / fam.app_dir / "model_configs" / f"{name}.json"
+        if file.is_file():
+            candidates.append((fam_name, file))
+    if len(candidates) == 1:
+        fam_name, file = candidates[0]
+        return file, fam_name
+    if len(candidates) > 1:
+        options = ", ".join(f"{fam}: {f.relative_to(REPO_ROOT)}" for fam, f in candidates)
+        raise ModelConfigError(f"model config {path_or_name!r} is ambiguous ({options}); pass family= or a path")
+    known = sorted(f"{fam}/{p.stem}" for fam, paths in shipped_configs().items() for p in paths)
+    raise ModelConfigError(
+        f"model config {path_or_name!r}: no such file and no shipped config of that name; known: {', '.join(known)}"
+    )
+
+
+def load_model_config(path_or_name: str | Path | dict[str, Any], family: str | None = None) -> Any:
+    """Load a typed config (:class:`DragonflyConfig` / :class:`SparkConfig`).
+
+    ``path_or_name``: a JSON file, a shipped config name (``"2.4b"``, ``"tiny"`` with ``family``,
+    ``"spark_13b/tiny"``), or a dict. The family comes from ``family``, else the file's
+    ``model_family`` key, else the app directory the file lives in, else ``dragonfly``.
+    """
+    if isinstance(path_or_name, dict):
+        data, source, guessed = dict(path_or_name), "<dict>", None
+    else:
+        path, guessed = _resolve_path(str(path_or_name), family)
+        data, source = read_json(path), str(path)
+        if guessed is None:
+            for fam_name, fam in _families().items():
+                if f"apps/{fam.app_dir}/" in path.resolve().as_posix():
+                    guessed = fam_name
+    name = family or (data.get("model_family") if isinstance(data, dict) else None) or guessed or "dragonfly"
+    fam = _family(name, source)
+    if family is not None and isinstance(data, dict) and data.get("model_family", family) != family:
+        raise ModelConfigError(f"{source}: model_family is {data['model_family']!r} but family={family!r} was asked")
+    return config_from_dict(fam.config_cls, data, source)
+
+
+def family_of(config: Any) -> Family:
+    for fam in _families().values():
+        if isinstance(config, fam.config_cls):
+            return fam
+    raise TypeError(f"not a model config: {type(config).__name__}")
+
+
+def build_model(config: Any, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Build the model of ``config``'s family. ``device="meta"``: no memory; materialise later with
+    ``model.to_empty(device=...)`` + ``model.init_weights()`` (or layer by layer). ``dtype`` None:
+    the config's dtype (``dtype`` / ``half_type`` keys)."""
+    return family_of(config).model_cls(config, device=device, dtype=dtype)
+
+
+def mup_scaled_param_names(model: nn.Module) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the hidden matrices whose lr is lr/scale_width.
+
+    These are the weight matrices of the linear layers inside ``encoder.layers`` (attention and FFN
+    projections); not the embedding, the output head, norms or biases, nor LoRA adapters. Empty
+    when muP is off (``scale_width == 1``).
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "scale_width", 1.0) == 1.0:
+        return set()
+    names = set()
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or "lora" in mod_name.lower():
+            continue
+        if ".layers." not in f".{mod_name}":
+            continue
+        name = param_names.get(id(module.weight))
+        if name is not None:
+            names.add(name)
+    return names

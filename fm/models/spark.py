@@ -1,0 +1,236 @@
+"""iFlytekSpark-13B as a plain single-device nn.Module.
+
+40 pre-LN layers, hidden 5120, 40 heads × 128 (MHA), vocab 60000, tied head, LayerNorm (weight +
+bias, eps 1e-5) and a final LayerNorm, biases on every linear, RoPE base 1e6 (NeoX, all 128
+dims), causal sliding window 8192 in every layer, gated GELU (exact erf) FFN 5120 → 2×14336 →
+5120. No embedding scaling, no muP (``scale_width`` is 1).
+
+State-dict keys (``{i}`` = layer)::
+
+    input_embedding.weight
+    encoder.layers.{i}.input_layernorm.{weight,bias}
+    encoder.layers.{i}.self_attention.{q_proj,k_proj,v_proj,out_proj}.{weight,bias}
+    encoder.layers.{i}.post_attention_layernorm.{weight,bias}
+    encoder.layers.{i}.mlp.fc0.{weight,bias}     gate  [14336, 5120]
+    encoder.layers.{i}.mlp.fc1.{weight,bias}     up    [14336, 5120]
+    encoder.layers.{i}.mlp.fc2.{weight,bias}     down  [5120, 14336]
+    encoder.output_layernorm.{weight,bias}
+    lm_head.weight                               only when tie_lm_head is false
+
+``python -m fm.models.spark import ARGS…`` runs the Megatron-DeepSpeed checkpoint importer
+(:mod:`fm.models.spark_import`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fm.models.config import ModelConfigError, config_to_dict, resolve_dtype
+from fm.models.dragonfly import Encoder, _attention_args
+from fm.nn.attention import Attention, KVCache
+from fm.nn.mlp import GatedMLP
+from fm.nn.norm import LayerNorm
+from fm.nn.rotary import RotaryEmbedding
+from fm.nn.utils import init_linear
+
+SPARK_ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj")
+SPARK_MLP_NAMES = ("fc0", "fc1", "fc2")
+
+
+@dataclass
+class SparkConfig:
+    vocab_size: int = 60000
+    dim_model: int = 5120
+    dim_ff: int = 14336
+    dim_head: int = 128
+    num_heads: int = 40
+    num_kv_heads: int = 40
+    num_layers: int = 40
+    activate_fn: Literal["gelu", "gelu_tanh", "silu"] = "gelu"
+    eps: float = 1e-5
+    base: float = 1000000.0
+    sliding_window: int | None = 8192
+    tie_lm_head: bool = True
+    init_std: float = 0.02
+    dropout_p: float = 0.0
+    max_length: int = 32768
+    dtype: str = "bf16"
+    model_family: Literal["spark"] = "spark"
+    model_type: str = "iflytekspark"
+    architectures: list[str] = field(default_factory=list)
+    source: str = field(default="<dict>", init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads == -1:
+            self.num_kv_heads = self.num_heads
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.dim_head % 2:
+            raise ModelConfigError(f"dim_head={self.dim_head} must be even (rotary)")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ModelConfigError("sliding_window must be positive or null")
+        resolve_dtype(self.dtype)
+
+    scale = False
+    scale_width = 1.0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype, self.source)
+
+    def to_dict(self) -> dict:
+        return config_to_dict(self)
+
+
+class SparkLayer(nn.Module):
+    """``layer(hidden, cos, sin, mask, cu_seqlens, max_seqlen, kv_cache) -> hidden`` (pre-LN)."""
+
+    def __init__(self, config: SparkConfig, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.dropout_p = config.dropout_p
+        self.input_layernorm = LayerNorm(config.dim_model, config.eps, dtype=dtype)
+        self.self_attention = Attention(
+            config.dim_model,
+            config.num_heads,
+            config.num_kv_heads,
+            config.dim_head,
+            qkv_bias=True,
+            out_bias=True,
+            window=config.sliding_window,
+            names=SPARK_ATTN_NAMES,
+            init_std=config.init_std,
+            dropout_p=config.dropout_p,
+            layer_idx=layer_idx,
+            dtype=dtype,
+        )
+        self.post_attention_layernorm = LayerNorm(config.dim_model, config.eps, dtype=dtype)
+        self.mlp = GatedMLP(
+            config.dim_model,
+            config.dim_ff,
+            config.activate_fn,
+            bias=True,
+            names=SPARK_MLP_NAMES,
+            init_std=config.init_std,
+            dropout_p=config.dropout_p,
+            dtype=dtype,
+        )
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        self.input_layernorm.init_weights()
+        self.self_attention.init_weights(generator)
+        self.post_attention_layernorm.init_weights()
+        self.mlp.init_weights(generator)
+
+    def _residual(self, hidden_states: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout_p and self.training:
+            x = F.dropout(x, self.dropout_p)
+        return hidden_states + x
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = self.self_attention(self.input_layernorm(hidden_states), cos, sin, mask, cu_seqlens, max_seqlen, kv_cache)
+        hidden_states = self._residual(hidden_states, x)
+        return self._residual(hidden_states, self.mlp(self.post_attention_layernorm(hidden_states)))
+
+
+class Spark(nn.Module):
+    """Same call contract as :class:`fm.models.dragonfly.Dragonfly`."""
+
+    def __init__(self, config: SparkConfig, *, device=None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.config = config
+        dtype = dtype or config.torch_dtype
+        with torch.device("meta"):
+            self.input_embedding = nn.Embedding(config.vocab_size, config.dim_model, dtype=dtype)
+            layers = [SparkLayer(config, i, dtype) for i in range(config.num_layers)]
+            self.encoder = Encoder(layers, LayerNorm(config.dim_model, config.eps, dtype=dtype))
+            self.lm_head = (
+                None if config.tie_lm_head else nn.Linear(config.dim_model, config.vocab_size, bias=False, dtype=dtype)
+            )
+        self.rotary = RotaryEmbedding(config.dim_head, config.base)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights()
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            nn.init.normal_(self.input_embedding.weight, std=self.config.init_std, generator=generator)
+        for layer in self.encoder.layers:
+            layer.init_weights(generator)
+        self.encoder.output_layernorm.init_weights()
+        if self.lm_head is not None:
+            init_linear(self.lm_head, self.config.init_std, generator)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        skip = {id(self.input_embedding.weight)}
+        if self.lm_head is not None:
+            skip.add(id(self.lm_head.weight))
+        return sum(p.numel() for p in self.parameters() if not (exclude_embeddings and id(p) in skip))
+
+    def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype | None = None) -> KVCache:
+        weight = self.input_embedding.weight
+        return KVCache(
+            self.config.num_layers,
+            batch_size,
+            self.config.num_kv_heads,
+            self.config.dim_head,
+            max_len,
+            window=self.config.sliding_window,
+            device=device if device is not None else weight.device,
+            dtype=dtype or weight.dtype,
+        )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.input_embedding(input_ids)
+
+    def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.input_embedding.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden_states, weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        hidden_states = self.embed(input_ids)
+        args, position_ids = _attention_args(
+            input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache, self.config.sliding_window, hidden_states
+        )
+        cos, sin = self.rotary(position_ids)
+        hidden_states = self.encoder(hidden_states, cos, sin, *args)
+        if kv_cache is not None:
+            kv_cache.end()
+        return self.project(hidden_states)
+
+
+def _main(argv: list[str]) -> int:
+    if not argv or argv[0] != "import":
+        print("usage: python -m fm.models.spark import ARGS…  (Megatron-DeepSpeed checkpoint → fm)", file=sys.stderr)
+        return 2
+    from fm.models import spark_import  # noqa: PLC0415 - owned by the export helper, loaded on demand
+
+    result = spark_import.main(argv[1:])
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

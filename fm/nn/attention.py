@@ -1,0 +1,372 @@
+"""Causal self-attention over packed (varlen) sequences, with GQA, sliding window and a KV cache.
+
+Two kernels compute the same thing:
+
+* ``flash_attn_varlen_func`` (CUDA, fp16/bf16, when ``flash_attn`` is installed): tokens are
+  flattened to ``[B*S, H, D]`` and ``cu_seqlens`` delimits the samples; the sliding window is
+  ``window_size=(w - 1, 0)``.
+* ``torch.nn.functional.scaled_dot_product_attention`` everywhere else: a boolean mask
+  ``[B, 1, S, S]`` built once per forward from segment ids (``cu_seqlens``), causality and the
+  window; without packing and without window the fused ``is_causal`` path is used.
+
+Attention never crosses a ``cu_seqlens`` boundary, and a sample never crosses a row (the train
+loader's padding tail is its own segment), so the per-row mask is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fm.nn.rotary import apply_rotary
+from fm.nn.utils import init_linear, set_submodule
+
+try:  # optional at import time: CPU machines and CI have no flash-attn
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+
+DRAGONFLY_NAMES = ("project_q", "project_k", "project_v", "attention_out")
+
+
+def flash_available(t: torch.Tensor) -> bool:
+    """True when the flash-attn varlen kernel can run on tensors like ``t``."""
+    return flash_attn_varlen_func is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# packing helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def segment_ids(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Segment index of every token, ``[B, S]``; rejects samples that cross a row boundary."""
+    cu = cu_seqlens.to(torch.long)
+    total = batch * seqlen
+    if int(cu[-1]) != total or int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0 and end at B*S={total}, got {cu[0].item()}..{cu[-1].item()}")
+    idx = torch.arange(total, device=cu.device)
+    seg = torch.searchsorted(cu[1:], idx, right=True).view(batch, seqlen)
+    if batch > 1 and bool((seg[1:, 0] == seg[:-1, -1]).any()):
+        raise ValueError("cu_seqlens: a sample crosses a row boundary; every row must start a new segment")
+    return seg
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Position ids restarting at 0 at every segment start, ``[B, S]`` (int64)."""
+    cu = cu_seqlens.to(torch.long)
+    seg = segment_ids(cu, batch, seqlen).view(-1)
+    idx = torch.arange(batch * seqlen, device=cu.device)
+    return (idx - cu[seg]).view(batch, seqlen)
+
+
+def causal_mask(
+    seqlen: int,
+    *,
+    segments: torch.Tensor | None = None,
+    window: int | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Boolean "may attend" mask ``[B or 1, 1, S, S]``: causal, same segment, inside the window."""
+    i = torch.arange(seqlen, device=device).unsqueeze(1)
+    j = torch.arange(seqlen, device=device).unsqueeze(0)
+    mask = j <= i
+    if window is not None:
+        mask = mask & (i - j < window)
+    mask = mask[None, None]
+    if segments is not None:
+        mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])
+    return mask
+
+
+def prepare_attention(
+    batch: int,
+    seqlen: int,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int | None,
+    window: int | None,
+    *,
+    device: torch.device,
+    use_flash: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int | None]:
+    """Once per forward: ``(mask, cu_seqlens, max_seqlen)`` for the layers.
+
+    Flash path: no mask, ``cu_seqlens`` (int32, one segment per row when not packed). SDPA path:
+    a boolean mask, or ``None`` meaning plain causal attention per row.
+    """
+    if use_flash:
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * seqlen
+            max_seqlen = seqlen
+        elif max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return None, cu_seqlens.to(device=device, dtype=torch.int32), int(max_seqlen)
+    if cu_seqlens is None and window is None:
+        return None, None, None
+    segments = segment_ids(cu_seqlens.to(device), batch, seqlen) if cu_seqlens is not None else None
+    return causal_mask(seqlen, segments=segments, window=window, device=device), None, None
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    window: int | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Causal attention. ``q [B, S, H, D]``, ``k, v [B, S, H_kv, D]`` → ``[B, S, H, D]``.
+
+    ``cu_seqlens`` without a mask selects the flash kernel (falls back to a mask when it cannot
+    run); a mask (from :func:`prepare_attention`) selects SDPA; neither means causal per row.
+    """
+    batch, seqlen, heads, dim = q.shape
+    if cu_seqlens is not None and mask is None:
+        if flash_available(q):
+            window_size = (window - 1, 0) if window is not None else (-1, -1)
+            out = flash_attn_varlen_func(
+                q.reshape(batch * seqlen, heads, dim),
+                k.reshape(batch * seqlen, k.shape[2], dim),
+                v.reshape(batch * seqlen, v.shape[2], dim),
+                cu_seqlens,
+                cu_seqlens,
+                max_seqlen,
+                max_seqlen,
+                dropout_p,
+                causal=True,
+                window_size=window_size,
+            )
+            return out.view(batch, seqlen, heads, dim)
+        mask = causal_mask(seqlen, segments=segment_ids(cu_seqlens, batch, seqlen), window=window, device=q.device)
+    elif mask is None and window is not None:
+        mask = causal_mask(seqlen, window=window, device=q.device)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        is_causal=mask is None,
+        enable_gqa=k.shape[2] != heads,
+    )
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# module
+# ----------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query causal self-attention with rotary positions.
+
+    ``names`` are the attribute paths of the q, k, v and output projections (checkpoint layout):
+    dragonfly ``project_q project_k project_v attention_out``, spark ``q_proj k_proj v_proj
+    out_proj``. Called as ``attn(x, cos, sin, mask, cu_seqlens, max_seqlen, kv_cache)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        dim_head: int,
+        *,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        window: int | None = None,
+        names: tuple[str, str, str, str] = DRAGONFLY_NAMES,
+        init_std: float = 0.02,
+        dropout_p: float = 0.0,
+        layer_idx: int = 0,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.dim_head = dim_head
+        self.window = window
+        self.names = names
+        self.init_std = init_std
+        self.dropout_p = dropout_p
+        self.layer_idx = layer_idx
+        kw = dict(device=device, dtype=dtype)
+        set_submodule(self, names[0], nn.Linear(dim, num_heads * dim_head, bias=qkv_bias, **kw))
+        set_submodule(self, names[1], nn.Linear(dim, num_kv_heads * dim_head, bias=qkv_bias, **kw))
+        set_submodule(self, names[2], nn.Linear(dim, num_kv_heads * dim_head, bias=qkv_bias, **kw))
+        set_submodule(self, names[3], nn.Linear(num_heads * dim_head, dim, bias=out_bias, **kw))
+
+    def projections(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        return tuple(self.get_submodule(n) for n in self.names)  # type: ignore[return-value]
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        for proj in self.projections():
+            init_linear(proj, self.init_std, generator)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        batch, seqlen, _ = x.shape
+        proj_q, proj_k, proj_v, proj_o = self.projections()
+        q = proj_q(x).view(batch, seqlen, self.num_heads, self.dim_head)
+        k = proj_k(x).view(batch, seqlen, self.num_kv_heads, self.dim_head)
+        v = proj_v(x).view(batch, seqlen, self.num_kv_heads, self.dim_head)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            out = kv_cache.attend(self.layer_idx, q, k, v)
+        else:
+            dropout_p = self.dropout_p if self.training else 0.0
+            out = attention(q, k, v, mask, cu_seqlens, max_seqlen, self.window, dropout_p)
+        return proj_o(out.reshape(batch, seqlen, self.num_heads * self.dim_head))
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Per-layer key/value buffers ``[B, H_kv, capacity, D]`` for incremental decoding.
+
+    Create it with ``model.new_kv_cache(batch_size, max_len, device, dtype)`` and call
+    ``model(input_ids, position_ids, kv_cache=cache)`` repeatedly: each call attends over what is
+    cached plus the new tokens, then appends the new tokens.
+
+    Positions and padding (for batched prompts of different lengths):
+
+    * Every row has its own positions. ``position_ids`` default to ``cache.lengths[:, None] +
+      arange(S)`` (continue each row where it stopped).
+    * A token whose position id is **negative is padding**: it is never written to the cache and no
+      other token attends to it (its own output is garbage, ignore it). Recommended: **left-pad**
+      the prompts with ``pad_id`` and position ``-1`` and give real tokens ``0..n_b-1``; then
+      ``logits[:, -1]`` is the next-token distribution of every row, and each later step passes one
+      token per row with the default positions. Right-padding works too (pads at the end with
+      position ``-1``; read row ``b``'s logits at index ``n_b - 1``).
+    * ``cache.lengths[b]`` = next position of row ``b`` (number of real tokens seen).
+
+    Sliding-window models keep a rolling buffer of the last ``window`` positions (slot =
+    position % window), so memory does not grow past the window; a prompt longer than the buffer
+    is fine (its queries see the full window during that call). Without a window the capacity is
+    ``max_len`` and positions ``>= max_len`` raise.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        dim_head: int,
+        max_len: int,
+        *,
+        window: int | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.num_layers = num_layers
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.window = window
+        self.rolling = window is not None and window < max_len
+        self.capacity = window if self.rolling else max_len
+        shape = (batch_size, num_kv_heads, self.capacity, dim_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.slot_pos = torch.full((batch_size, self.capacity), -1, device=device, dtype=torch.long)
+        self.lengths = torch.zeros(batch_size, device=device, dtype=torch.long)
+        self._plan: tuple | None = None
+        self._next_slot_pos: torch.Tensor | None = None
+        self._next_lengths: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.slot_pos.fill_(-1)
+        self.lengths.zero_()
+        self._plan = None
+
+    def next_positions(self, seqlen: int) -> torch.Tensor:
+        return self.lengths[:, None] + torch.arange(seqlen, device=self.lengths.device)
+
+    def begin(self, position_ids: torch.Tensor) -> None:
+        """Plan one forward step for new tokens at ``position_ids [B, S]`` (called by the model)."""
+        pos = position_ids.to(device=self.slot_pos.device, dtype=torch.long)
+        if pos.shape[0] != self.batch_size:
+            raise ValueError(f"KV cache was built for batch {self.batch_size}, got {pos.shape[0]} rows")
+        seqlen = pos.shape[1]
+        valid = pos >= 0
+        pos_or_pad = torch.where(valid, pos, torch.full_like(pos, -1))
+        row_max = pos_or_pad.max(dim=1, keepdim=True).values
+        if not self.rolling and int(row_max.max()) >= self.capacity:
+            raise ValueError(f"KV cache is full: position {int(row_max.max())} >= max_len {self.max_len}")
+        # a chunk longer than a rolling buffer: only its last `capacity` positions are stored
+        keep = valid & (pos > row_max - self.capacity)
+        b_idx, s_idx = keep.nonzero(as_tuple=True)
+        slots = pos[b_idx, s_idx] % self.capacity
+        next_slot_pos = self.slot_pos.clone()
+        next_slot_pos[b_idx, slots] = pos[b_idx, s_idx]
+        # writing before attending is safe unless a rolling write evicts a key that an earlier
+        # query of the same chunk still needs; then attend over [old buffer, new keys] first
+        write_first = not self.rolling or seqlen == 1
+        if write_first:
+            used = self.capacity if self.rolling else max(int(next_slot_pos.max()) + 1, 1)
+            key_pos = next_slot_pos[:, :used]
+        else:
+            used = self.capacity
+            key_pos = torch.cat([self.slot_pos, pos_or_pad], dim=1)
+        qp = pos_or_pad[:, :, None]
+        kp = key_pos[:, None, :]
+        mask = (kp >= 0) & (kp <= qp)
+        if self.window is not None:
+            mask = mask & (qp - kp < self.window)
+        # padding queries see nothing; let them see slot 0 so the softmax has no NaN
+        empty = ~mask.any(dim=-1, keepdim=True)
+        mask[..., :1] |= empty
+        self._plan = (b_idx, s_idx, slots, write_first, used, mask[:, None])
+        self._next_slot_pos = next_slot_pos
+        self._next_lengths = torch.maximum(self.lengths, row_max.squeeze(1) + 1)
+
+    def _write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        b_idx, s_idx, slots = self._plan[:3]
+        self.k[layer_idx][b_idx, :, slots] = k[b_idx, s_idx].to(self.k[layer_idx].dtype)
+        self.v[layer_idx][b_idx, :, slots] = v[b_idx, s_idx].to(self.v[layer_idx].dtype)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``q [B, S, H, D]``, new ``k, v [B, S, H_kv, D]`` → ``[B, S, H, D]``; stores k, v."""
+        if self._plan is None:
+            raise RuntimeError("KVCache.attend called outside a model forward (begin() not called)")
+        write_first, used, mask = self._plan[3:]
+        if write_first:
+            self._write(layer_idx, k, v)
+            keys = self.k[layer_idx][:, :, :used]
+            values = self.v[layer_idx][:, :, :used]
+        else:
+            keys = torch.cat([self.k[layer_idx], k.transpose(1, 2).to(self.k[layer_idx].dtype)], dim=2)
+            values = torch.cat([self.v[layer_idx], v.transpose(1, 2).to(self.v[layer_idx].dtype)], dim=2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            keys.to(q.dtype),
+            values.to(q.dtype),
+            attn_mask=mask,
+            enable_gqa=keys.shape[1] != q.shape[2],
+        )
+        if not write_first:
+            self._write(layer_idx, k, v)
+        return out.transpose(1, 2)
+
+    def end(self) -> None:
+        """Commit the step planned by :meth:`begin` (called by the model after the last layer)."""
+        self.slot_pos = self._next_slot_pos
+        self.lengths = self._next_lengths
+        self._plan = None
