@@ -351,11 +351,12 @@ def run_stream(plan: _Plan, v: int, snapshot: dict) -> Iterator[tuple[dict, dict
             active[d] = False
             continue
         line, src, tgt = item
-        if not builder.add(src, tgt, d, line, compact[d]):
+        chunk = cursors[d].seg
+        if not builder.add(src, tgt, d, line, compact[d], chunk):
             batches += 1
             yield builder.finish(), export()  # state before this sample: a resume re-picks it
             builder = PackedBatchBuilder(plan.batch_size, plan.max_length, pad, names)
-            builder.add(src, tgt, d, line, compact[d])
+            builder.add(src, tgt, d, line, compact[d], chunk)
         cursors[d].commit(cols[d], len(src))
         mixer.add(d, len(src))
     if not builder.empty:

@@ -79,13 +79,15 @@ class PackedBatchBuilder:
         self.row_closed = False  # do_compact = false: the row takes no further sample
         self.starts: list[list[int]] = [[] for _ in range(b)]
         self.used = [0] * b
-        self.lines: list[tuple[int, int]] = []  # (task id, line) per sample, in order
+        self.lines: list[tuple[int, int, int]] = []  # (task id, line, chunk) per sample, in order
 
     @property
     def empty(self) -> bool:
         return self.row == 0 and self.col == 0
 
-    def add(self, src: list[int], tgt: list[int], task: int, line: int, compact: bool = True) -> bool:
+    def add(self, src: list[int], tgt: list[int], task: int, line: int, compact: bool = True,
+            chunk: int = 0) -> bool:
+        """``chunk``: index of this sample among the chunks of its line (a segmented line is listed once)."""
         n = len(src)
         if n > self.max_length:
             raise ValueError(f"sample of {n} tokens > max_length {self.max_length} (apply build_samples first)")
@@ -101,7 +103,7 @@ class PackedBatchBuilder:
         self.task_ids[r, c:c + n] = task
         self.position_ids[r, c:c + n] = self._arange[:n]
         self.starts[r].append(c)
-        self.lines.append((task, line))
+        self.lines.append((task, line, chunk))
         self.col = c + n
         self.used[r] = c + n
         self.row_closed = not compact
@@ -126,9 +128,9 @@ class PackedBatchBuilder:
                 cu.append(base + n)
         cu_arr = np.asarray(cu, dtype=np.int32)
         indexes: dict[str, list[int]] = {}
-        for task, line in self.lines:
+        for task, line, chunk in self.lines:
             lst = indexes.setdefault(self.task_names[task], [])
-            if not lst or lst[-1] != line:  # the chunks of a segmented line share it
+            if chunk == 0 or not lst or lst[-1] != line:  # the chunks of a segmented line share it
                 lst.append(line)
         return {
             "inputs": torch.from_numpy(self.inputs),

@@ -1,0 +1,305 @@
+"""Loader state: exact continuation, resharding (ranks and workers), exhaustion, small state, config changes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from fm.data.loader import build_train_loader, compact_layers, merge_states, permute
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+
+
+def write_index(path, records) -> None:
+    """An index directory as convert_json2index writes it: data.jsonl + n+1 text offsets."""
+    os.makedirs(path, exist_ok=True)
+    offsets = [0]
+    with open(os.path.join(path, "data.jsonl"), "wb") as f:
+        for rec in records:
+            line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
+            f.write(line)
+            offsets.append(offsets[-1] + len(line))
+    with open(os.path.join(path, "index"), "w") as f:
+        f.write("\n".join(map(str, offsets)) + "\n")
+
+
+def text(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def make_mixture(tmp_path, datasets: dict, name: str = "mix.json", **overrides) -> str:
+    """datasets: task → (records, extra keys). Writes index dirs + config; returns the config path."""
+    entries = []
+    for task, (records, extra) in datasets.items():
+        if not os.path.isdir(tmp_path / task):
+            write_index(tmp_path / task, records)
+        entries.append({"task_name": task, "abs_weight": 1.0, "path": task, **extra})
+    cfg = tmp_path / name
+    cfg.write_text(json.dumps(entries))
+    return str(cfg)
+
+
+def short_records(prefix: str, n: int, seed: int, instr: bool = False) -> list[dict]:
+    rng = random.Random(seed)
+    if instr:
+        return [{"input": f"{prefix}{i} {text(rng, rng.randint(1, 4))}", "output": text(rng, rng.randint(1, 5))}
+                for i in range(n)]
+    return [{"input": "", "output": f"{prefix}{i} {text(rng, rng.randint(1, 6))}"} for i in range(n)]
+
+
+@pytest.fixture()
+def mix(tmp_path):
+    """Two non-repeating short-line datasets (no line needs splitting) and one repeating one."""
+    return make_mixture(tmp_path, {
+        "a": (short_records("a", 60, 1), {"abs_weight": 2.0, "allow_repeat": False}),
+        "b": (short_records("b", 40, 2, instr=True), {"abs_weight": 1.0, "allow_repeat": False}),
+    })
+
+
+def loader(cfg, tok, **kw):
+    opts = dict(batch_size=2, max_length=32, seed=3)
+    opts.update(kw)
+    return build_train_loader(cfg, tok, **opts)
+
+
+def take(it, n):
+    return list(itertools.islice(it, n))
+
+
+def assert_same(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        for key in ("inputs", "targets", "task_ids", "position_ids", "cu_seqlens", "lengths"):
+            assert torch.equal(x[key], y[key]), key
+        assert x["indexes"] == y["indexes"] and x["num_tokens"] == y["num_tokens"]
+
+
+def roundtrip(state):
+    return json.loads(json.dumps(state))
+
+
+def lines_used(batches, tasks=("a", "b")) -> Counter:
+    c = Counter()
+    for b in batches:
+        for task in tasks:
+            c.update((task, i) for i in b["indexes"].get(task, []))
+    return c
+
+
+# --------------------------------------------------------------------------------------------- exact resume
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_exact_continuation(mix, tokenizer, workers):
+    ref_loader = loader(mix, tokenizer, num_workers=workers)
+    ref = list(ref_loader)
+    assert ref_loader.stop_reason and "exhausted" in ref_loader.stop_reason
+    k = 5
+    first = loader(mix, tokenizer, num_workers=workers)
+    it = iter(first)
+    head = take(it, k)
+    state = roundtrip(merge_states([first.state_dict()]))  # workers have prefetched beyond batch k by now
+    rest_uninterrupted = list(it)
+    assert_same(head + rest_uninterrupted, ref)
+    resumed = loader(mix, tokenizer, num_workers=workers)
+    resumed.load_state_dict(state)
+    assert_same(list(resumed), ref[k:])
+    assert resumed.stop_reason == ref_loader.stop_reason
+
+
+def test_exact_continuation_two_ranks_repeating(tmp_path, tokenizer):
+    cfg = make_mixture(tmp_path, {
+        "a": (short_records("a", 30, 1), {"abs_weight": 3.0}),
+        "b": (short_records("b", 20, 2, instr=True), {"abs_weight": 1.0}),
+    })
+    refs = [take(iter(loader(cfg, tokenizer, rank=r, world_size=2)), 20) for r in range(2)]
+    firsts = [loader(cfg, tokenizer, rank=r, world_size=2) for r in range(2)]
+    for r, ld in enumerate(firsts):
+        take(iter(ld), 7 + r)  # ranks may stop at different batches (e.g. a crash)
+    state = roundtrip(merge_states([ld.state_dict() for ld in firsts]))
+    for r in range(2):
+        resumed = loader(cfg, tokenizer, rank=r, world_size=2)
+        resumed.load_state_dict(state)
+        assert_same(take(iter(resumed), 20 - 7 - r), refs[r][7 + r:])
+
+
+def test_reiterating_continues_from_consumed(mix, tokenizer):
+    ref = list(loader(mix, tokenizer, num_workers=2))
+    ld = loader(mix, tokenizer, num_workers=2)
+    head = take(iter(ld), 3)
+    assert_same(head + list(ld), ref)  # a new iter() resumes after the last batch handed out
+
+
+# --------------------------------------------------------------------------------------------- reshard
+
+def run_phases(cfg, tok, phases):
+    """phases: list of (world_size, workers, batches per rank or None = to the end). Returns all batches."""
+    batches, state = [], None
+    for world, workers, n in phases:
+        loaders = [loader(cfg, tok, rank=r, world_size=world, num_workers=workers) for r in range(world)]
+        for ld in loaders:
+            if state is not None:
+                ld.load_state_dict(state)
+            batches += list(ld) if n is None else take(iter(ld), n)
+        state = roundtrip(merge_states([ld.state_dict() for ld in loaders]))
+    return batches
+
+
+@pytest.mark.parametrize("phases", [
+    [(2, 0, 4), (1, 0, None)],  # 2 ranks → 1
+    [(1, 0, 5), (3, 0, None)],  # 1 rank → 3
+    [(1, 2, 4), (1, 3, 3), (2, 1, None)],  # workers 2 → 3, then 2 ranks × 1 worker
+])
+def test_reshard_trains_every_line_once(mix, tokenizer, phases):
+    used = lines_used(run_phases(mix, tokenizer, phases))
+    expected = Counter([("a", i) for i in range(60)] + [("b", i) for i in range(40)])
+    assert used == expected
+
+
+def test_layers_describe_exactly_the_remaining_positions():
+    from fm.data.loader import _build_chain
+
+    rng = np.random.default_rng(0)
+    for root_len in (None, 97):
+        taken: set[int] = set()
+        layers: list = []
+        for V in (3, 5, 2, 4, 3):
+            chain = _build_chain(layers, root_len)
+            length = chain[-1].length if chain else root_len
+            counters = [int(x) for x in rng.integers(0, 7, size=V)]
+            if length is not None:  # a stream cannot take more than its share
+                counters = [min(c, max(0, -(-(length - v) // V))) for v, c in enumerate(counters)]
+            for v, c in enumerate(counters):
+                g = _to_root(layers, root_len, np.arange(c, dtype=np.int64) * V + v).tolist()
+                assert not taken & set(g) and len(set(g)) == len(g)
+                taken |= set(g)
+            layers = compact_layers(layers + [[V, counters]], root_len, 0)
+        # The final layer lists the untaken root positions in increasing order.
+        limit = root_len if root_len is not None else 10**6
+        expected = [p for p in range(limit) if p not in taken][:60]
+        g = _to_root(layers, root_len, np.arange(len(expected), dtype=np.int64))
+        assert g.tolist() == expected
+        assert len(layers) <= 5
+
+
+def _to_root(layers, root_len, top):
+    from fm.data.loader import _build_chain
+
+    g = top
+    for layer in reversed(_build_chain(layers, root_len)):
+        g = layer.map(g)
+    return g
+
+
+def test_permutation_is_a_bijection():
+    for n in (1, 2, 3, 10, 1000, 4097):
+        p = permute(np.arange(n), n, key=12345)
+        assert sorted(p.tolist()) == list(range(n))
+    assert permute(np.arange(50), 50, 1).tolist() != permute(np.arange(50), 50, 2).tolist()
+
+
+def test_repeating_dataset_new_epoch_is_a_fresh_permutation(tmp_path, tokenizer):
+    cfg = make_mixture(tmp_path, {"r": (short_records("r", 25, 1), {})})
+    ld = loader(cfg, tokenizer, batch_size=1, max_length=64)
+    seq = [i for b in take(iter(ld), 40) for i in b["indexes"]["r"]][:75]
+    epochs = [seq[0:25], seq[25:50], seq[50:75]]
+    assert all(sorted(e) == list(range(25)) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+# --------------------------------------------------------------------------------------------- end, size, changes
+
+def test_exhaustion_stops_cleanly(mix, tokenizer):
+    ld = loader(mix, tokenizer, num_workers=2)
+    it = iter(ld)
+    batches = list(it)
+    with pytest.raises(StopIteration):
+        next(it)
+    assert "every dataset is exhausted" in ld.stop_reason and "'a'" in ld.stop_reason
+    assert lines_used(batches) == Counter([("a", i) for i in range(60)] + [("b", i) for i in range(40)])
+    # Resuming a finished loader yields nothing and says why.
+    again = loader(mix, tokenizer, num_workers=2)
+    again.load_state_dict(merge_states([ld.state_dict()]))
+    assert list(again) == [] and again.stop_reason == ld.stop_reason
+
+
+def test_state_is_small_for_100_datasets_after_a_million_lines(tmp_path, tokenizer):
+    cfg = make_mixture(tmp_path, {f"task{i:03d}": ([{"output": "x"}] * 3, {}) for i in range(100)})
+    world, workers = 4, 2
+    loaders = [loader(cfg, tokenizer, rank=r, world_size=world, num_workers=workers) for r in range(world)]
+    rng = random.Random(0)
+    for ld in loaders:  # advance every counter synthetically: 10,000 lines per dataset, 1M lines in all
+        for snap in ld._streams:
+            snap["b"] = 125_000
+            for c in snap["c"]:
+                c[:] = [1250 + rng.randint(-40, 40), 0, 3_000_000_000 // 800, 1_250_000, 1250, 1250, 3, 0, 5, 7]
+    state = merge_states([ld.state_dict() for ld in loaders])
+    assert len(json.dumps(state)) < 64 * 1024
+    resharded = loader(cfg, tokenizer, rank=0, world_size=3, num_workers=1)
+    resharded.load_state_dict(roundtrip(state))
+    assert len(json.dumps(resharded.state_dict())) < 64 * 1024
+
+
+def test_weight_change_and_dataset_add_remove(tmp_path, tokenizer, caplog):
+    datasets = {
+        "a": (short_records("a", 60, 1), {"abs_weight": 2.0, "allow_repeat": False}),
+        "b": (short_records("b", 40, 2, instr=True), {"abs_weight": 1.0, "allow_repeat": False}),
+    }
+    cfg1 = make_mixture(tmp_path, datasets, "one.json")
+    first = loader(cfg1, tokenizer, num_workers=2)
+    phase1 = take(iter(first), 6)
+    state = roundtrip(merge_states([first.state_dict()]))
+    datasets2 = {"a": (None, {"abs_weight": 5.0, "allow_repeat": False}),
+                 "c": (short_records("c", 10, 3), {"abs_weight": 1.0, "allow_repeat": False})}
+    cfg2 = make_mixture(tmp_path, datasets2, "two.json")
+    second = loader(cfg2, tokenizer, num_workers=2)
+    with caplog.at_level(logging.INFO, logger="fm.data.loader"):
+        second.load_state_dict(state)
+    log_text = caplog.text
+    assert "mixture changed" in log_text and "'c' is new" in log_text and "'b' was removed" in log_text
+    phase2 = list(second)
+    used_a = lines_used(phase1 + phase2, ("a",))
+    assert used_a == Counter(("a", i) for i in range(60))  # no line of a continuing dataset repeated or lost
+    assert lines_used(phase2, ("c",)) == Counter(("c", i) for i in range(10))
+    assert all("b" not in b["task_names"] for b in phase2)
+    # Same streams, weights changed: also fine with a different worker count.
+    third = loader(cfg2, tokenizer, num_workers=3)
+    third.load_state_dict(state)
+    assert lines_used(phase1 + list(third), ("a",)) == Counter(("a", i) for i in range(60))
+
+
+def test_megatron_format_entry(tmp_path, tokenizer):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(10, 7000, size=int(rng.integers(1, 12))).astype(np.int32) for _ in range(30)]
+    prefix = str(tmp_path / "tok" / "corpus")
+    os.makedirs(os.path.dirname(prefix))
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for doc in docs:
+        builder.add_document(torch.from_numpy(doc), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    cfg = tmp_path / "mix.json"
+    cfg.write_text(json.dumps([{"task_name": "m", "abs_weight": 1, "path": "tok/corpus", "format": "megatron",
+                                "allow_repeat": False}]))
+    seen = {}
+    for b in loader(str(cfg), tokenizer, max_length=16):
+        cu = b["cu_seqlens"].tolist()
+        flat_in, flat_tgt = b["inputs"].flatten().tolist(), b["targets"].flatten().tolist()
+        lines = iter(b["indexes"]["m"])
+        for s, e in zip(cu[:-1], cu[1:]):
+            if b["task_ids"].flatten()[s] < 0:
+                continue
+            line = next(lines)
+            assert flat_in[s] == tokenizer.bos_id
+            seen[line] = (flat_in[s + 1:e], flat_tgt[s:e])
+    assert sorted(seen) == list(range(30))
+    for i, (src, tgt) in seen.items():
+        assert src == docs[i].tolist() and tgt == docs[i].tolist() + [tokenizer.eos_id]
