@@ -42,6 +42,29 @@ from fm.nn.utils import init_linear
 SPARK_ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj")
 SPARK_MLP_NAMES = ("fc0", "fc1", "fc2")
 
+# Canonical (unsharded Megatron) parameter name → our state-dict key; used by the checkpoint
+# importer (fm.models.spark_import) so that the model module alone owns its key layout.
+MEGATRON_TO_SPARK: dict[str, str] = {
+    "embed.weight": "input_embedding.weight",
+    "final_ln.weight": "encoder.output_layernorm.weight",
+    "final_ln.bias": "encoder.output_layernorm.bias",
+    **{
+        f"layers.{{i}}.{canon}.{kind}": f"encoder.layers.{{i}}.{ours}.{kind}"
+        for canon, ours in {
+            "ln1": "input_layernorm",
+            "q": "self_attention.q_proj",
+            "k": "self_attention.k_proj",
+            "v": "self_attention.v_proj",
+            "o": "self_attention.out_proj",
+            "ln2": "post_attention_layernorm",
+            "gate": "mlp.fc0",
+            "up": "mlp.fc1",
+            "down": "mlp.fc2",
+        }.items()
+        for kind in ("weight", "bias")
+    },
+}
+
 
 @dataclass
 class SparkConfig:
