@@ -207,6 +207,18 @@ class Engine(abc.ABC):
         """
 
     @abc.abstractmethod
+    def snapshot_optimizer(self) -> Any:
+        """Copy of this rank's optimizer state on CPU (collective, synchronous, cheap) for :meth:`write_optimizer`."""
+
+    @abc.abstractmethod
+    def write_optimizer(self, snapshot: Any, directory: str | Path) -> None:
+        """Write a :meth:`snapshot_optimizer` result under ``directory`` in the :meth:`save_optimizer` format.
+
+        Safe to call from a background thread (async checkpointing): it never uses the training
+        process group. Every rank calls it.
+        """
+
+    @abc.abstractmethod
     def load_optimizer(self, directory: str | Path) -> None:
         """Load what :meth:`save_optimizer` wrote (after :meth:`build_optimizer`). Collective."""
 

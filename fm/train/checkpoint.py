@@ -1,13 +1,83 @@
-"""Checkpoint directory machinery (layout, atomic writes, ``latest``, keep-last-n, async save)."""
+"""Checkpoint directories: upstream layout, atomic commit, ``latest``, keep-last-n, async save.
+
+Layout (``root`` is ``<save>/<model_unique>``, as upstream)::
+
+    <root>/<step>/fm9g_live_checkpoint-<step>.pt   full model state dict (upstream key names)
+    <root>/<step>/optimizer/                        fsdp: torch.distributed.checkpoint dir; bmtrain: per-rank files
+    <root>/<step>/.log_ckpt                         JSON: iteration, token counters, ...
+    <root>/<step>/dataset_ckpt/state.json           merged data-loader state
+    <root>/<step>/config.json                       resolved train config
+    <root>/<step>/tokenizer.model                   copy of the tokenizer
+    <root>/<step>/scheduler.pt                      lr scheduler state
+    <root>/<step>/rng/rank<r>.pt                    per-rank RNG states
+    <root>/<step>/COMPLETE                          written last inside the dir (JSON: step, world size)
+    <root>/latest                                   the step, written after the dir is in place
+    <root>/.tmp-<step>-<hex>/                       a save in progress (never read; removed by the next save)
+
+Commit protocol: every rank writes its parts into the same temp dir (rank 0 creates it and
+broadcasts its name), then drops ``.done-rank<r>``. Rank 0 waits for all markers, writes
+``COMPLETE``, renames the temp dir to ``<root>/<step>`` (atomic) and replaces ``latest`` (atomic),
+then deletes the oldest complete checkpoints beyond ``keep_last_n``. A crash at any point leaves
+either a temp dir or a dir without ``COMPLETE``: :func:`find_latest` ignores both. The markers are
+files rather than a barrier so that the whole write + commit can run in a background thread
+(``async_save``) without touching the training process group.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
+import random
+import secrets
+import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from fm.dist.base import Engine
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "fm9g_live_checkpoint-{step}.pt"
+OPTIMIZER_DIR = "optimizer"
+LOG_CKPT = ".log_ckpt"
+DATASET_DIR = "dataset_ckpt"
+DATASET_FILE = f"{DATASET_DIR}/state.json"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng/rank{rank}.pt"
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+
+Part = Callable[[Path], None]
+"""Writes one piece of a checkpoint into the given (temp) directory. Holds an already-taken snapshot."""
+
+
+# ---------------------------------------------------------------- atomic file writes
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write to a temp file in the same directory, fsync, rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -24,3 +94,314 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(obj: Any, path: Path) -> None:
+    atomic_write_bytes((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode(), path)
+
+
+# ---------------------------------------------------------------- parts (snapshot now, write later)
+def torch_part(relpath: str, obj: Any) -> Part:
+    """``torch.save(obj)`` at ``relpath``. ``obj`` must not change afterwards (pass a snapshot)."""
+    return lambda d: atomic_torch_save(obj, d / relpath)
+
+
+def json_part(relpath: str, obj: Any) -> Part:
+    """JSON file; serialised NOW, so later changes to ``obj`` do not leak into the checkpoint."""
+    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+    return lambda d: atomic_write_bytes(data, d / relpath)
+
+
+def copy_part(relpath: str, src: str | Path) -> Part:
+    """Copy of a file that does not change during training (e.g. the tokenizer)."""
+    src = Path(src)
+
+    def write(d: Path) -> None:
+        (d / relpath).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, d / relpath)
+
+    return write
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and CUDA RNG states of this process."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_part(engine: Engine, step: int) -> Part:
+    """Full model state dict from rank 0 (collective snapshot now; the file is written by rank 0 later)."""
+    sd = engine.model_state_dict()
+    name = MODEL_FILE.format(step=step)
+    if not engine.is_main:
+        return lambda d: None
+    return torch_part(name, sd)
+
+
+def optimizer_part(engine: Engine) -> Part:
+    """This rank's optimizer shard (collective snapshot now; every rank writes its part later)."""
+    snap = engine.snapshot_optimizer()
+    return lambda d: engine.write_optimizer(snap, d / OPTIMIZER_DIR)
+
+
+def standard_parts(
+    engine: Engine,
+    step: int,
+    *,
+    log_ckpt: dict[str, Any],
+    dataset_state: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    tokenizer_path: str | Path | None = None,
+    scheduler_state: Any = None,
+    save_optimizer: bool = True,
+) -> list[Part]:
+    """Everything of the upstream layout. Collective: call on every rank at the same step."""
+    parts = [model_part(engine, step)]
+    if save_optimizer:
+        parts.append(optimizer_part(engine))
+    parts.append(torch_part(RNG_FILE.format(rank=engine.rank), rng_state()))
+    if engine.is_main:
+        parts.append(json_part(LOG_CKPT, log_ckpt))
+        if dataset_state is not None:
+            parts.append(json_part(DATASET_FILE, dataset_state))
+        if config is not None:
+            parts.append(json_part(CONFIG_FILE, config))
+        if tokenizer_path is not None:
+            parts.append(copy_part(TOKENIZER_FILE, tokenizer_path))
+        if scheduler_state is not None:
+            buf = io.BytesIO()
+            torch.save(scheduler_state, buf)
+            parts.append(lambda d, b=buf.getvalue(): atomic_write_bytes(b, d / SCHEDULER_FILE))
+    return parts
+
+
+# ---------------------------------------------------------------- finding checkpoints
+def is_complete(path: Path) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def list_checkpoints(root: str | Path) -> list[int]:
+    """Steps of the complete checkpoints under ``root``, ascending."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and is_complete(p))
+
+
+def find_latest(root: str | Path) -> int | None:
+    """The step that ``latest`` names if that checkpoint is complete, else the newest complete one, else None."""
+    root = Path(root)
+    try:
+        step = int((root / LATEST).read_text().strip())
+        if is_complete(root / str(step)):
+            return step
+        log.warning("%s names step %d, which is not a complete checkpoint: using the newest complete one",
+                    root / LATEST, step)
+    except (FileNotFoundError, ValueError):
+        pass
+    steps = list_checkpoints(root)
+    return steps[-1] if steps else None
+
+
+def resolve_checkpoint(root: str | Path, which: str | int | None = "latest") -> Path | None:
+    """Directory to resume from: ``"latest"``/None → :func:`find_latest`; a step number; or a directory path.
+
+    An explicit directory without ``COMPLETE`` (e.g. an upstream checkpoint) is accepted with a warning.
+    """
+    root = Path(root)
+    if which is None or str(which).lower() == "latest":
+        step = find_latest(root)
+        return None if step is None else root / str(step)
+    if isinstance(which, int) or str(which).isdigit():
+        path = root / str(int(which))
+        if not is_complete(path):
+            raise FileNotFoundError(f"checkpoint {path} is missing or incomplete (no {COMPLETE}); "
+                                    f"complete steps: {list_checkpoints(root)}")
+        return path
+    path = Path(which)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not is_complete(path):
+        log.warning("%s has no %s marker (upstream or interrupted save?): loading it anyway", path, COMPLETE)
+    return path
+
+
+def read_log_ckpt(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / LOG_CKPT).read_text())
+
+
+def model_file(path: str | Path) -> Path:
+    """The ``fm9g_live_checkpoint-<step>.pt`` inside a checkpoint directory."""
+    path = Path(path)
+    files = sorted(path.glob(MODEL_FILE.format(step="*")))
+    if not files:
+        raise FileNotFoundError(f"no {MODEL_FILE.format(step='<step>')} in {path}")
+    return files[-1]
+
+
+# ---------------------------------------------------------------- the manager
+class CheckpointManager:
+    """Saves checkpoints under ``root`` with an atomic commit; see the module docstring for the protocol.
+
+    ``comm`` is the engine (rank, world size, ``broadcast_object``, ``all_gather_object``); None means
+    a single process. With ``async_save`` the parts are written in a background thread; the next
+    :meth:`save`, :meth:`wait` or :meth:`close` joins it and every rank raises if any rank failed.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        keep_last_n: int | None = None,
+        async_save: bool = False,
+        comm: Engine | None = None,
+        commit_timeout_s: float = 3600.0,
+    ) -> None:
+        if keep_last_n is not None and keep_last_n < 1:
+            raise ValueError(f"keep_last_n must be >= 1 or None, got {keep_last_n}")
+        self.root = Path(root)
+        self.keep_last_n = keep_last_n
+        self.async_save = async_save
+        self.comm = comm
+        self.commit_timeout_s = commit_timeout_s
+        self.rank = comm.rank if comm is not None else 0
+        self.world_size = comm.world_size if comm is not None else 1
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_saved: Path | None = None
+
+    # -------------------------------------------------------------- public
+    def save(self, step: int, parts: Sequence[Part]) -> Path:
+        """Write ``parts`` as checkpoint ``step`` (collective). Returns the final directory path."""
+        self.wait()
+        tmp_name = None
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_tmp()
+            tmp_name = f"{TMP_PREFIX}{step}-{secrets.token_hex(4)}"
+            (self.root / tmp_name).mkdir()
+        if self.comm is not None and self.world_size > 1:
+            tmp_name = self.comm.broadcast_object(tmp_name, src=0)
+        tmp = self.root / str(tmp_name)
+        final = self.root / str(step)
+        self.last_saved = final
+        if self.async_save:
+            self._thread = threading.Thread(target=self._run, args=(step, tmp, list(parts)),
+                                            name=f"checkpoint-{step}", daemon=False)
+            self._thread.start()
+        else:
+            self._run(step, tmp, list(parts))
+            self.wait()
+        return final
+
+    def wait(self) -> None:
+        """Join the background save; raise on every rank if any rank failed. Collective."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        err, self._error = self._error, None
+        failed = [err is not None]
+        if self.comm is not None and self.world_size > 1:
+            failed = self.comm.all_gather_object(err is not None)
+            self.comm.barrier()  # the commit by rank 0 is visible to everyone past this point
+        if any(failed):
+            ranks = [r for r, f in enumerate(failed) if f]
+            raise RuntimeError(f"checkpoint save failed on rank(s) {ranks} under {self.root}") from err
+
+    def close(self) -> None:
+        self.wait()
+
+    # -------------------------------------------------------------- internals
+    def _run(self, step: int, tmp: Path, parts: list[Part]) -> None:
+        try:
+            for part in parts:
+                part(tmp)
+            atomic_write_bytes(b"", tmp / f".done-rank{self.rank}")
+            if self.rank == 0:
+                self._commit(step, tmp)
+        except BaseException as e:  # recorded; raised on every rank by wait()
+            log.exception("checkpoint %d: rank %d failed", step, self.rank)
+            self._error = e
+            try:
+                atomic_write_bytes(repr(e).encode(), tmp / f".failed-rank{self.rank}")
+            except OSError:
+                pass
+
+    def _wait_for_ranks(self, tmp: Path) -> None:
+        deadline = time.monotonic() + self.commit_timeout_s
+        want = {f".done-rank{r}" for r in range(self.world_size)}
+        while True:
+            names = set(os.listdir(tmp))
+            failed = sorted(n for n in names if n.startswith(".failed-rank"))
+            if failed:
+                raise RuntimeError(f"checkpoint {tmp}: {', '.join(failed)}")
+            if want <= names:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"checkpoint {tmp}: ranks {sorted(want - names)} did not finish writing "
+                                   f"within {self.commit_timeout_s:.0f} s")
+            time.sleep(0.02)
+
+    def _commit(self, step: int, tmp: Path) -> None:
+        self._wait_for_ranks(tmp)
+        for r in range(self.world_size):
+            (tmp / f".done-rank{r}").unlink()
+        atomic_write_json({"step": step, "world_size": self.world_size, "time": time.time()}, tmp / COMPLETE)
+        _fsync_dir(tmp)
+        final = self.root / str(step)
+        old = None
+        if final.exists():  # re-saving a step (e.g. after resuming from an earlier one): swap, then delete
+            old = self.root / f"{TMP_PREFIX}old-{step}-{secrets.token_hex(4)}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        atomic_write_bytes(f"{step}\n".encode(), self.root / LATEST)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._prune(step)
+
+    def _prune(self, keep_step: int) -> None:
+        if self.keep_last_n is None:
+            return
+        steps = list_checkpoints(self.root)
+        for s in steps[: max(len(steps) - self.keep_last_n, 0)]:
+            if s != keep_step:
+                shutil.rmtree(self.root / str(s), ignore_errors=True)
+
+    def _remove_stale_tmp(self) -> None:
+        # Only one save is in flight (save() waits for the previous one), so any temp dir is from a crash.
+        for p in self.root.iterdir():
+            if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,258 @@
+"""Checkpoint directories: atomic commit, ``latest`` last, incomplete dirs ignored, keep-last-n, async == sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from fm.train import checkpoint as ck
+from fm.train.checkpoint import CheckpointManager, find_latest, json_part, list_checkpoints, torch_part
+
+
+def parts_for(step: int, size: int = 1000) -> list:
+    g = torch.Generator().manual_seed(step)
+    return [
+        torch_part(ck.MODEL_FILE.format(step=step), {"w": torch.randn(size, generator=g)}),
+        json_part(ck.LOG_CKPT, {"iteration": step, "consumed_tokens": step * 10}),
+        json_part(ck.DATASET_FILE, {"pos": step}),
+    ]
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_layout_and_latest(tmp_path):
+    m = CheckpointManager(tmp_path)
+    final = m.save(100, parts_for(100))
+    assert final == tmp_path / "100"
+    assert sorted(tree(final)) == sorted([ck.COMPLETE, ck.DATASET_FILE, ck.LOG_CKPT, "fm9g_live_checkpoint-100.pt"])
+    assert (tmp_path / "latest").read_text() == "100\n"
+    assert json.loads((final / ck.COMPLETE).read_text())["step"] == 100
+    assert ck.read_log_ckpt(final) == {"iteration": 100, "consumed_tokens": 1000}
+    assert ck.model_file(final).name == "fm9g_live_checkpoint-100.pt"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+    assert find_latest(tmp_path) == 100
+
+
+def test_commit_order_complete_rename_then_latest(tmp_path, monkeypatch):
+    events: list[str] = []
+    real = os.replace
+
+    def spy(src, dst):
+        events.append(Path(dst).name)
+        return real(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", spy)
+    CheckpointManager(tmp_path).save(7, parts_for(7))
+    assert events[-3:] == [ck.COMPLETE, "7", "latest"]  # COMPLETE inside, then the dir rename, then latest
+
+
+def test_failed_part_leaves_no_checkpoint(tmp_path):
+    m = CheckpointManager(tmp_path)
+    m.save(1, parts_for(1))
+
+    def boom(d: Path) -> None:
+        (d / "half.bin").write_bytes(b"x" * 10)
+        raise OSError("disk full")
+
+    with pytest.raises(RuntimeError, match="rank\\(s\\) \\[0\\]"):
+        m.save(2, [*parts_for(2), boom])
+    assert not (tmp_path / "2").exists()
+    assert (tmp_path / "latest").read_text() == "1\n"
+    assert find_latest(tmp_path) == 1
+    m.save(3, parts_for(3))  # the stale temp dir of step 2 is removed by the next save
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_incomplete_and_temporary_dirs_are_ignored(tmp_path):
+    m = CheckpointManager(tmp_path)
+    m.save(200, parts_for(200))
+    (tmp_path / "300").mkdir()  # renamed by hand / upstream dir without COMPLETE
+    (tmp_path / "300" / "fm9g_live_checkpoint-300.pt").write_bytes(b"partial")
+    (tmp_path / ".tmp-400-abcd").mkdir()
+    (tmp_path / "latest").write_text("300\n")  # latest pointing at a broken dir
+    assert list_checkpoints(tmp_path) == [200]
+    assert find_latest(tmp_path) == 200
+    assert ck.resolve_checkpoint(tmp_path, "latest") == tmp_path / "200"
+    assert ck.resolve_checkpoint(tmp_path, 200) == tmp_path / "200"
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        ck.resolve_checkpoint(tmp_path, 300)
+    assert ck.resolve_checkpoint(tmp_path, str(tmp_path / "300")) == tmp_path / "300"  # explicit path: allowed
+    assert find_latest(tmp_path / "nothing") is None
+    assert ck.resolve_checkpoint(tmp_path / "nothing") is None
+
+
+def test_keep_last_n(tmp_path):
+    m = CheckpointManager(tmp_path, keep_last_n=2)
+    for s in (10, 20, 30, 40):
+        m.save(s, parts_for(s))
+    assert list_checkpoints(tmp_path) == [30, 40]
+    assert find_latest(tmp_path) == 40
+
+
+def test_resave_same_step_replaces(tmp_path):
+    m = CheckpointManager(tmp_path)
+    m.save(5, parts_for(5))
+    m.save(5, [json_part(ck.LOG_CKPT, {"iteration": 5, "again": True})])
+    assert ck.read_log_ckpt(tmp_path / "5") == {"iteration": 5, "again": True}
+    assert list_checkpoints(tmp_path) == [5]
+
+
+def test_async_writes_same_bytes_as_sync(tmp_path):
+    sync, asyn = tmp_path / "sync", tmp_path / "async"
+    CheckpointManager(sync).save(3, parts_for(3, size=200_000))
+    m = CheckpointManager(asyn, async_save=True)
+    state = {"iteration": 3}
+    m.save(3, [*parts_for(3, size=200_000), json_part("extra.json", state)])
+    state["iteration"] = 999  # mutated after save() returned: the snapshot must not see it
+    m.close()
+    a, b = tree(sync / "3"), tree(asyn / "3")
+    a.pop(ck.COMPLETE), b.pop(ck.COMPLETE)
+    assert json.loads(b.pop("extra.json")) == {"iteration": 3}
+    assert a == b
+    assert find_latest(asyn) == 3
+
+
+def test_async_error_raised_at_next_wait(tmp_path):
+    m = CheckpointManager(tmp_path, async_save=True)
+
+    def boom(d: Path) -> None:
+        raise ValueError("bad part")
+
+    m.save(1, [boom])
+    with pytest.raises(RuntimeError, match="failed"):
+        m.close()
+    assert find_latest(tmp_path) is None
+
+
+CRASH_SCRIPT = """
+import os, sys
+from pathlib import Path
+from fm.train.checkpoint import CheckpointManager, json_part
+
+def crash(d: Path) -> None:
+    (d / "fm9g_live_checkpoint-2.pt").write_bytes(b"half a file")
+    os._exit(1)  # killed mid-save: no cleanup, no exception handling
+
+m = CheckpointManager(sys.argv[1])
+m.save(1, [json_part(".log_ckpt", {"iteration": 1})])
+m.save(2, [json_part(".log_ckpt", {"iteration": 2}), crash])
+"""
+
+
+def test_crash_mid_save_is_ignored(tmp_path, repo_root):
+    r = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path)], cwd=repo_root, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(repo_root)})
+    assert r.returncode == 1, r.stderr.decode()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-2-")]  # the half-written save
+    assert find_latest(tmp_path) == 1
+    assert ck.read_log_ckpt(tmp_path / "1") == {"iteration": 1}
+
+
+class ThreadComm:
+    """Two 'ranks' as threads: enough of the Engine collectives for the commit protocol."""
+
+    def __init__(self, rank: int, world: int, shared: dict) -> None:
+        self.rank, self.world_size, self.shared = rank, world, shared
+        self.is_main = rank == 0
+
+    def _exchange(self, value):
+        s = self.shared
+        s["barrier"].wait()
+        s["slots"][self.rank] = value
+        s["barrier"].wait()
+        out = list(s["slots"])
+        s["barrier"].wait()
+        return out
+
+    def broadcast_object(self, obj, src=0):
+        return self._exchange(obj)[src]
+
+    def all_gather_object(self, obj):
+        return self._exchange(obj)
+
+    def barrier(self):
+        self._exchange(None)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_two_ranks_write_into_one_dir(tmp_path, async_save):
+    shared = {"barrier": threading.Barrier(2), "slots": [None, None]}
+    errors: list[BaseException] = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            comm = ThreadComm(rank, 2, shared)
+            m = CheckpointManager(tmp_path, comm=comm, async_save=async_save, keep_last_n=1)
+            for step in (1, 2):
+                parts = [torch_part(f"rank{rank}.pt", torch.full((4,), float(rank + step)))]
+                if rank == 0:
+                    parts.append(json_part(ck.LOG_CKPT, {"iteration": step}))
+                m.save(step, parts)
+            m.close()
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert list_checkpoints(tmp_path) == [2]
+    d = tmp_path / "2"
+    assert sorted(p.name for p in d.iterdir()) == sorted([ck.COMPLETE, ck.LOG_CKPT, "rank0.pt", "rank1.pt"])
+    assert torch.load(d / "rank1.pt").tolist() == [3.0] * 4
+    assert json.loads((d / ck.COMPLETE).read_text())["world_size"] == 2
+
+
+def test_rng_state_roundtrip():
+    import random
+
+    state = ck.rng_state()
+    a = (random.random(), torch.rand(3).tolist())
+    ck.set_rng_state(state)
+    assert (random.random(), torch.rand(3).tolist()) == a
+
+
+def test_fsdp_engine_standard_parts_async(tmp_path, tokenizer_path):
+    """World-1 FSDP engine: the full upstream layout, written asynchronously, loads back."""
+    from fm.dist import build_engine
+    from tests.distributed.test_fsdp_engine import TinyLM, make_meta_model, param_groups
+
+    engine = build_engine("fsdp", seed=0)
+    engine.init()
+    try:
+        model = engine.shard(make_meta_model())
+        engine.build_optimizer(param_groups(model), lr=1e-3)
+        logits = model(torch.randint(0, 64, (2, 8)))
+        loss, n = engine.loss(logits, torch.randint(0, 64, (2, 8)))
+        engine.backward(loss / n)
+        engine.optimizer_step()
+        m = CheckpointManager(tmp_path / "run", async_save=True, comm=engine)
+        before = engine.model_state_dict()
+        m.save(1, ck.standard_parts(engine, 1, log_ckpt={"iteration": 1}, dataset_state={"x": 1},
+                                    config={"lr": 1e-3}, tokenizer_path=tokenizer_path,
+                                    scheduler_state={"step": 1}))
+        engine.optimizer_step()  # training goes on while the thread writes: the snapshot must not change
+        m.close()
+        d = tmp_path / "run" / "1"
+        names = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+        assert {ck.COMPLETE, ck.LOG_CKPT, ck.DATASET_FILE, ck.CONFIG_FILE, ck.TOKENIZER_FILE, ck.SCHEDULER_FILE,
+                "rng/rank0.pt", "fm9g_live_checkpoint-1.pt", "optimizer/.metadata"} <= names
+        sd = torch.load(ck.model_file(d), weights_only=True)
+        plain = TinyLM()
+        plain.load_state_dict(sd, strict=True)
+        for k, v in before.items():
+            assert torch.equal(sd[k], v), k
+        engine.load_optimizer(d / ck.OPTIMIZER_DIR)
+    finally:
+        engine.shutdown()
