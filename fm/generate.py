@@ -1,10 +1,9 @@
 """Text generation: KV-cache decoding, sampling, repetition penalties and a streaming detokenizer.
 
-Batched prompts of different lengths run in lockstep without padding (the LLaMA reference way):
-every row starts decoding at the shortest prompt length, and a row whose prompt is longer is fed
-its own next prompt token instead of a sampled one until its prompt is used up. So the cache of
-every row only ever holds real tokens at positions 0..t, all rows share one position per step,
-and no attention mask is needed.
+With the KV cache, prompts of different lengths are prefilled together, left-padded: a pad has
+position -1, which the cache never stores nor attends to, so every row then decodes one token per
+step at its own position. Without the cache (the reference path) rows run in lockstep from the
+shortest prompt and a longer prompt feeds its own next token until it is used up.
 """
 
 from __future__ import annotations
@@ -219,6 +218,68 @@ def _to_prompts(prompts: Any, tokenizer: Any, add_bos: bool) -> list[list[int]]:
     return out
 
 
+class _Sampler:
+    """Per-step bookkeeping shared by the cached and the uncached loop: penalties state, stop
+    tokens, per-row outputs and the stream callback."""
+
+    def __init__(self, rows: list[_RowState], cfg: GenerationConfig, vocab: int, device: torch.device,
+                 tokenizer: Any, stream: StreamCallback | None):
+        self.rows, self.cfg = rows, cfg
+        bsz = len(rows)
+        self.seen = self.counts = None
+        if cfg.repetition_penalty is not None and cfg.repetition_penalty_mode == "multiplicative":
+            self.seen = torch.zeros(bsz, vocab, dtype=torch.bool, device=device)
+            for i, r in enumerate(rows):
+                self.seen[i, torch.tensor(r.prompt, device=device)] = True
+        elif cfg.repetition_penalty is not None:
+            self.counts = torch.zeros(bsz, vocab, dtype=torch.long, device=device)
+        self.generator = None
+        if cfg.do_sample and cfg.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(cfg.seed)
+        self.stop = torch.tensor(cfg.stop_token_ids, dtype=torch.long, device=device)
+        self.stream = stream
+        self.detoks = [StreamingDetokenizer(tokenizer) for _ in rows] if (stream and tokenizer is not None) else None
+        self.done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        self.n_new = torch.zeros(bsz, dtype=torch.long, device=device)
+
+    def step(self, last_logits: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Choose the next token of every row from ``last_logits [B, V]``; rows where ``active``
+        is False (still reading their prompt in the uncached loop) or already done are not
+        recorded. Returns the chosen tokens [B]."""
+        cfg = self.cfg
+        logits = process_logits(last_logits, cfg, seen=self.seen, counts=self.counts)
+        nxt = select_tokens(logits, cfg, self.generator)
+        generating = active & ~self.done
+        if not bool(generating.any()):
+            return nxt
+        is_stop = torch.isin(nxt, self.stop) if self.stop.numel() else torch.zeros_like(self.done)
+        emit = generating & ~is_stop
+        if self.seen is not None:
+            self.seen[emit, nxt[emit]] = True
+        if self.counts is not None:
+            self.counts[emit, nxt[emit]] += 1
+        self.n_new += generating.long()
+        finished = generating & (is_stop | (self.n_new >= cfg.max_new_tokens))
+        for i in torch.nonzero(generating).flatten().tolist():
+            row = self.rows[i]
+            if bool(emit[i]):
+                tid = int(nxt[i])
+                row.out.append(tid)
+                if self.stream is not None:
+                    self.stream(i, tid, self.detoks[i].push(tid) if self.detoks else "")
+            if bool(finished[i]):
+                row.done = True
+                if self.stream is not None:
+                    self.stream(i, None, self.detoks[i].flush() if self.detoks else "")
+        self.done |= finished
+        return nxt
+
+    @property
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: Any, *, tokenizer: Any = None,
              config: GenerationConfig | None = None, stream: StreamCallback | None = None,
@@ -236,74 +297,55 @@ def generate(model: torch.nn.Module, prompts: Any, *, tokenizer: Any = None,
     if cfg.max_new_tokens == 0:
         return [[] for _ in rows]
     device, dtype = _model_device_dtype(model)
-    vocab = int(model.config.vocab_size)
+    sampler = _Sampler(rows, cfg, int(model.config.vocab_size), device, tokenizer, stream)
+    if cfg.use_cache:
+        _decode_cached(model, rows, cfg, sampler, device, dtype)
+    else:
+        _decode_recompute(model, rows, cfg, sampler, device)
+    return [r.out for r in rows]
+
+
+def _decode_cached(model, rows, cfg, sampler: _Sampler, device, dtype) -> None:
+    """Prefill all prompts at once, left-padded (padding has position -1, which the KV cache never
+    stores nor attends to), then one token per row per step at each row's own position."""
+    bsz = len(rows)
+    lengths = torch.tensor([len(r.prompt) for r in rows], device=device)
+    width = int(lengths.max())
+    ids = torch.zeros(bsz, width, dtype=torch.long, device=device)
+    pos = torch.full((bsz, width), -1, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        n = len(r.prompt)
+        ids[i, width - n:] = torch.tensor(r.prompt, dtype=torch.long, device=device)
+        pos[i, width - n:] = torch.arange(n, device=device)
+    cache = model.new_kv_cache(bsz, width + cfg.max_new_tokens, device, dtype)
+    logits = model(ids, pos, kv_cache=cache)[:, -1, :]
+    active = torch.ones(bsz, dtype=torch.bool, device=device)
+    for step in range(cfg.max_new_tokens):
+        nxt = sampler.step(logits, active)
+        if sampler.all_done or step == cfg.max_new_tokens - 1:
+            break
+        logits = model(nxt[:, None], (lengths + step)[:, None], kv_cache=cache)[:, -1, :]
+
+
+def _decode_recompute(model, rows, cfg, sampler: _Sampler, device) -> None:
+    """The reference loop: recompute the whole sequence every step, no cache. Rows run in
+    lockstep from the shortest prompt; a longer prompt feeds its own next token until it is used
+    up, so no row ever holds padding."""
     bsz = len(rows)
     lengths = [len(r.prompt) for r in rows]
-    min_len, total = min(lengths), max(lengths) + cfg.max_new_tokens
+    total = max(lengths) + cfg.max_new_tokens
     tokens = torch.zeros(bsz, total, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
-        tokens[i, :len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long)
-    in_prompt = torch.tensor(lengths, device=device).unsqueeze(1) > torch.arange(total, device=device)
-    stop = torch.tensor(cfg.stop_token_ids, dtype=torch.long, device=device)
-
-    seen = counts = None
-    if cfg.repetition_penalty is not None and cfg.repetition_penalty_mode == "multiplicative":
-        seen = torch.zeros(bsz, vocab, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            seen[i, torch.tensor(r.prompt, device=device)] = True
-    elif cfg.repetition_penalty is not None:
-        counts = torch.zeros(bsz, vocab, dtype=torch.long, device=device)
-
-    generator = None
-    if cfg.do_sample and cfg.seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(cfg.seed)
-    detoks = [StreamingDetokenizer(tokenizer) for _ in rows] if (stream and tokenizer is not None) else None
-
-    cache = model.new_kv_cache(bsz, total, device, dtype) if cfg.use_cache else None
-    done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    n_new = torch.zeros(bsz, dtype=torch.long, device=device)
-    prev = 0
-    for cur in range(min_len, total):
-        if cache is not None:
-            step_ids = tokens[:, prev:cur]
-            positions = torch.arange(prev, cur, device=device).unsqueeze(0).expand(bsz, -1)
-            logits = model(step_ids, positions, kv_cache=cache)
-        else:
-            positions = torch.arange(0, cur, device=device).unsqueeze(0).expand(bsz, -1)
-            logits = model(tokens[:, :cur], positions)
-        logits = process_logits(logits[:, -1, :], cfg, seen=seen, counts=counts)
-        nxt = select_tokens(logits, cfg, generator)
+        tokens[i, :len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long, device=device)
+    in_prompt = torch.tensor(lengths, device=device)[:, None] > torch.arange(total, device=device)
+    for cur in range(min(lengths), total):
+        positions = torch.arange(cur, device=device).unsqueeze(0).expand(bsz, -1)
+        logits = model(tokens[:, :cur], positions)[:, -1, :]
         forced = in_prompt[:, cur]
-        nxt = torch.where(forced, tokens[:, cur], nxt)
-        tokens[:, cur] = nxt
-        prev = cur
-        generating = ~forced & ~done
-        if not bool(generating.any()):
-            continue
-        is_stop = torch.isin(nxt, stop) if stop.numel() else torch.zeros_like(done)
-        emit = generating & ~is_stop
-        if seen is not None:
-            seen[emit, nxt[emit]] = True
-        if counts is not None:
-            counts[emit, nxt[emit]] += 1
-        n_new += generating.long()
-        finished_now = generating & (is_stop | (n_new >= cfg.max_new_tokens))
-        for i in torch.nonzero(generating).flatten().tolist():
-            row = rows[i]
-            if bool(emit[i]):
-                tid = int(nxt[i])
-                row.out.append(tid)
-                if stream is not None:
-                    stream(i, tid, detoks[i].push(tid) if detoks else "")
-            if bool(finished_now[i]):
-                row.done = True
-                if stream is not None:
-                    stream(i, None, detoks[i].flush() if detoks else "")
-        done |= finished_now
-        if bool(done.all()):
+        nxt = sampler.step(logits, ~forced)
+        tokens[:, cur] = torch.where(forced, tokens[:, cur], nxt)
+        if sampler.all_done:
             break
-    return [r.out for r in rows]
 
 
 def generate_text(model: torch.nn.Module, prompts: str | Sequence[str], tokenizer: Any,
