@@ -98,7 +98,7 @@ def load_transform(script: str) -> Transform:
         raise
     fn = getattr(module, "transform", None)
     if not callable(fn):
-        raise AttributeError(f"{script} defines no function transform(data, num_sample, r)")
+        raise TransformError(f"{script} defines no function transform(data, num_sample, r)")
     return fn
 
 
@@ -224,6 +224,9 @@ def _check_transform_runs(spec: DatasetSpec, problems: list[str]) -> None:
     where = f"task {spec.task_name!r}"
     try:
         fn = load_transform(spec.transforms)
+    except TransformError as e:
+        problems.append(f"{where}: {e}")
+        return
     except Exception as e:  # any import-time error of the user's script
         problems.append(f"{where}: transform {spec.transforms} failed to import: {type(e).__name__}: {e}")
         return
