@@ -23,11 +23,19 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 IGNORE_INDEX = -100
 
 
-def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy in fp32, [B, L]; 0 where the target is -100."""
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    losses = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
-    return losses.view(targets.shape)
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Per-token cross-entropy in fp32, [B, L]; 0 where the target is -100.
+
+    Computed ``chunk`` tokens at a time: an fp32 copy of all the logits of a 4096-token row with a
+    120k vocabulary alone is 2 GB.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    labels = targets.reshape(-1)
+    out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    for s in range(0, labels.numel(), chunk):
+        out[s:s + chunk] = F.cross_entropy(flat[s:s + chunk].float(), labels[s:s + chunk],
+                                           ignore_index=IGNORE_INDEX, reduction="none")
+    return out.view(targets.shape)
 
 
 def _safe_exp(x: float) -> float:
