@@ -12,6 +12,7 @@ from fm.generate import (
     GenerationConfig,
     StreamingDetokenizer,
     apply_subtractive_penalty,
+    generate,
     process_logits,
 )
 
@@ -119,3 +120,120 @@ def test_streaming_detokenizer_continues_after_flush(tokenizer):
     text = "".join(det.push(i) for i in ids[:1]) + det.flush()
     text += "".join(det.push(i) for i in ids[1:]) + det.flush()
     assert text == tokenizer.decode(ids)
+
+
+# ------------------------------------------------------------------------------ decoding with models
+
+DRAGONFLY = {"vocab_size": 8000, "dim_model": 64, "dim_ff": 96, "dim_head": 16, "num_heads": 4, "num_kv_heads": 2,
+             "num_layers": 2, "init_std": 0.5, "scale": True, "scale_emb": 4.0, "scale_depth": 1.4,
+             "dim_model_base": 32, "tie_lm_head": True, "dtype": "fp32"}
+SPARK = {"vocab_size": 8000, "dim_model": 64, "dim_ff": 96, "dim_head": 16, "num_heads": 4, "num_kv_heads": 4,
+         "num_layers": 2, "sliding_window": 8, "init_std": 0.5, "dtype": "fp32"}
+
+
+def _tiny(family, seed=0, **overrides):
+    from fm.models.registry import build_model, load_model_config
+
+    cfg = load_model_config({**(DRAGONFLY if family == "dragonfly" else SPARK), **overrides}, family)
+    torch.manual_seed(seed)
+    return build_model(cfg, device="cpu", dtype=torch.float32).eval()
+
+
+def _prompts(lengths, seed=0, vocab=8000):
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(10, vocab, (n - 1,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def _naive(model, prompt, n, penalty=None):
+    """Independent reference: full recomputation, one prompt at a time, penalty applied by hand."""
+    ids = list(prompt)
+    counts: dict[int, int] = {}
+    out = []
+    for _ in range(n):
+        logits = model(torch.tensor([ids]))[0, -1].float().clone()
+        if penalty == "hf":
+            for t in set(ids):
+                logits[t] = logits[t] / 1.8 if logits[t] > 0 else logits[t] * 1.8
+        elif penalty == "spark":
+            for t, c in counts.items():
+                logits[t] -= 2.0 + 0.5 * (c - 1)
+        tok = int(logits.argmax())
+        ids.append(tok)
+        out.append(tok)
+        counts[tok] = counts.get(tok, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("family,lengths", [("dragonfly", [3, 9, 5]), ("spark", [4, 19, 13])])
+def test_cached_greedy_equals_recompute(family, lengths):
+    model = _tiny(family)
+    prompts = _prompts(lengths)
+    cached = generate(model, prompts, max_new_tokens=20)
+    recomputed = generate(model, prompts, max_new_tokens=20, use_cache=False)
+    assert cached == recomputed
+    assert all(len(o) == 20 for o in cached)
+    # each row alone (no padding at all) gives the same tokens as the batch
+    for p, o in zip(prompts, cached):
+        assert generate(model, [p], max_new_tokens=20) == [o]
+    assert cached[0] == _naive(model, prompts[0], 20)
+
+
+def test_spark_rolling_cache_beyond_window():
+    model = _tiny("spark", seed=1)
+    prompt = _prompts([30], seed=3)[0]  # 30 > window 8: the rolling buffer wraps in prefill and decode
+    assert generate(model, [prompt], max_new_tokens=15) == [_naive(model, prompt, 15)]
+
+
+@pytest.mark.parametrize("mode", ["hf", "spark"])
+def test_repetition_penalties_in_the_loop(mode):
+    model = _tiny("dragonfly", seed=2, vocab_size=40)  # a small vocabulary repeats within 16 tokens
+    prompt = _prompts([6], seed=4, vocab=40)[0]
+    opts = (dict(repetition_penalty=1.8) if mode == "hf" else
+            dict(repetition_penalty=2.0, repetition_penalty_mode="subtractive", repetition_penalty_increase=0.5))
+    ref = _naive(model, prompt, 16, penalty=mode)
+    assert generate(model, [prompt], max_new_tokens=16, **opts) == [ref]
+    assert generate(model, [prompt], max_new_tokens=16, use_cache=False, **opts) == [ref]
+    assert ref != _naive(model, prompt, 16)  # the penalty changed something
+
+
+def test_stop_tokens_and_max_new_tokens():
+    model = _tiny("dragonfly")
+    prompts = _prompts([4, 7])
+    full = generate(model, prompts, max_new_tokens=10)
+    stop = full[0][3]
+    out = generate(model, prompts, max_new_tokens=10, stop_token_ids=(stop,))
+    assert out[0] == full[0][:full[0].index(stop)]
+    assert out[1] == (full[1][:full[1].index(stop)] if stop in full[1] else full[1])
+    assert generate(model, prompts, max_new_tokens=0) == [[], []]
+
+
+def test_seeded_sampling_is_deterministic():
+    model = _tiny("spark")
+    prompts = _prompts([5, 12])
+    opts = dict(do_sample=True, temperature=1.3, top_k=50, top_p=0.95, max_new_tokens=12)
+    a = generate(model, prompts, seed=7, **opts)
+    assert a == generate(model, prompts, seed=7, **opts)
+    assert a != generate(model, prompts, seed=8, **opts)
+    # top_k=1 sampling is greedy
+    assert generate(model, prompts, do_sample=True, top_k=1, seed=1, max_new_tokens=12) == \
+        generate(model, prompts, max_new_tokens=12)
+
+
+def test_text_prompts_and_streaming(tokenizer):
+    model = _tiny("dragonfly")
+    texts = ["你好，世界", "Hello there, how are you"]
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    ends = []
+
+    def stream(row, tid, text):
+        pieces[row].append(text)
+        if tid is None:
+            ends.append(row)
+
+    outs = generate(model, texts, tokenizer=tokenizer, max_new_tokens=25, stream=stream)
+    assert sorted(ends) == [0, 1]
+    for row, out in enumerate(outs):
+        assert "".join(pieces[row]) == tokenizer.decode(out)
+        assert all("\ufffd" not in p for p in pieces[row][:-1])
+    assert outs == generate(model, [tokenizer.encode(t, bos=True) for t in texts], max_new_tokens=25)
