@@ -13,6 +13,7 @@ is compared, so the scored position is always the one the few-shot examples taug
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 
 from fm.eval.tasks import LETTERS, GenExample, MCSubject, MCTask, gsm8k_prompt
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------ model calls
 
@@ -166,6 +169,9 @@ def evaluate_mc(model: torch.nn.Module, tokenizer: Any, task: MCTask, subjects: 
         scores[subject.name] = SubjectScore(sum(p == a for p, a in labelled), len(labelled), preds)
         if progress is not None:
             progress(f"{task.name}/{subject.name}: {scores[subject.name].correct}/{scores[subject.name].total}")
+    if reduced or truncated:
+        log.warning("%s: to fit max_length=%d, %d prompts got fewer few-shot examples and %d were cut at the "
+                    "front (raise --max-length or lower --shots)", task.name, max_length, reduced, truncated)
     no_labels = all(q.answer is None for s in subjects for q in s.questions)
     out = summarize_mc(scores, predictions=save_predictions or no_labels)
     out.update(split=task.eval_split, shots=max((len(s.shots) for s in subjects), default=0),

@@ -142,7 +142,9 @@ def fixed_batches(dataset_config: str, tokenizer: Any, *, batch_size: int, max_l
 
     Built once and kept in memory: the same validation tokens at every evaluation. Datasets with
     ``allow_repeat`` are fine (the loader just cycles them); if every dataset is exhausted first,
-    fewer batches are returned and a warning says so.
+    fewer batches are returned and a warning says so. Under a sharded engine every rank must run
+    the same number of forward passes, so a distributed caller cuts every rank's list to the
+    minimum length over ranks (``engine.all_reduce(len(batches), op="min")``).
     """
     from fm.data.loader import build_train_loader
 
