@@ -1,0 +1,133 @@
+"""Converter throughput vs references measured in the same run (prints figures; no assertions).
+
+    python bench/bench_convert.py [--mb 200] [--dir /tmp/fm_bench_convert] [--tokenizer-mb 20]
+
+Figures:
+* references: read+write copy of the file, msgspec decode of every line (MB/s);
+* converter without a tokenizer, --workers 1 and --workers 2 (MB/s of valid jsonl, ratio 2 vs 1);
+* with --tokenizer: converter MB/s vs SentencePiece ``encode`` of the same output texts as one list call
+  (and per line), on a smaller file because tokenizing is ~20x slower than converting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import msgspec  # noqa: E402
+
+from fm.data.convert import Options, convert  # noqa: E402
+from fm.tokenizer import DEFAULT_TOKENIZER  # noqa: E402
+
+
+def make_corpus(path: str, mb: float, seed: int = 0) -> None:
+    """Random-word English jsonl, documents of 20..400 words (pretraining-like: empty input)."""
+    if os.path.isfile(path) and os.path.getsize(path) >= mb * 1e6:
+        return
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10)))
+             for _ in range(5000)]
+    enc = msgspec.json.Encoder()
+    target = int(mb * 1e6)
+    written = 0
+    with open(path + ".tmp", "wb") as f:
+        while written < target:
+            lines = []
+            for _ in range(1000):
+                text = " ".join(rng.choices(words, k=rng.randint(20, 400)))
+                lines.append(enc.encode({"input": "", "output": text}))
+            block = b"\n".join(lines) + b"\n"
+            f.write(block)
+            written += len(block)
+    os.replace(path + ".tmp", path)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def best_of(n: int, fn) -> float:
+    return min(timed(fn) for _ in range(n))
+
+
+def copy_ref(src: str, dst: str) -> None:
+    with open(src, "rb") as a, open(dst, "wb") as b:
+        while block := a.read(16 << 20):
+            b.write(block)
+
+
+def msgspec_ref(src: str) -> None:
+    dec = msgspec.json.Decoder().decode
+    with open(src, "rb") as f:
+        while block := f.read(16 << 20):
+            for line in block.split(b"\n"):
+                if line:
+                    try:
+                        dec(line)
+                    except msgspec.DecodeError:
+                        pass  # a line cut at the block edge; fine for a speed reference
+
+
+def run_convert(src: str, out: str, workers: int, tokenizer: str | None = None, fsync: bool = True) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    convert(src, out, Options(language="en", workers=workers, tokenizer=tokenizer, progress=False, fsync=fsync))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=200)
+    ap.add_argument("--tokenizer-mb", type=float, default=20)
+    ap.add_argument("--dir", default="/tmp/fm_bench_convert")
+    ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    src = os.path.join(args.dir, f"corpus_{args.mb:g}mb.jsonl")
+    make_corpus(src, args.mb)
+    size = os.path.getsize(src) / 1e6
+    out = os.path.join(args.dir, "out")
+    print(f"corpus: {src} ({size:.0f} MB), cpus: {os.cpu_count()}")
+
+    t_copy = best_of(args.repeat, lambda: copy_ref(src, os.path.join(args.dir, "copy.tmp")))
+    os.unlink(os.path.join(args.dir, "copy.tmp"))
+    t_msgspec = best_of(args.repeat, lambda: msgspec_ref(src))
+    t1 = best_of(args.repeat, lambda: run_convert(src, out, 1))
+    t1n = best_of(args.repeat, lambda: run_convert(src, out, 1, fsync=False))
+    t2 = best_of(args.repeat, lambda: run_convert(src, out, 2))
+    print(f"reference read+write copy     {size / t_copy:7.0f} MB/s")
+    print(f"reference msgspec decode      {size / t_msgspec:7.0f} MB/s")
+    print(f"convert --workers 1           {size / t1:7.0f} MB/s")
+    print(f"convert --workers 1 no fsync  {size / t1n:7.0f} MB/s")
+    print(f"convert --workers 2           {size / t2:7.0f} MB/s   speed-up vs 1 worker: {t1 / t2:.2f}x")
+
+    # Tokenizer: a smaller corpus, same generator.
+    tsrc = os.path.join(args.dir, f"corpus_{args.tokenizer_mb:g}mb.jsonl")
+    make_corpus(tsrc, args.tokenizer_mb, seed=1)
+    tsize = os.path.getsize(tsrc) / 1e6
+    with open(tsrc, "rb") as f:
+        texts = [msgspec.json.decode(line)["output"] for line in f]
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer)
+    t_batch = best_of(1, lambda: sp.encode(texts))
+    t_line = best_of(1, lambda: [sp.encode(t) for t in texts])
+    tt1 = best_of(1, lambda: run_convert(tsrc, out, 1, args.tokenizer))
+    tt2 = best_of(1, lambda: run_convert(tsrc, out, 2, args.tokenizer))
+    print(f"tokenizer corpus: {tsize:.0f} MB")
+    print(f"reference sp.encode(list)     {tsize / t_batch:7.1f} MB/s")
+    print(f"reference sp.encode per line  {tsize / t_line:7.1f} MB/s")
+    print(f"convert --tokenizer -j1       {tsize / tt1:7.1f} MB/s   ratio vs sp.encode(list): {t_batch / tt1:.2f}")
+    print(f"convert --tokenizer -j2       {tsize / tt2:7.1f} MB/s   ratio vs sp.encode(list): {t_batch / tt2:.2f}")
+    shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

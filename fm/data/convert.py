@@ -1,0 +1,844 @@
+"""jsonl → index directory converter (``quick_start/convert_json2index.py``, ``python -m fm.data.convert``).
+
+Output directory (see docs/data-preparation.md):
+
+* ``data.jsonl`` — byte copy of the valid input lines, each ending in ``\\n``;
+* ``index`` — text, n+1 byte offsets starting at 0 (upstream wrote n, losing line 0 on read);
+* ``index.h5`` — the same offsets as an int64 HDF5 dataset ``index`` (contiguous, so readers memory-map it);
+* ``meta.json`` — upstream's fields plus ``format_version``, ``token_count_method`` and the skipped-line report.
+
+Speed comes from working on large byte chunks: one ``split`` per chunk, msgspec decoding each line into a
+typed struct from C (``map``), offsets from numpy, and the chunk written back in one call when every line in
+it is valid. Only a chunk that holds a bad line is re-scanned line by line to name the reason. With
+``--workers N`` the input is cut into N byte ranges at newlines; each worker writes its own part and the
+parent concatenates them in order, so the output is byte-identical to one worker.
+
+The output is built in a temporary directory next to the target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import Any
+
+import msgspec
+import numpy as np
+
+log = logging.getLogger("fm.data.convert")
+
+FORMAT_VERSION = 1
+DATA_FILE = "data.jsonl"
+META_FILE = "meta.json"
+BUCKETS = ("less_4k", "4k-8k", "8k-16k", "16k-32k", "32k-64k", "64k-128k", "128k-256k", "more_256k")
+# Upstream's bucket edges are decimal thousands (4000, not 4096); kept so statistics stay comparable.
+BUCKET_EDGES = np.array([4000, 8000, 16000, 32000, 64000, 128000, 256000], dtype=np.float64)
+# Tokens per unit when no tokenizer is given. zh: per character, en: per space-separated word (upstream);
+# code: per character (≈3.3 characters per token for BPE/SentencePiece vocabularies on source code).
+ESTIMATE_FACTORS = {"zh": 0.7, "en": 1.5, "code": 0.3}
+# Order matters: a line is reported with the first reason that applies.
+REASONS = ("empty_line", "nul_byte", "invalid_utf8", "invalid_json", "not_object", "missing_output",
+           "output_not_string", "input_not_string")
+# Blank lines hold no data, so they are counted and reported but never fail --strict.
+NON_FATAL = frozenset({"empty_line"})
+MAX_REPORTED = 20
+EXIT_ERROR = 1
+EXIT_STRICT = 2
+DEFAULT_CHUNK = 16 << 20
+TOKENIZER_CHUNK = 2 << 20  # token id lists are ~10x the text size: keep the chunk small
+
+
+class ConvertError(Exception):
+    exit_code = EXIT_ERROR
+
+
+class StrictError(ConvertError):
+    exit_code = EXIT_STRICT
+
+
+class _Record(msgspec.Struct):
+    output: str
+    input: str | None = None
+
+
+_record_decoder = msgspec.json.Decoder(_Record)
+_decode_record = _record_decoder.decode
+_decode_records = _record_decoder.decode_lines
+_decode_any = msgspec.json.Decoder().decode
+_get_output = attrgetter("output")
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+@dataclass
+class Options:
+    language: str
+    index_name: str = "index"
+    tokenizer: str | None = None
+    workers: int = 1
+    strict: bool = False
+    overwrite: bool = False
+    chunk_size: int = 0  # 0: DEFAULT_CHUNK, or TOKENIZER_CHUNK with a tokenizer
+    progress: bool | None = None  # None: when stderr is a TTY
+    fsync: bool = True
+
+    def resolved_chunk(self) -> int:
+        return self.chunk_size or (TOKENIZER_CHUNK if self.tokenizer else DEFAULT_CHUNK)
+
+
+# ----------------------------------------------------------------------------------------------- counting
+
+_LONG_LINE = 1024  # above this average line length, per-line numpy counts beat one vectorised reduceat
+
+
+class Scratch:
+    """Buffers reused from chunk to chunk: fresh 16 MB arrays cost page faults that dominate on small VMs."""
+
+    def __init__(self, size: int):
+        self.buf = bytearray(size + 1)  # +1: room for the newline added to a file's unterminated last line
+        self.mask = np.empty(size + 1, dtype=bool)
+
+    def grow(self, size: int) -> None:
+        if size + 1 > len(self.buf):
+            self.__init__(size)
+
+    def equal(self, a: np.ndarray, value: int) -> np.ndarray:
+        return np.equal(a, value, out=self.mask[: len(a)])
+
+
+def _count_per_line(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Number of True values of ``mask`` in each ``[starts[i], ends[i])`` (every range non-empty)."""
+    n = len(starts)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if (int(ends[-1]) - int(starts[0])) >= _LONG_LINE * n:
+        return np.fromiter(map(np.count_nonzero, map(mask.__getitem__, map(slice, starts.tolist(), ends.tolist()))),
+                           np.int64, n)
+    return np.add.reduceat(mask.astype(np.uint32), starts).astype(np.int64)
+
+
+class TokenCounter:
+    """Per-line integer counts; ``factor * count`` is the token figure of the line.
+
+    Without a tokenizer the estimate is upstream's, computed like upstream on the raw jsonl line
+    (``\\n`` included): en ``1.5 * len(line.split(" "))``, zh ``0.7 * len(line)`` in characters; code
+    ``0.3 * len(line)``. With a tokenizer: tokens of ``input`` + tokens of ``output`` (no BOS/EOS).
+    Counts stay integers so totals do not depend on how lines were split between workers or chunks.
+    """
+
+    def __init__(self, language: str, tokenizer_path: str | None):
+        self.language = language
+        self.tokenizer_path = os.path.abspath(tokenizer_path) if tokenizer_path else None
+        if self.tokenizer_path:
+            from fm.tokenizer import Tokenizer
+
+            self._tok = Tokenizer(self.tokenizer_path)
+            self.factor = 1.0
+            self.method = f"tokenizer:{self.tokenizer_path}"
+        else:
+            self._tok = None
+            self.factor = ESTIMATE_FACTORS[language]
+            self.method = "estimate"
+
+    def counts(self, a: np.ndarray, starts: np.ndarray, ends: np.ndarray, ascii_only: bool,
+               recs: list[_Record], scratch: Scratch) -> np.ndarray:
+        """``a``: the chunk's bytes; line i is ``a[starts[i]:ends[i]]`` and ``a[ends[i]]`` is its newline."""
+        if self._tok is not None:
+            return self._token_counts(recs)
+        if self.language == "en":
+            return _count_per_line(scratch.equal(a, 32), starts, ends) + 1
+        chars = ends - starts + 1
+        if not ascii_only:  # UTF-8 continuation bytes do not start a character
+            chars -= _count_per_line(scratch.equal(a & 0xC0, 0x80), starts, ends)
+        return chars
+
+    def _token_counts(self, recs: list[_Record]) -> np.ndarray:
+        n = len(recs)
+        counts = np.fromiter(map(len, self._tok.encode_batch(list(map(_get_output, recs)))), np.int64, n)
+        nonempty = [i for i, r in enumerate(recs) if r.input]
+        if nonempty:
+            ids = self._tok.encode_batch([recs[i].input for i in nonempty])
+            counts[np.asarray(nonempty)] += np.fromiter(map(len, ids), np.int64, len(nonempty))
+        return counts
+
+
+# ----------------------------------------------------------------------------------------------- scanning
+
+def classify(line: bytes) -> str | None:
+    """The reason ``line`` (without its newline) is bad, or None if it is a valid record."""
+    if not line.strip():
+        return "empty_line"
+    if b"\x00" in line:
+        return "nul_byte"
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return "invalid_utf8"
+    try:
+        obj = _decode_any(line)
+    except (msgspec.DecodeError, ValueError):
+        return "invalid_json"
+    if not isinstance(obj, dict):
+        return "not_object"
+    if "output" not in obj:
+        return "missing_output"
+    if not isinstance(obj["output"], str):
+        return "output_not_string"
+    if obj.get("input") is not None and not isinstance(obj["input"], str):
+        return "input_not_string"
+    try:
+        _decode_record(line)
+    except (msgspec.DecodeError, ValueError):  # pragma: no cover - the checks above should cover it
+        return "invalid_json"
+    return None
+
+
+def _utf8_ok(view: memoryview, ascii_only: bool) -> bool:
+    if ascii_only:
+        return True
+    try:
+        codecs.utf_8_decode(view, "strict", True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@dataclass
+class ChunkResult:
+    good: bytes | memoryview  # the valid lines, each ending in \n
+    lengths: np.ndarray  # int64 byte length of each valid line (newline included)
+    counts: np.ndarray  # int64 token counts (see TokenCounter) of each valid line
+    first_line: bytes | None  # first valid line, for data_sample
+    bad: list[tuple[int, str]]  # (line index within the chunk, reason)
+    nlines: int  # all lines in the chunk, good or bad
+
+
+def _line_bounds(a: np.ndarray, scratch: Scratch) -> tuple[np.ndarray, np.ndarray]:
+    ends = np.flatnonzero(scratch.equal(a, 10))
+    starts = np.empty_like(ends)
+    if len(ends):
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+    return starts, ends
+
+
+def _decode_all(view: memoryview, a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[_Record] | None:
+    """Records of every line, or None if some line is bad (then the caller looks line by line).
+
+    ``decode_lines`` alone would accept two objects on one line, or one object over two lines. But if every
+    line starts with ``{`` and ends with ``}``, no value can cross a line break (inside a JSON value a ``}``
+    is never followed by ``{`` without a comma), so ``n`` values for ``n`` lines means one per line.
+    """
+    n = len(ends)
+    if n and np.all(a[starts] == 123) and np.all(a[ends - 1] == 125):
+        try:
+            recs = _decode_records(view)
+        except (msgspec.DecodeError, ValueError):
+            return None
+        return recs if len(recs) == n else None
+    try:  # lines with surrounding whitespace (e.g. \r\n endings): decode one by one
+        lines = bytes(view).split(b"\n")
+        lines.pop()
+        return list(map(_decode_record, lines))
+    except (msgspec.DecodeError, ValueError):
+        return None
+
+
+def scan_chunk(buf: bytes | bytearray, cut: int, counter: TokenCounter, scratch: Scratch) -> ChunkResult:
+    """Validate the lines of ``buf[:cut]`` (complete lines, each ending in \\n)."""
+    view = memoryview(buf)[:cut]
+    a = np.frombuffer(buf, np.uint8, count=cut)
+    starts, ends = _line_bounds(a, scratch)
+    n = len(ends)
+    ascii_only = not np.greater_equal(a, 0x80, out=scratch.mask[:cut]).any()
+    recs = None
+    if buf.find(b"\x00", 0, cut) < 0 and _utf8_ok(view, ascii_only):
+        recs = _decode_all(view, a, starts, ends)
+    if recs is not None:  # fast path: every line is valid, write the chunk as it is
+        counts = counter.counts(a, starts, ends, ascii_only, recs, scratch)
+        first = bytes(view[: int(ends[0]) + 1]) if n else None
+        return ChunkResult(view, ends - starts + 1, counts, first, [], n)
+    lines = bytes(view).split(b"\n")
+    lines.pop()
+    good, bad = [], []
+    for i, line in enumerate(lines):
+        reason = classify(line)
+        if reason is None:
+            good.append(line)
+        else:
+            bad.append((i, reason))
+    if not good:
+        return ChunkResult(b"", np.zeros(0, np.int64), np.zeros(0, np.int64), None, bad, n)
+    kept = b"\n".join(good) + b"\n"
+    ka = np.frombuffer(kept, np.uint8)
+    kstarts, kends = _line_bounds(ka, scratch)
+    recs = list(map(_decode_record, good))
+    counts = counter.counts(ka, kstarts, kends, kept.isascii(), recs, scratch)
+    return ChunkResult(kept, kends - kstarts + 1, counts, good[0] + b"\n", bad, n)
+
+
+def iter_chunks(path: str, start: int, end: int, scratch: Scratch) -> Iterator[int]:
+    """Fill ``scratch.buf`` with whole lines of ``path[start:end]``; yields how many bytes it holds.
+
+    ``end`` is a line start or the end of the file; a last line without ``\\n`` gets one. Each read starts
+    at the next line start (``preadv``), so nothing is carried over or copied between chunks.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = start
+        while pos < end:
+            size = len(scratch.buf) - 1
+            want = min(size, end - pos)
+            got = os.preadv(fd, [memoryview(scratch.buf)[:want]], pos)
+            if got < want:
+                raise ConvertError(f"{path}: file shrank while reading (at byte {pos}); is something writing it?")
+            if pos + want >= end:
+                if scratch.buf[want - 1] != 10:
+                    scratch.buf[want] = 10
+                    want += 1
+                yield want
+                return
+            cut = scratch.buf.rfind(b"\n", 0, want) + 1
+            if cut == 0:  # a line longer than the chunk
+                scratch.grow(2 * size)
+                continue
+            yield cut
+            pos += cut
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------- parts
+
+@dataclass
+class Segment:
+    file_idx: int
+    start: int
+    end: int
+
+
+@dataclass
+class PartResult:
+    nlines: int = 0
+    nbytes: int = 0
+    count_sum: int = 0
+    buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+    skipped: dict[str, int] = field(default_factory=dict)
+    first_bad: list[tuple[int, int, str]] = field(default_factory=list)  # (segment, line in segment, reason)
+    seg_lines: list[int] = field(default_factory=list)
+    sample: bytes | None = None
+    strict_error: tuple[int, int, str] | None = None
+
+
+def _bucket_counts(tokens: np.ndarray) -> np.ndarray:
+    return np.bincount(np.searchsorted(BUCKET_EDGES, tokens, side="right"), minlength=len(BUCKETS))
+
+
+def convert_part(files: Sequence[str], segments: Sequence[Segment], data_path: str, data_pos: int,
+                 lengths_path: str, opts: Options, progress: Callable[[int], None] | None = None,
+                 parent_pid: int | None = None) -> PartResult:
+    """Convert ``segments`` (in order) into ``data_path`` from byte ``data_pos`` on (the file must exist),
+    and their raw int64 line lengths into ``lengths_path``."""
+    counter = TokenCounter(opts.language, opts.tokenizer)
+    res = PartResult()
+    buckets = np.zeros(len(BUCKETS), dtype=np.int64)
+    scratch = Scratch(opts.resolved_chunk())
+    with open(data_path, "r+b") as out, open(lengths_path, "wb") as lens:
+        out.seek(data_pos)
+        for si, seg in enumerate(segments):
+            seg_line = 0
+            for cut in iter_chunks(files[seg.file_idx], seg.start, seg.end, scratch):
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    raise SystemExit("convert worker: parent process died")
+                chunk = scan_chunk(scratch.buf, cut, counter, scratch)
+                for i, reason in chunk.bad:
+                    res.skipped[reason] = res.skipped.get(reason, 0) + 1
+                    if len(res.first_bad) < MAX_REPORTED:
+                        res.first_bad.append((si, seg_line + i, reason))
+                    if opts.strict and reason not in NON_FATAL and res.strict_error is None:
+                        res.strict_error = (si, seg_line + i, reason)
+                if res.strict_error is not None:
+                    res.seg_lines.append(seg_line + chunk.nlines)
+                    return res
+                seg_line += chunk.nlines
+                if chunk.good:
+                    out.write(chunk.good)
+                    lens.write(chunk.lengths.astype("<i8", copy=False).tobytes())
+                    if res.sample is None:
+                        res.sample = chunk.first_line
+                    res.nlines += len(chunk.lengths)
+                    res.nbytes += len(chunk.good)
+                    res.count_sum += int(chunk.counts.sum())
+                    buckets += _bucket_counts(chunk.counts * counter.factor)
+                if progress is not None:
+                    progress(cut)
+            res.seg_lines.append(seg_line)
+    res.buckets = buckets.tolist()
+    return res
+
+
+_WORKER_PROGRESS = None
+
+
+def _worker_init(progress_value) -> None:
+    global _WORKER_PROGRESS
+    _WORKER_PROGRESS = progress_value
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+
+
+def _worker_progress(n: int) -> None:
+    with _WORKER_PROGRESS.get_lock():
+        _WORKER_PROGRESS.value += n
+
+
+def _worker_main(args: tuple) -> PartResult:
+    files, segments, data_path, data_pos, lengths_path, opts, parent_pid = args
+    return convert_part(files, segments, data_path, data_pos, lengths_path, opts, _worker_progress, parent_pid)
+
+
+def split_segments(files: Sequence[str], sizes: Sequence[int], parts: int) -> list[list[Segment]]:
+    """Cut the concatenated inputs into ``parts`` byte ranges of about equal size, at line boundaries."""
+    total = sum(sizes)
+    cuts: list[tuple[int, int]] = []  # (file_idx, byte position after a newline)
+    starts = np.cumsum([0, *sizes])
+    for k in range(1, parts):
+        target = total * k // parts
+        fi = int(np.searchsorted(starts, target, side="right")) - 1
+        fi = min(fi, len(files) - 1)
+        pos = _next_line_start(files[fi], target - int(starts[fi]), sizes[fi])
+        cuts.append((fi, pos))
+    bounds = [(0, 0), *cuts, (len(files) - 1, sizes[-1])]
+    result: list[list[Segment]] = []
+    for (f0, p0), (f1, p1) in zip(bounds[:-1], bounds[1:]):
+        segs = []
+        for fi in range(f0, f1 + 1):
+            a = p0 if fi == f0 else 0
+            b = p1 if fi == f1 else sizes[fi]
+            if b > a:
+                segs.append(Segment(fi, a, b))
+        result.append(segs)
+    return result
+
+
+def _next_line_start(path: str, pos: int, size: int) -> int:
+    if pos <= 0:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(pos - 1)
+        while True:
+            block = f.read(1 << 16)
+            if not block:
+                return size
+            i = block.find(b"\n")
+            if i >= 0:
+                return pos + i
+            pos += len(block)
+
+
+# ----------------------------------------------------------------------------------------------- inputs/outputs
+
+def _is_index_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE)) and os.path.isfile(os.path.join(path, DATA_FILE))
+
+
+def find_inputs(path: str) -> list[str]:
+    """``path`` itself if a file, else every ``*.jsonl`` below it (recursive, sorted by relative path).
+
+    Directories that are index outputs (meta.json + data.jsonl) or interrupted temp outputs are skipped,
+    so converting a tree twice never reads a previous result back in.
+    """
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise ConvertError(f"--path {path}: no such file or directory")
+    found = []
+    for root, dirs, names in os.walk(path, followlinks=True):
+        keep = []
+        for d in dirs:
+            full = os.path.join(root, d)
+            if (d.startswith(".") and ".tmp-" in d) or _is_index_dir(full):
+                log.warning("skipping %s: it is an index output, not input", full)
+                continue
+            keep.append(d)
+        dirs[:] = keep
+        found += [os.path.join(root, n) for n in names if n.endswith(".jsonl")]
+    found.sort(key=lambda p: os.path.relpath(p, path).split(os.sep))
+    if not found:
+        raise ConvertError(f"--path {path}: no *.jsonl files found (searched recursively)")
+    return found
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_paths(path: str, output: str, index_name: str, overwrite: bool) -> None:
+    src = os.path.realpath(path)
+    out = os.path.realpath(output)
+    if _inside(src, out):
+        raise ConvertError(f"--path {path} is inside --output {output}: writing the output would replace the "
+                           "input; choose an output directory outside the input")
+    if os.path.isdir(src) and _inside(out, src):
+        raise ConvertError(f"--output {output} is inside --path {path}: its data.jsonl would be read back as input "
+                           "by the next conversion of that directory; choose an output directory outside it")
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise ConvertError(f"--output {output} exists and is not a directory")
+    if os.path.isdir(output) and os.listdir(output):
+        if not overwrite:
+            raise ConvertError(f"--output {output} exists and is not empty; pass --overwrite to replace a previous "
+                               "index output, or choose another directory")
+        has_index = any(os.path.isfile(os.path.join(output, n)) for n in (index_name, index_name + ".h5",
+                                                                            "index", "index.h5"))
+        if not (os.path.isfile(os.path.join(output, META_FILE)) and has_index):
+            raise ConvertError(f"--output {output} is not empty and does not hold an index output (meta.json + "
+                               "index); --overwrite only replaces a previous index output: remove it yourself")
+
+
+def cut_sample(obj: Any, limit: int = 50) -> Any:
+    """Upstream's ``data_sample``: strings cut to ``limit`` characters (+ "..."), lists to one element."""
+    if isinstance(obj, dict):
+        return {k: cut_sample(v, limit) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [cut_sample(v, limit) for v in obj[:1]]
+    if isinstance(obj, str) and len(obj) > limit:
+        return obj[:limit] + "..."
+    return obj
+
+
+def compact(path: str, positions: Sequence[int], sizes: Sequence[int]) -> int:
+    """Close the gaps left between parts that dropped lines; returns the final size."""
+    end = 0
+    with open(path, "r+b") as f:
+        for pos, size in zip(positions, sizes):
+            if pos != end:  # move the part down; reading ahead of writing is safe since end < pos
+                for a in range(0, size, 1 << 24):
+                    n = min(1 << 24, size - a)
+                    block = os.pread(f.fileno(), n, pos + a)
+                    os.pwrite(f.fileno(), block, end + a)
+            end += size
+        f.truncate(end)
+    return end
+
+
+def _format_offsets(values: np.ndarray) -> bytes:
+    return ("\n".join(map(str, values.tolist())) + "\n").encode()
+
+
+def write_offsets(tmp: str, index_name: str, length_files: Sequence[str], nlines: int) -> None:
+    """Stream the per-part line lengths into the text index and index.h5 (n+1 offsets from 0)."""
+    import h5py
+
+    block = 1 << 20
+    with open(os.path.join(tmp, index_name), "wb") as txt, \
+            h5py.File(os.path.join(tmp, index_name + ".h5"), "w") as h5:
+        dset = h5.create_dataset("index", shape=(nlines + 1,), dtype="<i8")  # default layout: contiguous
+        dset[0:1] = 0
+        txt.write(b"0\n")
+        base, pos = 0, 1
+        for path in length_files:
+            lens = np.fromfile(path, dtype="<i8")
+            for a in range(0, len(lens), block):
+                offs = np.cumsum(lens[a:a + block]) + base
+                dset[pos:pos + len(offs)] = offs
+                txt.write(_format_offsets(offs))
+                base, pos = int(offs[-1]), pos + len(offs)
+            os.unlink(path)
+        if pos != nlines + 1:
+            raise ConvertError(f"internal error: wrote {pos} offsets for {nlines} lines")
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------- main flow
+
+@dataclass
+class _Report:
+    skipped: dict[str, int]
+    first: list[dict]
+
+
+def _missing_final_newline(path: str, size: int) -> bool:
+    if size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        return f.read(1) != b"\n"
+
+
+def part_positions(files: Sequence[str], sizes: Sequence[int], segments: list[list[Segment]]) -> list[int]:
+    """Where each part starts writing in data.jsonl: the most its predecessors can write.
+
+    A part writes at most its input bytes plus one newline per file whose last line lacks one; when no
+    line is dropped the parts tile data.jsonl exactly and need no copying afterwards.
+    """
+    no_nl = [_missing_final_newline(f, n) for f, n in zip(files, sizes)]
+    positions, pos = [], 0
+    for segs in segments:
+        positions.append(pos)
+        pos += sum(s.end - s.start + (no_nl[s.file_idx] and s.end == sizes[s.file_idx]) for s in segs)
+    return positions
+
+
+def _run_parts(files: list[str], sizes: list[int], tmp: str,
+               opts: Options) -> tuple[list[PartResult], list[list[Segment]], list[str], list[int]]:
+    nparts = max(1, opts.workers)
+    segments = split_segments(files, sizes, nparts)
+    positions = part_positions(files, sizes, segments)
+    data_path = os.path.join(tmp, DATA_FILE)
+    open(data_path, "wb").close()
+    len_paths = [os.path.join(tmp, f".part-{k}.len") for k in range(nparts)]
+    show = opts.progress if opts.progress is not None else sys.stderr.isatty()
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="convert", file=sys.stderr)
+    try:
+        if nparts == 1:
+            results = [convert_part(files, segments[0], data_path, 0, len_paths[0], opts,
+                                    bar.update if bar is not None else None)]
+        else:
+            results = _run_workers(files, segments, data_path, positions, len_paths, opts, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results, segments, len_paths, positions
+
+
+def _run_workers(files, segments, data_path, positions, len_paths, opts, bar) -> list[PartResult]:
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    counter = ctx.Value("q", 0)
+    jobs = [(files, segs, data_path, pos, lp, opts, os.getpid())
+            for segs, pos, lp in zip(segments, positions, len_paths)]
+    with ctx.Pool(len(jobs), initializer=_worker_init, initargs=(counter,)) as pool:
+        pending = pool.map_async(_worker_main, jobs, chunksize=1)
+        done = 0
+        while not pending.ready():
+            pending.wait(0.2)
+            if bar is not None:
+                bar.update(counter.value - done)
+                done = counter.value
+        return pending.get()
+
+
+def _locate(files, segments_per_part, results) -> Callable[[int, int, int], tuple[str, int]]:
+    """Map (part, segment, line in segment) to (file, 1-based line number in that file)."""
+    first_line: dict[tuple[int, int], int] = {}
+    lines_before = [0] * len(files)
+    for p, (segs, res) in enumerate(zip(segments_per_part, results)):
+        for s, seg in enumerate(segs):
+            first_line[(p, s)] = lines_before[seg.file_idx]
+            if s < len(res.seg_lines):
+                lines_before[seg.file_idx] += res.seg_lines[s]
+
+    def locate(p: int, s: int, line: int) -> tuple[str, int]:
+        return files[segments_per_part[p][s].file_idx], first_line[(p, s)] + line + 1
+
+    return locate
+
+
+def convert(path: str, output: str, opts: Options) -> dict:
+    """Convert ``path`` (a jsonl file or a directory of them) into the index directory ``output``."""
+    if opts.language not in ESTIMATE_FACTORS:
+        raise ConvertError(f"--language {opts.language!r}: choose one of {', '.join(ESTIMATE_FACTORS)}")
+    name = opts.index_name
+    if not name or os.sep in name or name in (DATA_FILE, META_FILE) or name.startswith("."):
+        raise ConvertError(f"--hdfs_name {name!r}: must be a plain file name other than data.jsonl/meta.json")
+    if opts.tokenizer and not os.path.isfile(opts.tokenizer):
+        raise ConvertError(f"--tokenizer {opts.tokenizer}: file not found")
+    check_paths(path, output, name, opts.overwrite)
+    files = find_inputs(path)
+    sizes = [os.path.getsize(f) for f in files]
+    output = os.path.abspath(output)
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    stale = [n for n in os.listdir(parent) if n.startswith(f".{os.path.basename(output)}.tmp-")]
+    if stale:
+        log.warning("found %s in %s: left by an interrupted run (delete them)", ", ".join(stale), parent)
+    # mkdir (not mkdtemp) so the result gets the usual umask permissions, not 0700.
+    tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    os.mkdir(tmp)
+    try:
+        meta = _convert_into(files, sizes, tmp, opts)
+        _install(tmp, output, opts.fsync)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _convert_into(files: list[str], sizes: list[int], tmp: str, opts: Options) -> dict:
+    t0 = time.perf_counter()
+    results, segments, len_paths, positions = _run_parts(files, sizes, tmp, opts)
+    locate = _locate(files, segments, results)
+    for p, res in enumerate(results):
+        if res.strict_error is not None:
+            s, line, reason = res.strict_error
+            f, ln = locate(p, s, line)
+            raise StrictError(f"{f}:{ln}: {reason} (--strict: fix or remove the line, or run without --strict "
+                              "to skip bad lines)")
+    report = _merge_report(results, locate)
+    nlines = sum(r.nlines for r in results)
+    _print_report(report)
+    if nlines == 0:
+        raise ConvertError(f"no valid line in {len(files)} input file(s) ({sum(report.skipped.values())} skipped); "
+                           "every line must be a JSON object with a string \"output\"")
+    data_path = os.path.join(tmp, DATA_FILE)
+    compact(data_path, positions, [r.nbytes for r in results])
+    write_offsets(tmp, opts.index_name, len_paths, nlines)
+    counter = TokenCounter(opts.language, None) if not opts.tokenizer else None
+    factor = counter.factor if counter else 1.0
+    buckets = np.sum([r.buckets for r in results], axis=0).tolist()
+    sample = next(r.sample for r in results if r.sample is not None)
+    meta = {
+        "language": opts.language,
+        "nlines": nlines,
+        "nbytes": sum(r.nbytes for r in results),
+        "length_distribute": dict(zip(BUCKETS, map(int, buckets))),
+        "avg_token_per_line": factor * sum(r.count_sum for r in results) / nlines,
+        "hdfs_path": opts.index_name,
+        "data_sample": cut_sample(json.loads(sample)),
+        "format_version": FORMAT_VERSION,
+        "index_name": opts.index_name,
+        "token_count_method": f"tokenizer:{os.path.abspath(opts.tokenizer)}" if opts.tokenizer else "estimate",
+        "skipped": {"total": sum(report.skipped.values()), "by_reason": report.skipped, "first": report.first},
+        "source_files": len(files),
+        "source_bytes": sum(sizes),
+    }
+    if meta["nbytes"] != os.path.getsize(data_path):
+        raise ConvertError(f"internal error: {data_path} has {os.path.getsize(data_path)} bytes, "
+                           f"expected {meta['nbytes']}")
+    with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+        f.write(json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
+    dt = time.perf_counter() - t0
+    log.info("%d lines, %.1f MB in %.2f s (%.0f MB/s)", nlines, meta["nbytes"] / 1e6, dt,
+             sum(sizes) / 1e6 / max(dt, 1e-9))
+    return meta
+
+
+def _merge_report(results: list[PartResult], locate) -> _Report:
+    skipped: dict[str, int] = {}
+    first: list[dict] = []
+    for p, res in enumerate(results):
+        for reason, n in res.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        for s, line, reason in res.first_bad:
+            if len(first) < MAX_REPORTED:
+                f, ln = locate(p, s, line)
+                first.append({"file": f, "line": ln, "reason": reason})
+    return _Report({r: skipped[r] for r in REASONS if r in skipped}, first)
+
+
+def _print_report(report: _Report) -> None:
+    if not report.skipped:
+        return
+    total = sum(report.skipped.values())
+    lines = [f"skipped {total} line(s): " + ", ".join(f"{r}={n}" for r, n in report.skipped.items())]
+    lines += [f"  {e['file']}:{e['line']}: {e['reason']}" for e in report.first]
+    if total > len(report.first):
+        lines.append(f"  ... ({total - len(report.first)} more; the first {MAX_REPORTED} are in meta.json)")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def _install(tmp: str, output: str, fsync: bool) -> None:
+    """Rename the finished temp dir into place; an old output is moved aside first and removed after."""
+    if fsync:
+        for n in os.listdir(tmp):
+            _fsync_path(os.path.join(tmp, n))
+        _fsync_path(tmp)
+    old = None
+    if os.path.isdir(output):
+        if os.listdir(output):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.old-", dir=os.path.dirname(output))
+            os.rename(output, os.path.join(old, "x"))
+        else:
+            os.rmdir(output)
+    os.rename(tmp, output)
+    if fsync:
+        _fsync_path(os.path.dirname(output))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convert_json2index.py",
+        description="Convert jsonl files ({\"input\": ..., \"output\": ...} per line) into an index directory: "
+                    "data.jsonl (the valid lines), index (text offsets), index.h5 (the same offsets, memory-mappable) "
+                    "and meta.json (statistics and the skipped-line report). Bad lines are skipped, counted and "
+                    "reported (file:line and reason). The output is written to a temporary directory and renamed "
+                    "into place only when complete.",
+        epilog="example: python quick_start/convert_json2index.py --path data/ --language zh --output data_index/\n"
+               "exit codes: 0 ok, 1 error (bad arguments, refused output, no valid line), 2 --strict found a bad line",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--path", "-p", required=True,
+                   help="a jsonl file, or a directory searched recursively for *.jsonl (read in sorted order)")
+    p.add_argument("--language", "-l", required=True, choices=sorted(ESTIMATE_FACTORS),
+                   help="language of the text, for token estimates without --tokenizer "
+                        "(zh: 0.7 x characters, en: 1.5 x words, code: 0.3 x characters)")
+    p.add_argument("--output", "-o", required=True,
+                   help="output index directory (must not be the input directory, nor inside it, nor contain it)")
+    p.add_argument("--hdfs_name", "-hdfs", default="index", metavar="NAME",
+                   help="file name of the offsets index (NAME and NAME.h5; default: index); kept for upstream "
+                        "compatibility, nothing is uploaded")
+    p.add_argument("--tokenizer", metavar="MODEL",
+                   help="SentencePiece model: count tokens exactly (input + output tokens per line) instead of "
+                        "estimating them")
+    p.add_argument("--workers", "-j", type=int, default=1, metavar="N",
+                   help="worker processes (0: one per CPU core; default 1); the output is identical for any N")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit code 2) at the first bad line instead of skipping it; blank lines are still "
+                        "only skipped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory, only if it holds a previous index output "
+                        "(meta.json + index)")
+    p.add_argument("--chunk-mb", type=float, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown when stderr is a TTY)")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="do not fsync the output before renaming it into place (faster, not crash-safe on power loss)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    workers = args.workers if args.workers > 0 else (os.cpu_count() or 1)
+    opts = Options(language=args.language, index_name=args.hdfs_name, tokenizer=args.tokenizer, workers=workers,
+                   strict=args.strict, overwrite=args.overwrite, chunk_size=int(args.chunk_mb * (1 << 20)),
+                   progress=False if args.no_progress else None, fsync=not args.no_fsync)
+    # SIGTERM (e.g. from slurm) becomes SystemExit so the temp directory is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        meta = convert(args.path, args.output, opts)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    skipped = meta["skipped"]["total"]
+    print(f"wrote {args.output}: {meta['nlines']} lines, {meta['nbytes']} bytes, "
+          f"avg {meta['avg_token_per_line']:.1f} tokens/line ({meta['token_count_method']})"
+          + (f", {skipped} line(s) skipped" if skipped else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
