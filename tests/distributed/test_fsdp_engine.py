@@ -111,7 +111,7 @@ def engine_step(engine, model, batch) -> tuple[float, float]:
     loss_sum, count = engine.loss(logits, batch["targets"])
     total = engine.all_reduce(count)
     engine.backward(loss_sum / total)
-    loss = engine.all_reduce(float(loss_sum)) / total
+    loss = engine.all_reduce(loss_sum.item()) / total
     norm = engine.clip_grad_norm(MAX_NORM)
     engine.optimizer_step()
     engine.zero_grad()
