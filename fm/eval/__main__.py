@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"error: {shots_file} has {len(shots)} examples, fewer than --gsm8k-shots")
         gsm = (test_file, examples, shots)
 
-    model, source = load_model(args.checkpoint, model_config=args.model_config, family=args.model_family,
+    model, source, config_source = load_model(args.checkpoint, model_config=args.model_config, family=args.model_family,
                                device=args.device, dtype=dtype)
     tok_path = args.tokenizer or default_tokenizer(source)
     if tok_path is None:
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "checkpoint": os.path.abspath(args.checkpoint), "weights": os.path.abspath(source.path),
-        "model_config": source.config, "tokenizer": os.path.abspath(tok_path),
+        "model_config": config_source, "tokenizer": os.path.abspath(tok_path),
         "settings": {"device": str(args.device), "dtype": str(dtype).removeprefix("torch."),
                      "max_length": max_length, "batch_size": args.batch_size, "shots": args.shots,
                      "limit": args.limit},

@@ -3,19 +3,25 @@
 Accepted ``--checkpoint`` forms (checked in this order):
 
 1. a ``.pt`` file holding a full state dict (ours or upstream's key names; ``{"model": sd}`` or
-   ``{"state_dict": sd}`` wrappers and a ``module.`` prefix are unwrapped). The model config is
-   ``--model-config`` or ``config.json`` next to the file;
-2. a checkpoint directory ``<save>/<model_unique>/<step>/`` with ``fm9g_live_checkpoint-<step>.pt``
-   and ``config.json``;
-3. a run directory ``<save>/<model_unique>/``: its highest numeric ``<step>/`` is used;
+   ``{"state_dict": sd}`` wrappers and a ``module.`` prefix are unwrapped);
+2. a checkpoint directory ``<save>/<model_unique>/<step>/`` with ``fm9g_live_checkpoint-<step>.pt``;
+3. a run directory ``<save>/<model_unique>/``: its highest numeric ``<step>/`` is used (complete
+   saves first: those with a ``.complete``/``COMPLETE`` marker);
 4. a Hugging Face directory (``config.json`` + ``*.safetensors`` or ``pytorch_model*.bin``), loaded
    with ``transformers.AutoModelForCausalLM`` (what ``fm.export`` writes is a plain Llama, so any
    transformers-loadable causal LM works). Its tokenizer defaults to ``DIR/tokenizer.model``.
+
+The model config of 1-3 is ``--model-config`` (a JSON file or a shipped name), else, in the
+checkpoint's directory, ``model_config.json`` or ``config.json``: a model config itself (has
+``dim_model`` and ``num_layers``), one nested under ``model_config``/``model``, or the train config
+the trainer saves there, whose ``config`` key names the model config (a path, tried as given and
+relative to the checkpoint directory, or a shipped name).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 CKPT_RE = re.compile(r"fm9g_live_checkpoint-(\d+)\.pt$")
+COMPLETE_MARKERS = (".complete", "COMPLETE")  # written last by a finished save
 
 
 class CheckpointError(ValueError):
@@ -36,7 +43,7 @@ class CheckpointError(ValueError):
 class ModelSource:
     kind: str  # "pt" or "hf"
     path: str  # the .pt file or the HF directory
-    config: str | None  # model config path/name (kind "pt")
+    config: str | None  # explicit --model-config, else None (found beside the checkpoint)
 
 
 def _is_hf_dir(path: str) -> bool:
@@ -51,31 +58,78 @@ def _checkpoint_in(directory: str) -> str | None:
     return max(found)[1] if found else None
 
 
+def _latest_step_dir(path: str) -> str | None:
+    steps = [d for d in os.listdir(path) if d.isdigit() and _checkpoint_in(os.path.join(path, d))]
+    complete = [d for d in steps if any(os.path.exists(os.path.join(path, d, m)) for m in COMPLETE_MARKERS)]
+    pool = complete or steps
+    return os.path.join(path, max(pool, key=int)) if pool else None
+
+
 def resolve_checkpoint(path: str, model_config: str | None = None) -> ModelSource:
     """Which of the accepted forms ``path`` is (see the module docstring)."""
     if os.path.isfile(path):
-        config = model_config or os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-        if model_config is None and not os.path.isfile(config):
-            raise CheckpointError(f"{path}: no config.json next to it; pass --model-config (a model config "
-                                  "json such as apps/fm9g_2b/model_configs/2.4b.json, or a config name)")
-        return ModelSource("pt", path, config)
+        return ModelSource("pt", path, model_config)
     if not os.path.isdir(path):
         raise CheckpointError(f"--checkpoint {path}: no such file or directory")
     ckpt = _checkpoint_in(path)
-    if ckpt is None:
-        steps = [d for d in os.listdir(path) if d.isdigit() and _checkpoint_in(os.path.join(path, d))]
-        if steps:
-            return resolve_checkpoint(os.path.join(path, max(steps, key=int)), model_config)
-        if _is_hf_dir(path):
-            return ModelSource("hf", path, None)
-        raise CheckpointError(f"--checkpoint {path}: not a checkpoint. Accepted: a .pt state dict; a directory "
-                              "<save>/<model_unique>/<step>/ with fm9g_live_checkpoint-<step>.pt and config.json; "
-                              "a run directory with numeric <step>/ subdirectories; a Hugging Face directory "
-                              "(config.json + *.safetensors or pytorch_model*.bin)")
-    config = model_config or os.path.join(path, "config.json")
-    if model_config is None and not os.path.isfile(config):
-        raise CheckpointError(f"{path}: no config.json; pass --model-config")
-    return ModelSource("pt", ckpt, config)
+    if ckpt is not None:
+        return ModelSource("pt", ckpt, model_config)
+    step_dir = _latest_step_dir(path)
+    if step_dir is not None:
+        return resolve_checkpoint(step_dir, model_config)
+    if _is_hf_dir(path):
+        return ModelSource("hf", path, None)
+    raise CheckpointError(f"--checkpoint {path}: not a checkpoint. Accepted: a .pt state dict; a directory "
+                          "<save>/<model_unique>/<step>/ with fm9g_live_checkpoint-<step>.pt; a run directory with "
+                          "numeric <step>/ subdirectories; a Hugging Face directory (config.json + *.safetensors "
+                          "or pytorch_model*.bin)")
+
+
+def _is_model_config(d: Any) -> bool:
+    return isinstance(d, dict) and "dim_model" in d and "num_layers" in d
+
+
+def _load_named(name: str, family: str | None, base_dir: str) -> Any:
+    from fm.models.config import ModelConfigError
+    from fm.models.registry import load_model_config
+
+    for candidate in (name, os.path.join(base_dir, name)):
+        if os.path.isfile(candidate):
+            return load_model_config(candidate, family)
+    try:
+        return load_model_config(name, family)
+    except ModelConfigError:
+        if family is not None:
+            raise
+        return load_model_config(name, "dragonfly")  # the trainer resolves names under apps/fm9g_2b first
+
+
+def find_model_config(source: ModelSource, family: str | None) -> tuple[Any, str]:
+    """(typed model config, where it came from) for a ``.pt`` source; see the module docstring."""
+    from fm.models.registry import load_model_config
+
+    directory = os.path.dirname(os.path.abspath(source.path))
+    if source.config is not None:
+        return _load_named(source.config, family, os.getcwd()), source.config
+    for name in ("model_config.json", "config.json"):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        if _is_model_config(data):
+            return load_model_config(path, family), path
+        for key in ("model_config", "model"):
+            if isinstance(data, dict) and _is_model_config(data.get(key)):
+                return load_model_config(data[key], family), f"{path}:{key}"
+        if isinstance(data, dict) and isinstance(data.get("config"), str):  # the train config the trainer saved
+            return _load_named(data["config"], family, directory), f"{path}:config={data['config']}"
+    raise CheckpointError(f"no model config beside {source.path} (model_config.json, or config.json holding a model "
+                          "config or a train config with a 'config' key); pass --model-config "
+                          "(e.g. apps/fm9g_2b/model_configs/2.4b.json)")
 
 
 def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
@@ -88,19 +142,19 @@ def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
 
 
 def load_pt_model(source: ModelSource, *, family: str | None, device: torch.device, dtype: torch.dtype
-                  ) -> nn.Module:
-    from fm.models.registry import build_model, load_model_config
+                  ) -> tuple[nn.Module, str]:
+    from fm.models.registry import build_model
 
-    config = load_model_config(source.config, family)
+    config, where = find_model_config(source, family)
     state = _unwrap_state_dict(torch.load(source.path, map_location="cpu", weights_only=True), source.path)
     model = build_model(config, device="cpu", dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{source.path} does not match the model config {source.config}: "
+        raise CheckpointError(f"{source.path} does not match the model config {where}: "
                               f"missing keys {missing[:8]}{'…' if len(missing) > 8 else ''}, "
                               f"unexpected keys {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}; "
                               "check --model-config")
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype).eval(), where
 
 
 class HFCausalLM(nn.Module):
@@ -129,12 +183,15 @@ def load_hf_model(path: str, *, device: torch.device, dtype: torch.dtype) -> nn.
 
 
 def load_model(path: str, *, model_config: str | None = None, family: str | None = None,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ModelSource]:
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+               ) -> tuple[nn.Module, ModelSource, str]:
+    """(model in eval mode, where the weights came from, where its config came from)."""
     source = resolve_checkpoint(path, model_config)
     device = torch.device(device)
     if source.kind == "hf":
-        return load_hf_model(source.path, device=device, dtype=dtype), source
-    return load_pt_model(source, family=family, device=device, dtype=dtype), source
+        return load_hf_model(source.path, device=device, dtype=dtype), source, os.path.join(path, "config.json")
+    model, where = load_pt_model(source, family=family, device=device, dtype=dtype)
+    return model, source, where
 
 
 def default_tokenizer(source: ModelSource) -> str | None:

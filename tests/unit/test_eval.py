@@ -464,10 +464,14 @@ def test_fixed_batches_are_deterministic(tmp_path, tokenizer):
 
 def test_cli_on_tiny_dragonfly_pt(tmp_path, tokenizer, tokenizer_path, capsys):
     model = _tiny_dragonfly(tokenizer)
-    ckpt_dir = tmp_path / "save" / "run1" / "10"
-    ckpt_dir.mkdir(parents=True)
-    torch.save(model.state_dict(), ckpt_dir / "fm9g_live_checkpoint-10.pt")
-    (ckpt_dir / "config.json").write_text(json.dumps(_tiny_dragonfly_config(tokenizer)))
+    run = tmp_path / "save" / "run1"
+    (tmp_path / "model.json").write_text(json.dumps(_tiny_dragonfly_config(tokenizer)))
+    for step in (10, 20):  # 20 has no completion marker (a crashed save): 10 is used
+        (run / str(step)).mkdir(parents=True)
+        torch.save(model.state_dict(), run / str(step) / f"fm9g_live_checkpoint-{step}.pt")
+        # what the trainer saves: the train config, whose "config" key names the model config
+        (run / str(step) / "config.json").write_text(json.dumps({"config": "../../../model.json", "lr": 0.01}))
+    (run / "10" / ".complete").write_text("10")
     mmlu = make_mmlu(tmp_path / "mmlu")
     gsm = _gsm_file(tmp_path / "gsm" / "test.jsonl", [{"question": "1+1?", "answer": "2 #### 2"},
                                                       {"question": "2+2?", "answer": "4 #### 4"}])
@@ -484,12 +488,31 @@ def test_cli_on_tiny_dragonfly_pt(tmp_path, tokenizer, tokenizer_path, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["weights"].endswith("fm9g_live_checkpoint-10.pt")
+    assert res["model_config"].endswith("config.json:config=../../../model.json")
     assert res["tasks"]["mmlu"]["total"] == 6 and set(res["tasks"]["mmlu"]["subjects"]) == set(QUESTIONS)
     assert res["tasks"]["gsm8k"]["total"] == 2 and res["tasks"]["gsm8k"]["shots"] == 1
     direct = scoring.evaluate_perplexity(model, tokenizer, str(idx), max_length=64)
     assert res["tasks"][f"ppl:{idx}"]["loss"] == pytest.approx(direct["loss"], rel=1e-6)
     printed = capsys.readouterr().out
     assert "mmlu" in printed and "gsm8k" in printed and "perplexity data" in printed
+
+
+def test_model_config_beside_checkpoint(tmp_path, tokenizer):
+    pytest.importorskip("fm.models.registry")
+    from fm.eval.loading import CheckpointError, ModelSource, find_model_config
+
+    pt = tmp_path / "m.pt"
+    src = ModelSource("pt", str(pt), None)
+    with pytest.raises(CheckpointError, match="pass --model-config"):
+        find_model_config(src, None)
+    (tmp_path / "config.json").write_text(json.dumps({"config": "tiny", "train_iters": 3}))
+    cfg, where = find_model_config(src, None)
+    assert type(cfg).__name__ == "DragonflyConfig" and where.endswith("config.json:config=tiny")
+    (tmp_path / "config.json").write_text(json.dumps({"model": _tiny_dragonfly_config(tokenizer)}))
+    cfg, where = find_model_config(src, None)
+    assert cfg.dim_model == 32 and where.endswith("config.json:model")
+    (tmp_path / "model_config.json").write_text(json.dumps(_tiny_dragonfly_config(tokenizer) | {"num_layers": 3}))
+    assert find_model_config(src, None)[0].num_layers == 3  # model_config.json comes first
 
 
 def test_token_losses_chunked_equals_unchunked():
