@@ -70,16 +70,22 @@ def letter_tokens(tokenizer: Any, task: MCTask, letters: Sequence[str] = LETTERS
     conts = []
     for letter in letters:
         full = tokenizer.encode(probe + task.answer_sep + letter)
-        if full[: len(base)] != base or len(full) == len(base):
-            raise ValueError(f"{task.name}: the tokenizer merges the answer letter {letter!r} into the answer "
-                             f"prefix {task.answer_prefix!r}; cannot score by next-token logits")
-        conts.append(full[len(base):])
-    extra = conts[0][:-1]
-    ids = [c[-1] for c in conts]
-    if any(c[:-1] != extra for c in conts) or len(set(ids)) != len(ids):
-        raise ValueError(f"{task.name}: answer letters tokenise inconsistently after {task.answer_prefix!r}: "
-                         f"{conts}; cannot score by next-token logits")
-    return LetterTokens(extra, ids)
+        conts.append(full[len(base):] if full[: len(base)] == base and len(full) > len(base) else None)
+    if all(c is not None for c in conts):
+        extra = conts[0][:-1]
+        ids = [c[-1] for c in conts]
+        if all(c[:-1] == extra for c in conts) and len(set(ids)) == len(ids):
+            return LetterTokens(extra, ids)
+    # The letter merges with the answer prefix (or tokenises unevenly): fall back to the letter pieces
+    # themselves, word-initial after a space, as the few-shot examples write them.
+    pieces = [("▁" if task.answer_sep == " " else "") + letter for letter in letters]
+    ids = [tokenizer.piece_to_id(p) for p in pieces]
+    if any(i == tokenizer.unk_id for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"{task.name}: cannot find one token per answer letter after {task.answer_prefix!r} "
+                         f"(tokenised continuations {conts}, pieces {pieces} -> {ids})")
+    log.warning("%s: the answer letters merge with %r in this tokenizer; scoring the pieces %s instead",
+                task.name, task.answer_prefix, pieces)
+    return LetterTokens([], ids)
 
 
 @dataclass

@@ -179,6 +179,22 @@ def test_letter_tokens_follow_the_prompt_style(tokenizer):
     assert tokenizer.encode("Answer: C") == tokenizer.encode("Answer:") + [mmlu.ids[2]]
 
 
+def test_letter_tokens_fallback_when_letter_merges(tokenizer):
+    class Merging:  # a tokenizer that merges "：A" into one piece, like some large Chinese vocabularies
+        unk_id = 0
+
+        def encode(self, text):
+            if text[-2:-1] == "：" and text[-1] in "ABCD":
+                return [ord(c) for c in text[:-2]] + [5000 + ord(text[-1])]  # "：A" is one piece
+            return [ord(c) for c in text]
+
+        def piece_to_id(self, piece):
+            return {"A": 65, "B": 66, "C": 67, "D": 68}.get(piece, 0)
+
+    got = scoring.letter_tokens(Merging(), tasks.CEVAL)
+    assert got.ids == [65, 66, 67, 68] and got.extra == []
+
+
 def test_too_long_prompt_drops_shots_then_truncates(tmp_path, tokenizer):
     task, subs = tasks.load_mc("mmlu", str(make_mmlu(tmp_path / "m")), shots=3, subjects=["gamma"])
     letters = scoring.letter_tokens(tokenizer, task)
