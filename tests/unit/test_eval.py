@@ -512,6 +512,14 @@ def test_cli_on_tiny_dragonfly_pt(tmp_path, tokenizer, tokenizer_path, capsys):
     printed = capsys.readouterr().out
     assert "mmlu" in printed and "gsm8k" in printed and "perplexity data" in printed
 
+    # The plain form: a .pt file and --model-config.
+    pt = run / "10" / "fm9g_live_checkpoint-10.pt"
+    assert main(["--checkpoint", str(pt), "--model-config", str(tmp_path / "model.json"), "--tokenizer",
+                 tokenizer_path, "--ppl-data", str(idx), "--output", str(out)]) == 0
+    res2 = json.loads(out.read_text())
+    assert res2["model_config"] == str(tmp_path / "model.json")
+    assert res2["tasks"][f"ppl:{idx}"]["loss"] == pytest.approx(direct["loss"], rel=1e-6)
+
 
 def test_model_config_beside_checkpoint(tmp_path, tokenizer):
     pytest.importorskip("fm.models.registry")
