@@ -13,6 +13,7 @@ per-task losses. A non-finite step is skipped everywhere (gradients dropped, sch
 Test hook (read only here): ``FM_TEST_NAN_STEPS="rank:iter,rank:iter"`` turns the loss of the given
 rank at the given (1-based) iteration into NaN before the backward. ``FM_TEST_DIE_AFTER=iter`` kills
 the process with SIGKILL right after that iteration (to test resume after a crash).
+``FM_TEST_RECORD_INDEXES=DIR`` appends each step's batch ``indexes`` to ``DIR/rank-<r>.jsonl``.
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ class Trainer:
         self._save_thread: threading.Thread | None = None
         self._last_saved = -1
         self.loader_state: dict | None = None  # this rank's loader state after the last finished step
+        self._record = None  # test hook FM_TEST_RECORD_INDEXES
         self.model = None
         self.loader = None
         self.metrics: MetricsWriter | None = None
@@ -271,7 +273,7 @@ class Trainer:
         st = json.loads((ckpt / "trainer_state.json").read_text())
         self.iteration = int(st["iteration"])
         self.skipped_total = int(st.get("skipped_total", 0))
-        self.tokens_total = int(st.get("tokens_total", 0))
+        self.tokens_total = int(st.get("consumed_tokens", 0))
         self.task_tokens = dict(st.get("task_tokens", {}))
         self.scheduler.load_state_dict(st["scheduler"])
         if cfg.resume_no_optimze > 0:
@@ -407,6 +409,8 @@ class Trainer:
             loss_sum_local += ls
             self._task_losses(logits, m, ls, task_sum, task_cnt)
             num_tokens += int(m["num_tokens"])
+            if self._record is not None:
+                self._record.write(json.dumps({"iter": self.iteration + 1, "indexes": m.get("indexes", {})}) + "\n")
             del logits, loss_sum
         grad_norm = e.clip_grad_norm(cfg.clip_grad)
         bad_local = 0.0 if math.isfinite(loss_sum_local.item()) else 1.0
@@ -480,6 +484,10 @@ class Trainer:
         self.install_signal_handlers()
         nan_steps = _nan_steps(e.rank)
         die_after = int(os.environ.get("FM_TEST_DIE_AFTER", "0") or 0)
+        if os.environ.get("FM_TEST_RECORD_INDEXES"):
+            rec = Path(os.environ["FM_TEST_RECORD_INDEXES"])
+            rec.mkdir(parents=True, exist_ok=True)
+            self._record = open(rec / f"rank-{e.rank}.jsonl", "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         if self.loader_state is None:
             self.loader_state = self.loader.state_dict()
         it = iter(self.loader)
@@ -513,6 +521,8 @@ class Trainer:
             self.save_checkpoint("end")
         self.wait_for_save()
         e.barrier()
+        if self._record is not None:
+            self._record.close()
         self.finish()
         if code == EXIT_NONFINITE:
             raise NonFiniteError(f"{self.skipped_consecutive} consecutive non-finite steps; checkpoint of the last "
