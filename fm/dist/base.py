@@ -106,6 +106,15 @@ class Engine(abc.ABC):
         is also stored as ``engine.model``. Parameter names stay the model's own.
         """
 
+    @property
+    def param_shapes(self) -> dict[str, torch.Size]:
+        """Full (unsharded) shape of every parameter by name, recorded by :meth:`shard`.
+
+        Use it (or the names) to build param groups: after sharding, ``p.shape`` can be a flat local
+        slice (bmtrain's DistributedParameter is 1-D), so ``p.ndim`` does not tell matrices from vectors.
+        """
+        return dict(getattr(self, "_param_shapes", {}))
+
     @abc.abstractmethod
     def build_optimizer(
         self,

@@ -167,6 +167,7 @@ class BMTrainEngine(Engine):
         if not isinstance(model, nn.Module):
             with torch.device("meta"):
                 model = model()
+        self._param_shapes = {n: p.shape for n, p in model.named_parameters()}
         self._keys = model_state_keys(model)
         sd = load_full_state_dict(state_dict) if state_dict is not None else None
         if sd is not None:

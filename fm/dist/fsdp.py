@@ -181,6 +181,7 @@ class FSDPEngine(Engine):
         kw: dict[str, Any] = {"mesh": self.mesh, "mp_policy": self._mp_policy(dtype)}
         if self.cpu_offload:
             kw["offload_policy"] = CPUOffloadPolicy()
+        self._param_shapes = {n: p.shape for n, p in model.named_parameters()}
         layers = model.encoder.layers
         for i, layer in enumerate(layers):
             materialise(layer, self._device, sd, f"encoder.layers.{i}.")

@@ -191,6 +191,7 @@ def test_engine_logic_matches_reference_on_fake_bmt(fake_engine, tmp_path):
     assert isinstance(model.encoder.layers, engine.bmt.TransformerBlockList)
     assert isinstance(model.input_embedding, engine.bmt.DistributedModule)  # root params distributed, tie kept
     assert all(isinstance(p, engine.bmt.DistributedParameter) for p in model.parameters())
+    assert engine.param_shapes["encoder.layers.0.w_in.weight"] == (2 * 16, 16)
     assert model.emb_scale.item() == 2.0  # non-persistent buffer restored by init_weights
     engine.build_optimizer(param_groups(model), lr=LR, eps=1e-8)
     stats = [engine_step(engine, model, b) for b in make_batches()]

@@ -158,6 +158,14 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
             engine.save_model(tmpdir / "step1.pt")
             engine.save_optimizer(tmpdir / "optim1")
     final = engine.model_state_dict()
+    # async checkpoint with 2 ranks: DCP writes from a background thread on the engine's checkpoint group
+    from fm.train.checkpoint import CheckpointManager, standard_parts
+
+    manager = CheckpointManager(tmpdir / "run", async_save=True, comm=engine, keep_last_n=1)
+    for step in (1, 2):
+        manager.save(step, standard_parts(engine, step, log_ckpt={"iteration": step}, dataset_state={"r": rank}))
+        engine.all_reduce(1.0)  # the training loop goes on using the main process group meanwhile
+    manager.close()
     results["coll"] = {
         "sum": engine.all_reduce(rank + 1.0),
         "max": engine.all_reduce(rank + 1.0, op="max"),
@@ -197,6 +205,18 @@ def test_two_rank_training_matches_single_process(two_rank_run):
     assert ref_stats[0][1] > MAX_NORM  # clipping really happened
     assert_sd_close(res["final"], ref_states[-1])
     assert res["keys"] == sorted(init_sd)  # no wrapper prefixes (activation checkpointing on)
+
+
+def test_async_checkpoint_two_ranks(two_rank_run):
+    from fm.train import checkpoint as ck
+
+    tmp, _, res = two_rank_run
+    root = tmp / "run"
+    assert ck.list_checkpoints(root) == [2] and ck.find_latest(root) == 2
+    d = root / "2"
+    assert sorted(p.name for p in (d / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
+    assert (d / "optimizer" / ".metadata").is_file()
+    assert_sd_close(torch.load(ck.model_file(d), weights_only=True), res["final"], atol=0)
 
 
 def test_collectives(two_rank_run):
