@@ -57,7 +57,7 @@ MAX_REPORTED = 20
 EXIT_ERROR = 1
 EXIT_STRICT = 2
 DEFAULT_CHUNK = 16 << 20
-TOKENIZER_CHUNK = 2 << 20  # token id lists are ~10x the text size: keep the chunk small
+TOKENIZER_CHUNK = 4 << 20  # token ids of a chunk are held at once: keep it smaller
 
 
 class ConvertError(Exception):
@@ -164,13 +164,18 @@ class TokenCounter:
             chars -= _count_per_line(scratch.equal(a & 0xC0, 0x80), starts, ends)
         return chars
 
+    def _encode_lengths(self, texts: list[str]) -> np.ndarray:
+        if self._tok.special_tokens:
+            ids = self._tok.encode_batch(texts)
+        else:  # one batch call; numpy results avoid building a Python int per token
+            ids = self._tok.sp.encode(texts, return_type="numpy")
+        return np.fromiter(map(len, ids), np.int64, len(texts))
+
     def _token_counts(self, recs: list[_Record]) -> np.ndarray:
-        n = len(recs)
-        counts = np.fromiter(map(len, self._tok.encode_batch(list(map(_get_output, recs)))), np.int64, n)
+        counts = self._encode_lengths(list(map(_get_output, recs)))
         nonempty = [i for i, r in enumerate(recs) if r.input]
         if nonempty:
-            ids = self._tok.encode_batch([recs[i].input for i in nonempty])
-            counts[np.asarray(nonempty)] += np.fromiter(map(len, ids), np.int64, len(nonempty))
+            counts[np.asarray(nonempty)] += self._encode_lengths([recs[i].input for i in nonempty])
         return counts
 
 
