@@ -390,6 +390,9 @@ def convert_part(files: Sequence[str], segments: Sequence[Segment], data_path: s
                 if progress is not None:
                     progress(cut)
             res.seg_lines.append(seg_line)
+        if opts.fsync:  # flush here, in parallel with the other workers, not serially in the parent
+            out.flush()
+            os.fdatasync(out.fileno())
     res.buckets = buckets.tolist()
     return res
 
@@ -469,6 +472,7 @@ def find_inputs(path: str) -> list[str]:
     if not os.path.isdir(path):
         raise ConvertError(f"--path {path}: no such file or directory")
     found = []
+    seen = {os.path.realpath(path)}
     for root, dirs, names in os.walk(path, followlinks=True):
         keep = []
         for d in dirs:
@@ -476,6 +480,10 @@ def find_inputs(path: str) -> list[str]:
             if (d.startswith(".") and ".tmp-" in d) or _is_index_dir(full):
                 log.warning("skipping %s: it is an index output, not input", full)
                 continue
+            if os.path.realpath(full) in seen:  # a symlink loop, or a directory linked twice
+                log.warning("skipping %s: already searched (symlink)", full)
+                continue
+            seen.add(os.path.realpath(full))
             keep.append(d)
         dirs[:] = keep
         found += [os.path.join(root, n) for n in names if n.endswith(".jsonl")]

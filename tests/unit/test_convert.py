@@ -401,3 +401,11 @@ def test_txt_to_index_pipeline(tmp_path):
     assert _run(["-p", tmp_path / "t.jsonl", "-l", "en", "-o", tmp_path / "out"]) == 0
     ds = IndexedDataset(str(tmp_path / "out"))
     assert [ds.record(i)["output"] for i in range(len(ds))] == ["one", "two"]
+
+
+def test_symlink_loop_in_input_tree(tmp_path):
+    src = tmp_path / "data"
+    _write(src / "sub" / "x.jsonl", [_line({"output": "a"})])
+    os.symlink(src, src / "sub" / "loop")
+    assert _run(["-p", src, "-l", "zh", "-o", tmp_path / "out"]) == 0
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["nlines"] == 1
