@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fm.dist.base import Engine, ModelOrFactory, ReduceOp
-from fm.dist.fsdp import _group, _to_cpu, check_keys, load_full_state_dict, materialise
+from fm.dist.fsdp import _group, _to_cpu, cast_parameters, check_keys, load_full_state_dict, materialise
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,6 @@ def make_distributed_modules(module: nn.Module, bmt: Any, memo: dict[int, nn.Par
     if not isinstance(module, bmt.DistributedModule):
         cls = module.__class__
         module.__class__ = type("bmtrain.Distributed" + cls.__name__, (cls, bmt.DistributedModule), {})
-
-
-def cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
-    """Parameters to ``dtype``; buffers (rotary tables, ...) keep theirs."""
-    for p in module.parameters():
-        p.data = p.data.to(dtype)
 
 
 def model_state_keys(model: nn.Module) -> set[str]:

@@ -72,6 +72,13 @@ def checkpoint_forward(module: nn.Module) -> None:
     module.forward = forward  # type: ignore[method-assign]
 
 
+def cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
+    """Floating parameters to ``dtype``; buffers (rotary tables, ...) keep theirs."""
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def materialise(module: nn.Module, device: torch.device, sd: Mapping[str, torch.Tensor] | None, prefix: str) -> None:
     """``to_empty`` + ``init_weights`` (also restores non-persistent buffers), then copy weights from ``sd``."""
     module.to_empty(device=device)
@@ -185,6 +192,7 @@ class FSDPEngine(Engine):
         layers = model.encoder.layers
         for i, layer in enumerate(layers):
             materialise(layer, self._device, sd, f"encoder.layers.{i}.")
+            cast_parameters(layer, torch.float32)  # fp32 master weights; `dtype` is the compute dtype (MP policy)
             if activation_checkpointing:
                 checkpoint_forward(layer)
             fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **kw)
@@ -192,6 +200,7 @@ class FSDPEngine(Engine):
         model.encoder.layers = nn.ModuleList()
         try:
             materialise(model, self._device, sd, "")
+            cast_parameters(model, torch.float32)
         finally:
             model.encoder.layers = layers
         fully_shard(model, reshard_after_forward=False, **kw)

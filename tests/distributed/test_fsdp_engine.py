@@ -261,3 +261,35 @@ def test_optimizer_reshards_two_to_one(two_rank_run):
             engine.load_model({"input_embedding.weight": init_sd["input_embedding.weight"]})
     finally:
         engine.shutdown()
+
+
+def test_real_dragonfly_model_shards_layer_by_layer():
+    """The MODELS helper's tiny dragonfly (tied head, GQA): sharded logits, loss and clip norm equal plain ones."""
+    registry = pytest.importorskip("fm.models.registry")
+    from fm.dist import build_engine
+
+    cfg = registry.load_model_config(str(Path(__file__).resolve().parents[2] / "apps/fm9g_2b/model_configs/tiny.json"))
+    torch.manual_seed(0)
+    plain = registry.build_model(cfg, device="cpu", dtype=torch.float32)
+    sd = copy.deepcopy(plain.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    pos = torch.arange(16).repeat(2, 1)
+    ref = plain(ids, pos)
+    ref_loss = F.cross_entropy(ref.reshape(-1, ref.shape[-1]), ids.reshape(-1))
+    ref_loss.backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), 1e9)
+    engine = build_engine("fsdp")
+    engine.init()
+    try:
+        model = engine.shard(registry.build_model(cfg, device="meta"), state_dict=sd, activation_checkpointing=True)
+        engine.build_optimizer([{"params": list(model.parameters())}], lr=1e-3)
+        out = model(ids, pos)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        loss_sum, n = engine.loss(out, ids)
+        engine.backward(loss_sum / n)
+        assert loss_sum.item() / n.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+        assert engine.clip_grad_norm(0.0) == pytest.approx(ref_norm.item(), rel=1e-5)
+        assert sorted(engine.model_state_dict()) == sorted(sd)
+        assert registry.mup_scaled_param_names(model) == registry.mup_scaled_param_names(plain)
+    finally:
+        engine.shutdown()
