@@ -22,17 +22,14 @@ import json
 import logging
 import math
 import os
-import random
-import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from fm.train import checkpoint as ckpt_lib
 from fm.train.config import TrainConfig, log_no_ops
 from fm.train.metrics import (
     MetricsWriter,
@@ -49,7 +46,6 @@ from fm.train.schedules import build_scheduler
 log = logging.getLogger("fm.train")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COMPLETE_MARKER = ".complete"
 EXIT_OK, EXIT_NONFINITE = 0, 3
 
 
@@ -62,65 +58,16 @@ def run_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.save) / cfg.model_unique
 
 
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """``(step, dir)`` of finished checkpoints, oldest first. A directory without the completion marker
-    (a save cut short by a crash) is ignored."""
-    out = []
-    if root.is_dir():
-        for d in root.iterdir():
-            if d.is_dir() and d.name.isdigit() and (d / COMPLETE_MARKER).is_file():
-                out.append((int(d.name), d))
-    return sorted(out)
-
-
 def resolve_resume(cfg: TrainConfig) -> Path | None:
     """``resume_ckpt``: "" → None; "latest" → newest complete checkpoint (None if there is none yet);
-    a step number → ``<save>/<model_unique>/<step>``; otherwise a checkpoint directory or a ``.pt`` file."""
+    a step number → ``<save>/<model_unique>/<step>``; a checkpoint directory; or a bare ``.pt`` model file."""
     spec = cfg.resume_ckpt.strip()
     if not spec:
         return None
-    root = run_dir(cfg)
-    if spec.lower() == "latest":
-        ckpts = complete_checkpoints(root)
-        return ckpts[-1][1] if ckpts else None
-    if spec.isdigit():
-        d = root / str(int(spec))
-        if not (d / COMPLETE_MARKER).is_file():
-            have = [s for s, _ in complete_checkpoints(root)]
-            raise FileNotFoundError(f"resume_ckpt={spec}: no complete checkpoint {d} (complete ones: {have})")
-        return d
     p = Path(spec)
-    if not p.exists():
-        raise FileNotFoundError(f"resume_ckpt={spec!r}: no such checkpoint directory or file")
-    return p
-
-
-def model_file(ckpt: Path) -> Path:
-    if ckpt.is_file():
-        return ckpt
-    files = sorted(ckpt.glob("fm9g_live_checkpoint-*.pt"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt}: no fm9g_live_checkpoint-<step>.pt in the checkpoint directory")
-    return files[-1]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if p.is_file():
+        return p
+    return ckpt_lib.resolve_checkpoint(run_dir(cfg), spec)
 
 
 def _nan_steps(rank: int) -> set[int]:
@@ -173,7 +120,7 @@ class Trainer:
         self.tokens_total = 0  # non-padding tokens consumed, all ranks
         self.task_tokens: dict[str, int] = {}
         self._stop_signal = 0
-        self._save_thread: threading.Thread | None = None
+        self.ckpt: ckpt_lib.CheckpointManager | None = None
         self._last_saved = -1
         self.loader_state: dict | None = None  # this rank's loader state after the last finished step
         self._record = None  # test hook FM_TEST_RECORD_INDEXES
@@ -256,108 +203,73 @@ class Trainer:
                 log.info("resume_ckpt=%r: no complete checkpoint under %s yet, starting fresh",
                          cfg.resume_ckpt, run_dir(cfg))
             return
-        mf = model_file(ckpt)
+        mf = ckpt if ckpt.is_file() else ckpt_lib.model_file(ckpt)
         log.info("resuming from %s (model %s)", ckpt, mf.name)
         e.load_model(mf, strict=cfg.strict_state_dict)
         if ckpt.is_file():
             return  # a bare model file: weights only
-        if cfg.load_dataloader_ckpt and (ckpt / "dataset_ckpt" / "loader_state.json").is_file():
-            state = json.loads((ckpt / "dataset_ckpt" / "loader_state.json").read_text())
-            self.loader.load_state_dict(state)  # errors propagate: never train on a silently reset order
+        data_file = ckpt / ckpt_lib.DATASET_FILE
+        if cfg.load_dataloader_ckpt and data_file.is_file():
+            # Errors propagate: never train on a silently reset data order.
+            self.loader.load_state_dict(json.loads(data_file.read_text()))
         elif e.is_main:
-            log.warning("data loader state not restored (load_dataloader_ckpt=%s): data starts from the beginning",
-                        cfg.load_dataloader_ckpt)
+            log.warning("data loader state not restored (load_dataloader_ckpt=%s, %s exists: %s): data starts "
+                        "from the beginning", cfg.load_dataloader_ckpt, data_file, data_file.is_file())
         if cfg.only_load_model:
             log.info("only_load_model: weights loaded; step, optimizer and schedule start fresh")
             return
-        st = json.loads((ckpt / "trainer_state.json").read_text())
+        st = ckpt_lib.read_log_ckpt(ckpt)
         self.iteration = int(st["iteration"])
         self.skipped_total = int(st.get("skipped_total", 0))
         self.tokens_total = int(st.get("consumed_tokens", 0))
         self.task_tokens = dict(st.get("task_tokens", {}))
-        self.scheduler.load_state_dict(st["scheduler"])
+        self.scheduler.load_state_dict(torch.load(ckpt / ckpt_lib.SCHEDULER_FILE, weights_only=False))
         if cfg.resume_no_optimze > 0:
             log.info("resume_no_optimze=%d: optimizer state not loaded; lr re-warms over %d steps",
                      cfg.resume_no_optimze, cfg.resume_no_optimze)
             self.scheduler.start_rewarm()
         else:
-            e.load_optimizer(ckpt / "optimizer")
+            e.load_optimizer(ckpt / ckpt_lib.OPTIMIZER_DIR)
             self.scheduler.apply()  # loading the optimizer restores old group lrs: set the schedule's
-        rng = ckpt / "rng" / f"rank-{e.rank}.pt"
+        rng = ckpt / ckpt_lib.RNG_FILE.format(rank=e.rank)
         if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            ckpt_lib.set_rng_state(torch.load(rng, weights_only=False))
         self._last_saved = self.iteration
         log.info("resumed at iteration %d (%d optimizer steps taken, %d skipped)",
                  self.iteration, self.scheduler.num_iters, self.skipped_total)
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(self, reason: str = "save_iters") -> Path:
-        """Collective. Writes ``<save>/<model_unique>/.tmp-<step>/`` then renames it to ``<step>/`` and
-        marks it complete, so ``latest`` never picks a half-written directory."""
+        """Collective. ``fm.train.checkpoint.CheckpointManager`` writes into a temp dir and commits it
+        atomically (``COMPLETE`` marker + rename), so ``latest`` never picks a half-written directory."""
         cfg, e = self.cfg, self.engine
         step = self.iteration
-        root = run_dir(cfg)
-        final = root / str(step)
-        tmp = root / f".tmp-{step}"
-        self.wait_for_save()
+        if self.ckpt is None:
+            self.ckpt = ckpt_lib.CheckpointManager(run_dir(cfg), keep_last_n=cfg.keep_last_n or None,
+                                                   async_save=cfg.async_save, comm=e)
+        self.ckpt.wait()  # a previous async save must be committed before the next one starts
         loader_states = e.all_gather_object(self.loader_state)
-        if e.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            (tmp / "dataset_ckpt").mkdir(parents=True)
-            (tmp / "rng").mkdir()
-        e.barrier()
-        model_sd = e.model_state_dict()  # collective: rank 0 gets the full CPU copy
-        e.save_optimizer(tmp / "optimizer")
-        torch.save(_rng_state(), tmp / "rng" / f"rank-{e.rank}.pt")
-        e.barrier()
-        if not e.is_main:
-            self._last_saved = step
-            return final
-        from fm.data.loader import merge_states
+        merged = None
+        if e.is_main and all(s is not None for s in loader_states):
+            from fm.data.loader import merge_states
 
-        merged = merge_states(loader_states) if all(s is not None for s in loader_states) else None
-        meta = {"iteration": step, "consumed_tokens": self.tokens_total, "task_tokens": self.task_tokens,
-                "skipped_total": self.skipped_total, "world_size": e.world_size, "reason": reason,
-                "time": time.time()}
-        trainer_state = dict(meta, scheduler=self.scheduler.state_dict())
-
-        def finish() -> None:
-            torch.save(model_sd, tmp / f"fm9g_live_checkpoint-{step}.pt")
-            if merged is not None:
-                _atomic_write_text(tmp / "dataset_ckpt" / "loader_state.json", json.dumps(merged))
-            _atomic_write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1))
-            _atomic_write_text(tmp / ".log_ckpt", json.dumps(meta))
-            _atomic_write_text(tmp / "config.json", cfg.dumps())
-            tok = Path(cfg.tokenizer_path)
-            if tok.is_file():
-                shutil.copy2(tok, tmp / tok.name)
-            (tmp / COMPLETE_MARKER).write_text(str(step))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune(root)
-            log.info("checkpoint saved: %s (%s)", final, reason)
-
-        if cfg.async_save:
-            self._save_thread = threading.Thread(target=finish, name=f"save-{step}", daemon=False)
-            self._save_thread.start()
-        else:
-            finish()
+            merged = merge_states(loader_states)
+        log_ckpt = {"iteration": step, "consumed_tokens": self.tokens_total, "task_tokens": self.task_tokens,
+                    "skipped_total": self.skipped_total, "optimizer_steps": self.scheduler.num_iters,
+                    "world_size": e.world_size, "reason": reason, "time": time.time()}
+        tok = Path(cfg.tokenizer_path)
+        parts = ckpt_lib.standard_parts(e, step, log_ckpt=log_ckpt, dataset_state=merged, config=cfg.to_dict(),
+                                        tokenizer_path=tok if tok.is_file() else None,
+                                        scheduler_state=self.scheduler.state_dict())
+        final = self.ckpt.save(step, parts)
         self._last_saved = step
+        if e.is_main:
+            log.info("checkpoint %s: %s (%s)", "started" if cfg.async_save else "saved", final, reason)
         return final
 
     def wait_for_save(self) -> None:
-        if self._save_thread is not None:
-            self._save_thread.join()
-            self._save_thread = None
-
-    def _prune(self, root: Path) -> None:
-        n = self.cfg.keep_last_n
-        if n <= 0:
-            return
-        for _, d in complete_checkpoints(root)[:-n]:
-            shutil.rmtree(d, ignore_errors=True)
+        if self.ckpt is not None:
+            self.ckpt.wait()
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
@@ -553,8 +465,9 @@ class Trainer:
                 break
         dt = time.perf_counter() - t0
         tot = e.all_reduce(torch.tensor([float(n), float(tokens)]), "sum")
-        out = {"batches": tot[0].item(), "tokens": tot[1].item(), "seconds": dt,
-               "batches_per_sec": tot[0].item() / dt if dt else 0.0, "tokens_per_sec": tot[1].item() / dt if dt else 0.0}
+        nb, nt = tot[0].item(), tot[1].item()
+        out = {"batches": nb, "tokens": nt, "seconds": dt,
+               "batches_per_sec": nb / dt if dt else 0.0, "tokens_per_sec": nt / dt if dt else 0.0}
         if e.is_main:
             log.info("only_run_dataloader: %d batches, %d tokens in %.2fs: %.1f batches/s, %.0f tokens/s (all ranks)",
                      out["batches"], out["tokens"], dt, out["batches_per_sec"], out["tokens_per_sec"])

@@ -124,8 +124,9 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert "encoder.layers.1.ffn.ffn.w_in.w_0.weight" in sd
     log_ckpt = json.loads((run / "40" / ".log_ckpt").read_text())
     assert log_ckpt["iteration"] == 40 and log_ckpt["consumed_tokens"] == sum(r["tokens"] for r in ref.values())
-    for name in ("config.json", "tokenizer.model", "dataset_ckpt/loader_state.json", "rng/rank-1.pt"):
-        assert (run / "40" / name).is_file(), name
+    for name in ("config.json", "tokenizer.model", "dataset_ckpt/state.json", "rng/rank1.pt", "scheduler.pt",
+                 "COMPLETE", "optimizer"):
+        assert (run / "40" / name).exists(), name
 
     # Tensorboard tags read back with tensorboard's own reader; lr values follow the cosine schedule.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -172,7 +173,7 @@ def test_resume_two_to_one_process_until_data_ends(tmp_path):
     assert set(every) == {("a", i) for i in range(60)} | {("b", i) for i in range(40)}, "a data line was skipped"
     run = tmp_path / "ckpt" / "run"
     last = max(int(d.name) for d in run.iterdir() if d.name.isdigit())
-    assert (run / str(last) / ".complete").is_file() and last > 2  # final checkpoint at the end of data
+    assert (run / str(last) / "COMPLETE").is_file() and last > 2  # final checkpoint at the end of data
 
 
 def _children(pid: int) -> list[int]:
@@ -206,7 +207,7 @@ def test_sigterm_on_one_rank_saves_and_exits_zero(tmp_path):
     assert proc.returncode == 0, out
     assert "stop signal received" in out
     run = tmp_path / "ckpt" / "run"
-    saved = [int(d.name) for d in run.iterdir() if d.name.isdigit() and (d / ".complete").is_file()]
+    saved = [int(d.name) for d in run.iterdir() if d.name.isdigit() and (d / "COMPLETE").is_file()]
     assert len(saved) == 1
     step = saved[0]
     assert json.loads((run / str(step) / ".log_ckpt").read_text())["reason"] == "signal"
@@ -229,8 +230,8 @@ def test_non_finite_steps_skipped_on_all_ranks_then_stop(tmp_path):
     assert [s[i]["skipped_steps"] for i in range(1, 8)] == [0, 1, 1, 1, 2, 3, 4]
     # Skipped steps do not advance the schedule: step 3 uses the lr step 2 would have used.
     assert s[3]["lr"] == s[2]["lr"]
-    state = json.loads((run / "7" / "trainer_state.json").read_text())
-    assert state["reason"] == "non-finite" and state["scheduler"]["num_iters"] == 3
+    state = json.loads((run / "7" / ".log_ckpt").read_text())
+    assert state["reason"] == "non-finite" and state["optimizer_steps"] == 3 and state["skipped_total"] == 4
     # The stop checkpoint holds the last good weights: those after step 4 (steps 5-7 were skipped).
     a = torch.load(run / "4" / "fm9g_live_checkpoint-4.pt", weights_only=True)
     b = torch.load(run / "7" / "fm9g_live_checkpoint-7.pt", weights_only=True)
