@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -48,14 +49,23 @@ def make_corpus(path: str, mb: float, seed: int = 0) -> None:
     os.replace(path + ".tmp", path)
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+def _cpu() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def best_of(n: int, fn) -> float:
-    return min(timed(fn) for _ in range(n))
+def best_of(n: int, fn) -> tuple[float, float]:
+    """Best (wall seconds, CPU seconds of this process and its children) over ``n`` runs."""
+    runs = []
+    for _ in range(n):
+        t, c = time.perf_counter(), _cpu()
+        fn()
+        runs.append((time.perf_counter() - t, _cpu() - c))
+    return min(runs)
+
+
+def row(name: str, mb: float, t: tuple[float, float], extra: str = "") -> None:
+    print(f"{name:32s} {mb / t[0]:8.1f} MB/s wall {mb / t[1]:8.1f} MB/cpu-s {extra}")
 
 
 def copy_ref(src: str, dst: str) -> None:
@@ -96,17 +106,18 @@ def main() -> None:
     out = os.path.join(args.dir, "out")
     print(f"corpus: {src} ({size:.0f} MB), cpus: {os.cpu_count()}")
 
+    print(f"load average before: {os.getloadavg()}")
     t_copy = best_of(args.repeat, lambda: copy_ref(src, os.path.join(args.dir, "copy.tmp")))
     os.unlink(os.path.join(args.dir, "copy.tmp"))
     t_msgspec = best_of(args.repeat, lambda: msgspec_ref(src))
     t1 = best_of(args.repeat, lambda: run_convert(src, out, 1))
     t1n = best_of(args.repeat, lambda: run_convert(src, out, 1, fsync=False))
     t2 = best_of(args.repeat, lambda: run_convert(src, out, 2))
-    print(f"reference read+write copy     {size / t_copy:7.0f} MB/s")
-    print(f"reference msgspec decode      {size / t_msgspec:7.0f} MB/s")
-    print(f"convert --workers 1           {size / t1:7.0f} MB/s")
-    print(f"convert --workers 1 no fsync  {size / t1n:7.0f} MB/s")
-    print(f"convert --workers 2           {size / t2:7.0f} MB/s   speed-up vs 1 worker: {t1 / t2:.2f}x")
+    row("reference read+write copy", size, t_copy)
+    row("reference msgspec decode", size, t_msgspec)
+    row("convert --workers 1", size, t1, f"= {t_copy[0] / t1[0]:.2f}x the copy")
+    row("convert --workers 1 --no-fsync", size, t1n)
+    row("convert --workers 2", size, t2, f"speed-up vs 1 worker: {t1[0] / t2[0]:.2f}x")
 
     # Tokenizer: a smaller corpus, same generator.
     tsrc = os.path.join(args.dir, f"corpus_{args.tokenizer_mb:g}mb.jsonl")
@@ -121,11 +132,12 @@ def main() -> None:
     t_line = best_of(1, lambda: [sp.encode(t) for t in texts])
     tt1 = best_of(1, lambda: run_convert(tsrc, out, 1, args.tokenizer))
     tt2 = best_of(1, lambda: run_convert(tsrc, out, 2, args.tokenizer))
-    print(f"tokenizer corpus: {tsize:.0f} MB")
-    print(f"reference sp.encode(list)     {tsize / t_batch:7.1f} MB/s")
-    print(f"reference sp.encode per line  {tsize / t_line:7.1f} MB/s")
-    print(f"convert --tokenizer -j1       {tsize / tt1:7.1f} MB/s   ratio vs sp.encode(list): {t_batch / tt1:.2f}")
-    print(f"convert --tokenizer -j2       {tsize / tt2:7.1f} MB/s   ratio vs sp.encode(list): {t_batch / tt2:.2f}")
+    print(f"tokenizer corpus: {tsize:.0f} MB ({args.tokenizer})")
+    row("reference sp.encode(list)", tsize, t_batch)
+    row("reference sp.encode per line", tsize, t_line)
+    row("convert --tokenizer -j1", tsize, tt1, f"ratio vs sp.encode(list): {t_batch[0] / tt1[0]:.2f}")
+    row("convert --tokenizer -j2", tsize, tt2, f"ratio vs sp.encode(list): {t_batch[0] / tt2[0]:.2f}")
+    print(f"load average after: {os.getloadavg()}")
     shutil.rmtree(out, ignore_errors=True)
 
 

@@ -7,11 +7,12 @@ Output directory (see docs/data-preparation.md):
 * ``index.h5`` — the same offsets as an int64 HDF5 dataset ``index`` (contiguous, so readers memory-map it);
 * ``meta.json`` — upstream's fields plus ``format_version``, ``token_count_method`` and the skipped-line report.
 
-Speed comes from working on large byte chunks: one ``split`` per chunk, msgspec decoding each line into a
-typed struct from C (``map``), offsets from numpy, and the chunk written back in one call when every line in
-it is valid. Only a chunk that holds a bad line is re-scanned line by line to name the reason. With
-``--workers N`` the input is cut into N byte ranges at newlines; each worker writes its own part and the
-parent concatenates them in order, so the output is byte-identical to one worker.
+Speed comes from working on large byte chunks (16 MB, buffers reused): newline positions and statistics
+from numpy, one msgspec ``decode_lines`` call validating every line of the chunk into a typed struct, and
+the chunk written back in one call when all its lines are valid. Only a chunk that holds a bad line is
+re-scanned line by line to name the reason. With ``--workers N`` the input is cut into N byte ranges at
+line starts; each worker writes its part straight into data.jsonl at a reserved position (the parent closes
+the gaps left by dropped lines), so the output is byte-identical to one worker.
 
 The output is built in a temporary directory next to the target and renamed into place only when complete.
 """

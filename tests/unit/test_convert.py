@@ -409,3 +409,17 @@ def test_symlink_loop_in_input_tree(tmp_path):
     os.symlink(src, src / "sub" / "loop")
     assert _run(["-p", src, "-l", "zh", "-o", tmp_path / "out"]) == 0
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["nlines"] == 1
+
+
+def test_count_per_line_paths_agree():
+    from fm.data.convert import _count_per_line
+
+    rng = np.random.default_rng(0)
+    for mean_len in (5, 3000):  # short lines: reduceat; long lines: per-line count_nonzero
+        lengths = rng.integers(1, 2 * mean_len, size=50)
+        ends = np.cumsum(lengths + 1) - 1
+        starts = ends - lengths
+        mask = rng.random(int(ends[-1]) + 1) < 0.3
+        mask[ends] = False  # newline positions never match
+        want = [int(mask[s:e].sum()) for s, e in zip(starts, ends)]
+        assert _count_per_line(mask, starts, ends).tolist() == want
