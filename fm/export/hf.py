@@ -401,7 +401,22 @@ def find_model_config(search_dirs: Sequence[Path]) -> Any | None:
             for key in ("model_config", "model"):
                 if _is_model_config(data.get(key) if isinstance(data, Mapping) else None):
                     return as_config(data[key], f"{p}:{key}")
+            if isinstance(data, Mapping) and isinstance(data.get("config"), str):
+                return _config_named_by_train_config(data["config"], p)
     return None
+
+
+def _config_named_by_train_config(name: str, train_config: Path) -> Any:
+    """Our trainer saves the resolved train config, whose ``config`` key names the model config
+    (a shipped name such as ``2.4b``, or a path, absolute or relative to where training ran)."""
+    candidates = [name, str(train_config.parent / name)]
+    for cand in candidates:
+        try:
+            return load_config_arg(cand)
+        except (FileNotFoundError, ValueError):
+            continue
+    raise FileNotFoundError(f"{train_config}: model config {name!r} (key 'config') not found as a shipped name "
+                            "or a path: pass --config with the model config json")
 
 
 def load_config_arg(config: str | os.PathLike) -> Any:

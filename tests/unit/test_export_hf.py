@@ -176,3 +176,22 @@ def test_export_errors_name_the_fix(tmp_path):
     with pytest.raises(KeyError, match="num_layers"):
         export_checkpoint(ckpt, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_trainer_checkpoint_directory(tmp_path, tokenizer_path):
+    """Our trainer's layout: config.json is the train config naming the model config ("tiny")."""
+    import shutil
+
+    cfg = load_model_config("tiny", "dragonfly")
+    torch.manual_seed(4)
+    model = build_model(cfg, device="cpu", dtype=torch.float32).eval()
+    step_dir = tmp_path / "data" / "checkpoints" / "run" / "20"
+    step_dir.mkdir(parents=True)
+    torch.save(model.state_dict(), step_dir / "fm9g_live_checkpoint-20.pt")
+    (step_dir / "config.json").write_text(json.dumps({"model_unique": "run", "config": "tiny", "lr": 0.01}))
+    shutil.copyfile(tokenizer_path, step_dir / "tokenizer.model")
+    out = export_checkpoint(step_dir, tmp_path / "hf")
+    assert (out / "tokenizer.model").is_file()
+    ids = torch.randint(0, 8000, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).float(), _hf(out)(input_ids=ids).logits, rtol=0, atol=1e-4)
