@@ -46,14 +46,12 @@ def flops_per_token(non_embedding_params: int, num_layers: int, dim_model: int, 
     return 6.0 * non_embedding_params + 12.0 * num_layers * dim_model * seq_len
 
 
-def count_non_embedding_params(model: nn.Module) -> int:
-    total = 0
-    for name, p in model.named_parameters():
-        if "embedding" in name or "lm_head" in name:
-            continue
-        shape = getattr(p, "_original_shape", None) or p.shape  # bmtrain keeps the unsharded shape here
-        total += math.prod(shape)
-    return total
+def count_non_embedding_params(model: nn.Module, shapes: dict[str, Any] | None = None) -> int:
+    """Parameters outside the embedding/head. ``shapes``: full shapes by name (``Engine.param_shapes``), needed
+    when the module holds flat shards (bmtrain)."""
+    if not shapes:
+        shapes = {n: getattr(p, "_original_shape", None) or p.shape for n, p in model.named_parameters()}
+    return sum(math.prod(shape) for name, shape in shapes.items() if "embedding" not in name and "lm_head" not in name)
 
 
 def format_step_line(s: dict[str, Any]) -> str:
@@ -156,10 +154,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def inspect_stats(model: nn.Module, all_reduce) -> list[dict[str, Any]]:
+def inspect_stats(model: nn.Module, all_reduce, shapes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Per-parameter statistics over the FULL (all-ranks) tensor, from local shards + two all-reduces.
 
-    ``all_reduce(tensor, op)`` is the engine's. Collective: every rank must call it."""
+    ``all_reduce(tensor, op)`` is the engine's; ``shapes`` the full shapes by name (``Engine.param_shapes``).
+    Collective: every rank must call it."""
+    shapes = shapes or {}
     rows, sums, maxes = [], [], []
     for name, p in model.named_parameters():
         x = _local(p.detach()).float()
@@ -169,7 +169,7 @@ def inspect_stats(model: nn.Module, all_reduce) -> list[dict[str, Any]]:
                                  (g * g).sum() if g is not None else torch.tensor(0.0)]).cpu())
         maxes.append(torch.stack([x.abs().max() if x.numel() else torch.tensor(0.0),
                                   g.abs().max() if g is not None and g.numel() else torch.tensor(0.0)]).cpu())
-        rows.append({"name": name, "shape": tuple(getattr(p, "_original_shape", None) or p.shape),
+        rows.append({"name": name, "shape": tuple(shapes.get(name) or getattr(p, "_original_shape", None) or p.shape),
                      "has_grad": g is not None})
     if not rows:
         return []

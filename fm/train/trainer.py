@@ -167,7 +167,7 @@ class Trainer:
         self.optimizer = e.build_optimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=cfg.eps,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.n_params = count_non_embedding_params(self.model)
+        self.n_params = count_non_embedding_params(self.model, e.param_shapes)
         mc = self.model_config
         self.flops_per_token = flops_per_token(self.n_params, mc.num_layers, mc.dim_model, cfg.max_length)
         self.peak_flops = (cfg.peak_tflops or guess_peak_tflops(e.device)) * 1e12
@@ -334,7 +334,7 @@ class Trainer:
         self._stop_agreed = stats[2].item() > 0
         lr = self.scheduler.current_lr()
         if self.cfg.inspect_iters and (self.iteration + 1) % self.cfg.inspect_iters == 0:
-            rows = inspect_stats(self.model, e.all_reduce)
+            rows = inspect_stats(self.model, e.all_reduce, e.param_shapes)
             if e.is_main:
                 log.info("parameter statistics at iteration %d:\n%s", self.iteration + 1, format_inspect_table(rows))
         if bad:

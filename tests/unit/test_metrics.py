@@ -1,0 +1,104 @@
+"""Metrics: console line, tensorboard tags read back with tensorboard's reader, jsonl, MFU, inspect, PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fm.train.metrics import (
+    MetricsWriter,
+    flops_per_token,
+    format_inspect_table,
+    format_step_line,
+    inspect_stats,
+    plot_loss_curve,
+    read_stats,
+)
+
+
+def _step(i: int, **kw) -> dict:
+    s = {"iter": i, "train_iters": 10, "loss": 5.0 - 0.1 * i, "lr": 1e-3 * i, "grad_norm": 0.5, "loss_scale": 1.0,
+         "skipped": False, "skipped_steps": 0, "tokens": 100, "tokens_per_sec": 1000.0, "step_time": 0.1,
+         "mfu": None, "memory": {"rss": 1.5}, "task_loss": {"wiki": 4.0 - 0.1 * i, "code": 3.0}, "world_size": 2}
+    s.update(kw)
+    return s
+
+
+def test_console_line_has_every_field():
+    line = format_step_line(_step(3, mfu=0.41, skipped=True, skipped_steps=1))
+    for part in ("iter      3/10", "loss 4.7000", "lr 3.000e-03", "grad_norm 0.5000", "tokens/s 1000", "time 0.100s",
+                 "mfu 41.0%", "mem 1.50GiB", "skipped 1", "SKIPPED", "wiki=3.7000", "code=3.0000"):
+        assert part in line, part
+
+
+def test_tensorboard_jsonl_and_png(tmp_path):
+    w = MetricsWriter(enabled=True, tensorboard_dir=tmp_path / "tb", jsonl_path=tmp_path / "run" / "stats.jsonl")
+    for i in range(1, 6):
+        w.log_step(_step(i, mfu=0.25))
+    w.log_step(_step(2, loss=9.0))  # a resumed run re-logs iteration 2: the last row wins in read_stats
+    w.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"Loss/train", "Loss/train/wiki", "Loss/train/code", "Optimizer/lr", "Optimizer/scale",
+            "Optimizer/grad_norm", "Optimizer/skipped_steps", "Throughput/tokens_per_sec",
+            "Throughput/tokens_per_sec_per_device", "Throughput/mfu", "Throughput/step_time",
+            "Memory/rss_gib"} <= tags
+    lr = [(e.step, e.value) for e in acc.Scalars("Optimizer/lr")][:5]
+    assert [s for s, _ in lr] == [1, 2, 3, 4, 5]
+    assert all(math.isclose(v, 1e-3 * s, rel_tol=1e-6) for s, v in lr)
+    assert acc.Scalars("Throughput/tokens_per_sec_per_device")[0].value == 500.0
+    rows = read_stats(tmp_path / "run" / "stats.jsonl")
+    assert [r["iter"] for r in rows] == [1, 2, 3, 4, 5] and rows[1]["loss"] == 9.0
+    png = plot_loss_curve(tmp_path / "run" / "stats.jsonl", tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    w = MetricsWriter(enabled=False, tensorboard_dir=tmp_path / "tb", jsonl_path=tmp_path / "s.jsonl")
+    w.log_step(_step(1))
+    w.close()
+    assert not (tmp_path / "tb").exists() and not (tmp_path / "s.jsonl").exists()
+
+
+def test_all_tasks_off_skips_task_tags(tmp_path):
+    w = MetricsWriter(enabled=True, tensorboard_dir=tmp_path / "tb", jsonl_path=None, all_tasks=False)
+    w.log_step(_step(1))
+    w.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert not any(t.startswith("Loss/train/") for t in acc.Tags()["scalars"])
+
+
+def test_flops_per_token_formula():
+    # 2.4B dragonfly: N = 2,442,057,984 non-embedding params, L=40, d=2304, S=4096.
+    assert flops_per_token(2_442_057_984, 40, 2304, 4096) == 6 * 2_442_057_984 + 12 * 40 * 2304 * 4096
+
+
+def test_inspect_stats_match_torch():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    m(torch.randn(5, 4)).square().sum().backward()
+    rows = inspect_stats(m, lambda t, op: t)  # world of one: the all-reduce is the identity
+    by = {r["name"]: r for r in rows}
+    w = m[0].weight
+    assert by["0.weight"]["shape"] == (3, 4)
+    assert by["0.weight"]["mean"] == pytest.approx(w.mean().item(), abs=1e-7)
+    assert by["0.weight"]["std"] == pytest.approx(w.std(unbiased=False).item(), rel=1e-5)
+    assert by["0.weight"]["max_abs"] == pytest.approx(w.abs().max().item())
+    assert by["0.weight"]["grad_std"] == pytest.approx(w.grad.std(unbiased=False).item(), rel=1e-5)
+    table = format_inspect_table(rows)
+    assert "0.weight" in table and "grad std" in table and len(table.splitlines()) == 2 + 4
+
+
+def test_metrics_cli(tmp_path):
+    from fm.train.metrics import main
+
+    p = tmp_path / "s.jsonl"
+    p.write_text("\n".join(json.dumps(_step(i)) for i in range(1, 4)) + "\n")
+    assert main([str(p), str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
