@@ -8,6 +8,8 @@ shortest prompt and a longer prompt feeds its own next token until it is used up
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -353,3 +355,158 @@ def generate_text(model: torch.nn.Module, prompts: str | Sequence[str], tokenize
     """Strings in, strings out (decoded continuations)."""
     outs = generate(model, prompts, tokenizer=tokenizer, config=config, **options)
     return [tokenizer.decode(o) for o in outs]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: python -m fm.generate --config tiny --checkpoint CKPT --tokenizer tok.model --prompt "…"
+
+TEMPLATES = {
+    "none": "{q}",
+    "fm9g": "<用户>{q}<AI>",  # upstream FM9G chat format
+    "spark": "<User> {q}<end><Bot> ",  # iFlytekSpark chat format
+}
+
+
+def _read_questions(args: Any) -> list[dict[str, Any]]:
+    """``--prompt`` (repeatable), ``--predict-data "q1##q2"`` (Spark's habit) or ``--input-file``
+    (json list / jsonl records with an ``input`` field; other fields are kept in the output)."""
+    import json
+
+    records: list[dict[str, Any]] = [{"input": p} for p in args.prompt or []]
+    if args.predict_data:
+        records += [{"input": q} for q in args.predict_data.split("##") if q]
+    if args.input_file:
+        with open(args.input_file, encoding="utf-8") as f:
+            text = f.read()
+        items = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()]
+        for n, item in enumerate(items, 1):
+            if not isinstance(item, dict) or not isinstance(item.get("input"), str):
+                raise ValueError(f"{args.input_file}: record {n} has no string 'input' field")
+            records.append(dict(item))
+    if not records:
+        raise ValueError("nothing to generate: give --prompt, --predict-data or --input-file")
+    return records
+
+
+def _load_model(args: Any) -> torch.nn.Module:
+    from pathlib import Path
+
+    from fm.export.hf import extract_state_dict, resolve_checkpoint
+    from fm.models.config import resolve_dtype
+    from fm.models.registry import build_model, load_model_config
+
+    if args.checkpoint and args.config is None:
+        pt, config = resolve_checkpoint(args.checkpoint, None)  # finds the config beside a dragonfly checkpoint
+    else:
+        if args.config is None:
+            raise ValueError("--config is required (a model config json or a shipped name such as 2.4b)")
+        config = load_model_config(args.config)
+        pt = None
+        if args.checkpoint:
+            pt = Path(args.checkpoint)
+            if pt.is_dir():
+                pts = sorted(pt.glob("fm9g_live_checkpoint-*.pt")) or sorted(pt.glob("*.pt"))
+                if not pts:
+                    raise FileNotFoundError(f"{pt}: no .pt state dict in the directory")
+                pt = pts[-1]
+    dtype = resolve_dtype(args.dtype) if args.dtype else None
+    model = build_model(config, device=args.device, dtype=dtype)
+    if pt is not None:
+        state = extract_state_dict(torch.load(pt, map_location=args.device, weights_only=True), str(pt))
+        model.load_state_dict(state, strict=True)
+    else:
+        logging.getLogger("fm.generate").warning("no --checkpoint: generating with random weights")
+    return model.eval()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+
+    from fm.tokenizer import Tokenizer
+
+    p = argparse.ArgumentParser(prog="python -m fm.generate", description="Generate text with a dragonfly/spark model")
+    p.add_argument("--config", help="model config json or shipped name (default: found beside --checkpoint)")
+    p.add_argument("--checkpoint", help="state dict .pt or checkpoint directory")
+    p.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--predict-data", help="questions joined by '##' (Spark's predict_data)")
+    p.add_argument("--input-file", help="json/jsonl with an 'input' field per record")
+    p.add_argument("--output", help="jsonl to write: the input records plus a 'generate' field")
+    p.add_argument("--template", choices=sorted(TEMPLATES), default="none", help="chat template around each input")
+    p.add_argument("--max-new-tokens", "--predict-length", dest="max_new_tokens", type=int, default=128)
+    p.add_argument("--batch-size", "--predict-batch", dest="batch_size", type=int, default=8)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--repetition-penalty-mode", choices=["multiplicative", "subtractive"], default="multiplicative")
+    p.add_argument("--repetition-penalty-increase", type=float, default=0.1)
+    p.add_argument("--stop", action="append", default=[], help="extra stop piece, e.g. '<end>' (EOS always stops)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-cache", action="store_true", help="recompute the full sequence each step (reference)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated (batch size 1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", help="bf16 | fp16 | fp32 (default: the model config's)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    tok = Tokenizer(args.tokenizer)
+    stops = [tok.eos_id]
+    for piece in args.stop + (["<end>"] if args.template == "spark" else []):
+        tid = tok.piece_to_id(piece)
+        if tid == tok.unk_id:
+            raise SystemExit(f"error: stop piece {piece!r} is not in {args.tokenizer}")
+        stops.append(tid)
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        repetition_penalty_mode=args.repetition_penalty_mode,
+        repetition_penalty_increase=args.repetition_penalty_increase, stop_token_ids=tuple(stops),
+        seed=args.seed, use_cache=not args.no_cache)
+    records = _read_questions(args)
+    model = _load_model(args)
+    spark = args.template == "spark"
+    # the output jsonl is written under a temp name and renamed when complete
+    tmp_out = f"{args.output}.tmp{os.getpid()}" if args.output else None
+    out_f = open(tmp_out, "w", encoding="utf-8") if tmp_out else None  # noqa: SIM115
+    try:
+        batch = 1 if args.stream else max(1, args.batch_size)
+        for start in range(0, len(records), batch):
+            chunk = records[start:start + batch]
+            texts = [TEMPLATES[args.template].format(q=r["input"]) for r in chunk]
+            if spark:  # Spark's tokenizer writes newlines and tabs as <ret> / <tab>
+                texts = [t.replace("\n", "<ret>").replace("\t", "<tab>") for t in texts]
+
+            def stream(row: int, tid: int | None, text: str) -> None:
+                sys.stdout.write(text.replace("<ret>", "\n").replace("<tab>", "\t") if spark else text)
+                sys.stdout.flush()
+
+            outs = generate(model, texts, tokenizer=tok, config=cfg, stream=stream if args.stream else None)
+            for rec, ids in zip(chunk, outs):
+                text = tok.decode(ids)
+                if spark:
+                    text = text.replace("<ret>", "\n").replace("<tab>", "\t")
+                rec = {**rec, "generate": text}
+                if args.stream:
+                    sys.stdout.write("\n")
+                else:
+                    print(json.dumps(rec, ensure_ascii=False))
+                if out_f:
+                    out_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    except BaseException:
+        if out_f:
+            out_f.close()
+            os.unlink(tmp_out)
+        raise
+    if out_f:
+        out_f.close()
+        os.replace(tmp_out, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

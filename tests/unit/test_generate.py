@@ -237,3 +237,35 @@ def test_text_prompts_and_streaming(tokenizer):
         assert "".join(pieces[row]) == tokenizer.decode(out)
         assert all("\ufffd" not in p for p in pieces[row][:-1])
     assert outs == generate(model, [tokenizer.encode(t, bos=True) for t in texts], max_new_tokens=25)
+
+
+def test_cli_spark_template_batch_file(tmp_path, tokenizer, tokenizer_path):
+    import json
+
+    from fm.generate import main
+
+    out = tmp_path / "out.jsonl"
+    assert main(["--config", "spark_13b/tiny", "--tokenizer", tokenizer_path, "--template", "spark",
+                 "--predict-data", "你好##What is 2+2?", "--max-new-tokens", "6", "--output", str(out),
+                 "--device", "cpu", "--seed", "0"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["input"] for r in rows] == ["你好", "What is 2+2?"]
+    assert all(isinstance(r["generate"], str) for r in rows)
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_cli_loads_checkpoint(tmp_path, tokenizer, tokenizer_path, capsys):
+    import json
+
+    from fm.generate import generate_text, main
+
+    model = _tiny("dragonfly", seed=5)
+    ckpt = tmp_path / "7"
+    ckpt.mkdir()
+    torch.save(model.state_dict(), ckpt / "fm9g_live_checkpoint-7.pt")
+    (ckpt / "model_config.json").write_text(json.dumps(DRAGONFLY))
+    assert main(["--checkpoint", str(ckpt), "--tokenizer", tokenizer_path, "--prompt", "Hello", "--template",
+                 "fm9g", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = generate_text(model, ["<用户>Hello<AI>"], tokenizer, max_new_tokens=8, stop_token_ids=(2,))[0]
+    assert printed == {"input": "Hello", "generate": expected}
