@@ -161,9 +161,8 @@ class SelfAttentionBlock(nn.Module):
         x = self.self_attention(x, cos, sin, mask, cu_seqlens, max_seqlen, kv_cache)
         if self.dropout_p and self.training:
             x = F.dropout(x, self.dropout_p)
-        if self.residual_scale != 1.0:
-            x = x * self.residual_scale
-        return hidden_states + x
+        # one fused kernel for h + x·scale_depth/√L (alpha=1.0 when muP is off)
+        return hidden_states.add(x, alpha=self.residual_scale)
 
 
 class FFNBlock(nn.Module):
@@ -186,9 +185,8 @@ class FFNBlock(nn.Module):
         x = self.ffn(self.layernorm_before_ffn(hidden_states))
         if self.dropout_p and self.training:
             x = F.dropout(x, self.dropout_p)
-        if self.residual_scale != 1.0:
-            x = x * self.residual_scale
-        return hidden_states + x
+        # one fused kernel for h + x·scale_depth/√L (alpha=1.0 when muP is off)
+        return hidden_states.add(x, alpha=self.residual_scale)
 
 
 class DragonflyLayer(nn.Module):
@@ -341,6 +339,13 @@ def _attention_args(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache, w
         else:
             position_ids = torch.arange(seqlen, device=device).expand(batch, seqlen)
     mask, cu_seqlens, max_seqlen = prepare_attention(
-        batch, seqlen, cu_seqlens, max_seqlen, window, device=device, use_flash=flash_available(hidden_states)
+        batch,
+        seqlen,
+        cu_seqlens,
+        max_seqlen,
+        window,
+        device=device,
+        use_flash=flash_available(hidden_states),
+        dtype=hidden_states.dtype,
     )
     return (mask, cu_seqlens, max_seqlen), position_ids

@@ -89,11 +89,13 @@ def prepare_attention(
     *,
     device: torch.device,
     use_flash: bool,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, int | None]:
     """Once per forward: ``(mask, cu_seqlens, max_seqlen)`` for the layers.
 
     Flash path: no mask, ``cu_seqlens`` (int32, one segment per row when not packed). SDPA path:
-    a boolean mask, or ``None`` meaning plain causal attention per row.
+    a mask ``[B or 1, 1, S, S]`` (boolean "may attend", or additive 0/-inf in ``dtype`` when a
+    dtype is given), or ``None`` meaning plain causal attention per row.
     """
     if use_flash:
         if cu_seqlens is None:
@@ -105,7 +107,11 @@ def prepare_attention(
     if cu_seqlens is None and window is None:
         return None, None, None
     segments = segment_ids(cu_seqlens.to(device), batch, seqlen) if cu_seqlens is not None else None
-    return causal_mask(seqlen, segments=segments, window=window, device=device), None, None
+    allowed = causal_mask(seqlen, segments=segments, window=window, device=device)
+    if dtype is None:
+        return allowed, None, None
+    # additive form, built once per forward: SDPA would otherwise convert a boolean mask in every layer
+    return torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(~allowed, float("-inf")), None, None
 
 
 def attention(
