@@ -60,6 +60,7 @@ class PackedBatchBuilder:
 
     ``add`` places a sample in the current row, or starts the next row when it does not fit; it returns
     False (placing nothing) when the batch has no row left, so the caller can emit the batch first.
+    Rows are Python lists while they fill (``list.extend`` is the cheapest copy) and become arrays once.
     """
 
     batch_size: int
@@ -68,26 +69,28 @@ class PackedBatchBuilder:
     task_names: Sequence[str]
 
     def __post_init__(self) -> None:
-        b, n = self.batch_size, self.max_length
-        self.inputs = np.full((b, n), self.pad_id, dtype=np.int64)
-        self.targets = np.full((b, n), IGNORE_INDEX, dtype=np.int64)
-        self.task_ids = np.full((b, n), -1, dtype=np.int64)
-        self.position_ids = np.zeros((b, n), dtype=np.int64)
-        self._arange = np.arange(n, dtype=np.int64)
+        b = self.batch_size
         self.row = 0
         self.col = 0
         self.row_closed = False  # do_compact = false: the row takes no further sample
-        self.starts: list[list[int]] = [[] for _ in range(b)]
-        self.used = [0] * b
+        self.src: list[list[int]] = [[] for _ in range(b)]
+        self.masked: list[int] = []  # per sample: leading −100 labels (its input tokens)
+        self.last_label: list[int] = []  # per sample: label of its last position (EOS, or the next chunk's token)
+        self.seg_lens: list[list[int]] = [[] for _ in range(b)]
+        self.seg_tasks: list[list[int]] = [[] for _ in range(b)]
         self.lines: list[tuple[int, int, int]] = []  # (task id, line, chunk) per sample, in order
 
     @property
     def empty(self) -> bool:
-        return self.row == 0 and self.col == 0
+        return not self.lines
 
     def add(self, src: list[int], tgt: list[int], task: int, line: int, compact: bool = True,
             chunk: int = 0) -> bool:
-        """``chunk``: index of this sample among the chunks of its line (a segmented line is listed once)."""
+        """``chunk``: index of this sample among the chunks of its line (a segmented line is listed once).
+
+        ``tgt`` must be ``src`` shifted by one (−100 on the leading input part), as build_samples makes it:
+        only its −100 count and last label are kept, the batch's targets are rebuilt from its inputs.
+        """
         n = len(src)
         if n > self.max_length:
             raise ValueError(f"sample of {n} tokens > max_length {self.max_length} (apply build_samples first)")
@@ -96,50 +99,66 @@ class PackedBatchBuilder:
                 return False
             self.row += 1
             self.col = 0
-            self.row_closed = False
-        r, c = self.row, self.col
-        self.inputs[r, c:c + n] = src
-        self.targets[r, c:c + n] = tgt
-        self.task_ids[r, c:c + n] = task
-        self.position_ids[r, c:c + n] = self._arange[:n]
-        self.starts[r].append(c)
+        r = self.row
+        self.src[r].extend(src)
+        self.masked.append(tgt.count(IGNORE_INDEX))
+        self.last_label.append(tgt[-1])
+        self.seg_lens[r].append(n)
+        self.seg_tasks[r].append(task)
         self.lines.append((task, line, chunk))
-        self.col = c + n
-        self.used[r] = c + n
+        self.col += n
         self.row_closed = not compact
         return True
 
     def finish(self) -> dict:
         """The batch dict of contract 2 (torch tensors)."""
         b, n = self.batch_size, self.max_length
-        lengths = [0] * b
-        cu = [0]
+        lengths = [len(row) for row in self.src]
+        flat_src: list[int] = []
+        segs: list[int] = []
+        seg_tasks: list[int] = []
         for r in range(b):
-            used = self.used[r]
-            lengths[r] = used
-            base = r * n
-            for s in self.starts[r][1:]:
-                cu.append(base + s)
-            if used:
-                cu.append(base + used)
-            if used < n:
-                # padding tail: its own segment, positions restart there too
-                self.position_ids[r, used:] = self._arange[:n - used]
-                cu.append(base + n)
-        cu_arr = np.asarray(cu, dtype=np.int32)
+            pad = n - lengths[r]
+            flat_src += self.src[r]
+            segs += self.seg_lens[r]
+            seg_tasks += self.seg_tasks[r]
+            if pad:  # padding tail: its own segment
+                flat_src += [self.pad_id] * pad
+                segs.append(pad)
+                seg_tasks.append(-1)
+        seg_arr = np.asarray(segs, dtype=np.int64)
+        ends = np.cumsum(seg_arr)  # rows are contiguous and each sums to max_length: global boundaries
+        starts = ends - seg_arr
+        flat = np.array(flat_src, dtype=np.int64)  # the one list → array conversion
+        tasks = np.asarray(seg_tasks, dtype=np.int64)
+        task_ids = np.repeat(tasks, seg_arr)
+        position_ids = np.arange(b * n, dtype=np.int64) - np.repeat(starts, seg_arr)
+        # Targets: the next input token, then per sample its last label and −100 over its input part.
+        targets = np.empty_like(flat)
+        targets[:-1] = flat[1:]
+        is_sample = tasks >= 0
+        s_start, s_end = starts[is_sample], ends[is_sample]
+        targets[s_end - 1] = np.asarray(self.last_label, dtype=np.int64)
+        edges = np.bincount(s_start, minlength=b * n + 1) - np.bincount(
+            s_start + np.asarray(self.masked, dtype=np.int64), minlength=b * n + 1)
+        targets[(np.cumsum(edges)[:-1] > 0) | (task_ids < 0)] = IGNORE_INDEX
+        inputs, targets = flat.reshape(b, n), targets.reshape(b, n)
+        task_ids, position_ids = task_ids.reshape(b, n), position_ids.reshape(b, n)
+        cu = np.concatenate([[0], ends])
+        cu_arr = cu.astype(np.int32)
         indexes: dict[str, list[int]] = {}
         for task, line, chunk in self.lines:
             lst = indexes.setdefault(self.task_names[task], [])
             if chunk == 0 or not lst or lst[-1] != line:  # the chunks of a segmented line share it
                 lst.append(line)
         return {
-            "inputs": torch.from_numpy(self.inputs),
-            "targets": torch.from_numpy(self.targets),
-            "task_ids": torch.from_numpy(self.task_ids),
-            "position_ids": torch.from_numpy(self.position_ids),
+            "inputs": torch.from_numpy(inputs),
+            "targets": torch.from_numpy(targets),
+            "task_ids": torch.from_numpy(task_ids),
+            "position_ids": torch.from_numpy(position_ids),
             "cu_seqlens": torch.from_numpy(cu_arr),
-            "max_seqlen": int(np.diff(cu_arr).max()),
-            "lengths": torch.tensor(lengths, dtype=torch.long),
+            "max_seqlen": int(seg_arr.max()),
+            "lengths": torch.from_numpy(np.asarray(lengths, dtype=np.int64)),
             "num_tokens": int(sum(lengths)),
             "task_names": list(self.task_names),
             "indexes": indexes,
