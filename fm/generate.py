@@ -253,24 +253,26 @@ class _Sampler:
         logits = process_logits(last_logits, cfg, seen=self.seen, counts=self.counts)
         nxt = select_tokens(logits, cfg, self.generator)
         generating = active & ~self.done
-        if not bool(generating.any()):
-            return nxt
         is_stop = torch.isin(nxt, self.stop) if self.stop.numel() else torch.zeros_like(self.done)
         emit = generating & ~is_stop
-        if self.seen is not None:
-            self.seen[emit, nxt[emit]] = True
+        col = nxt[:, None]
+        if self.seen is not None:  # scatter, not boolean indexing: no device sync
+            self.seen.scatter_(1, col, self.seen.gather(1, col) | emit[:, None])
         if self.counts is not None:
-            self.counts[emit, nxt[emit]] += 1
+            self.counts.scatter_add_(1, col, emit[:, None].long())
         self.n_new += generating.long()
         finished = generating & (is_stop | (self.n_new >= cfg.max_new_tokens))
-        for i in torch.nonzero(generating).flatten().tolist():
+        # one device→host copy per step (not one sync per row)
+        host = torch.stack([nxt, generating.long(), emit.long(), finished.long()]).tolist()
+        for i, (tid, gen, emitted, fin) in enumerate(zip(*host)):
+            if not gen:
+                continue
             row = self.rows[i]
-            if bool(emit[i]):
-                tid = int(nxt[i])
+            if emitted:
                 row.out.append(tid)
                 if self.stream is not None:
                     self.stream(i, tid, self.detoks[i].push(tid) if self.detoks else "")
-            if bool(finished[i]):
+            if fin:
                 row.done = True
                 if self.stream is not None:
                     self.stream(i, None, self.detoks[i].flush() if self.detoks else "")
@@ -279,7 +281,7 @@ class _Sampler:
 
     @property
     def all_done(self) -> bool:
-        return bool(self.done.all())
+        return all(r.done for r in self.rows)  # host-side: no device sync
 
 
 @torch.no_grad()
