@@ -104,7 +104,10 @@ def iter_documents():
                 module = importlib.import_module(name)
         except BaseException:  # noqa: BLE001 - any import failure just skips that module
             continue
-        for doc in _docstrings(module):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated aliases (typing.io, …) warn on access
+            docs = _docstrings(module)
+        for doc in docs:
             text = _clean(doc)
             if len(text) >= 40:
                 yield text
