@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import io
 import inspect
+import io
 import pkgutil
 import sys
 import warnings
@@ -86,7 +86,8 @@ def iter_documents():
         if m.ispkg and not m.name.startswith(_SKIP_PREFIXES):
             try:
                 pkg = importlib.import_module(m.name)
-                names += sorted(s.name for s in pkgutil.walk_packages(pkg.__path__, m.name + ".", onerror=lambda _: None)
+                subs = pkgutil.walk_packages(pkg.__path__, m.name + ".", onerror=lambda _: None)
+                names += sorted(s.name for s in subs
                                 if ".test" not in s.name)
             except BaseException:  # noqa: BLE001
                 continue
