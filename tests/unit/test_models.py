@@ -529,3 +529,31 @@ def test_spark_module_main_dispatches_to_importer(monkeypatch, capsys):
     with pytest.raises(SystemExit) as done:
         runpy.run_module("fm.models.spark", run_name="__main__")
     assert done.value.code == 2 and "usage: python -m fm.models.spark import" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["2.4b", "skywork_13b", "spark_13b/13b", SPARK_TINY])
+def test_config_to_dict_round_trips_through_json(name, tmp_path):
+    config = load_model_config(name)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    again = load_model_config(str(path))
+    assert type(again) is type(config) and again.to_dict() == config.to_dict()
+
+
+def test_models_and_layers_import_no_training_or_distributed_code():
+    import ast
+
+    for folder in ("fm/nn", "fm/models"):
+        for path in sorted((REPO_ROOT / folder).glob("*.py")):
+            if path.name == "spark_import.py":  # the checkpoint importer CLI (not model code)
+                continue
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    names = [node.module or ""]
+                else:
+                    continue
+                for name in names:
+                    assert not name.startswith(("fm.data", "fm.train", "fm.dist", "torch.distributed")), (path, name)
