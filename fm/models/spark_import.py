@@ -56,6 +56,7 @@ MEGATRON_LAYER = {
 }
 MEGATRON_GLOBAL = {
     "embedding.word_embeddings.weight": "embed.weight",
+    "output_layer.weight": "head.weight",  # only in untied checkpoints (vocab-parallel like the embedding)
     "encoder.final_layernorm.weight": "final_ln.weight",
     "encoder.final_layernorm.bias": "final_ln.bias",
 }
@@ -166,7 +167,7 @@ def to_canonical(state: Mapping[str, torch.Tensor], num_layers: int, source: str
             unknown.append(key)
     if unknown:
         log.warning("%s: ignoring %d unexpected tensors, e.g. %s", source, len(unknown), unknown[:5])
-    expected = list(MEGATRON_GLOBAL.values()) + [
+    expected = [v for v in MEGATRON_GLOBAL.values() if v != "head.weight"] + [
         f"layers.{i}.{n}" for i in range(num_layers) for n in MEGATRON_LAYER.values()
     ]
     missing = [k for k in expected if k not in out]
@@ -195,6 +196,8 @@ def merge_shards(
     sources = list(sources or [f"shard {r}" for r in range(len(shards))])
     merged: dict[str, torch.Tensor] = {}
     merged["embed.weight"] = torch.cat([s["embed.weight"] for s in shards], dim=0)
+    if all("head.weight" in s for s in shards):
+        merged["head.weight"] = torch.cat([s["head.weight"] for s in shards], dim=0)
     for name in ("final_ln.weight", "final_ln.bias"):
         merged[name] = _replicated(shards, name, sources)
     for i in range(num_layers):
@@ -250,17 +253,30 @@ def canonical_to_spark(
 ) -> dict[str, torch.Tensor]:
     key_map = spark_key_map(config.num_layers)
     vocab = int(config.vocab_size)
+    merged = dict(merged)
+    head = merged.pop("head.weight", None)
+    if config.tie_lm_head:
+        if head is not None and not torch.equal(head, merged["embed.weight"]):
+            log.warning("the checkpoint has an output_layer that differs from the embedding, but the config ties "
+                        "the head (tie_lm_head: true): output_layer is dropped")
+    else:
+        if head is None:
+            raise SparkImportError("the config has tie_lm_head: false but the checkpoint has no "
+                                   "language_model.output_layer.weight: use a tied config")
+        merged["head.weight"] = head
+        key_map = {**key_map, "head.weight": "lm_head.weight"}
     out: dict[str, torch.Tensor] = {}
     for canon, value in merged.items():
         if canon not in key_map:
             raise SparkImportError(f"no spark parameter for {canon}")
-        if canon == "embed.weight":
+        if canon in ("embed.weight", "head.weight"):
+            name = "word_embeddings" if canon == "embed.weight" else "output_layer"
             if value.shape[0] < vocab:
                 raise SparkImportError(
-                    f"word_embeddings has {value.shape[0]} rows but the config's vocab_size is {vocab}: wrong config?"
+                    f"{name} has {value.shape[0]} rows but the config's vocab_size is {vocab}: wrong config?"
                 )
             if value.shape[0] > vocab:  # Megatron pads the vocabulary to a multiple of 128·TP
-                log.info("dropping %d padding rows of word_embeddings", value.shape[0] - vocab)
+                log.info("dropping %d padding rows of %s", value.shape[0] - vocab, name)
                 value = value[:vocab]
         out[key_map[canon]] = value.to(dtype) if dtype is not None else value
     return out

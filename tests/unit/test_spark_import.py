@@ -17,8 +17,8 @@ SPARK = {"vocab_size": 1000, "dim_model": 64, "dim_ff": 96, "dim_head": 16, "num
 PADDED_VOCAB = 1024  # Megatron pads the vocabulary to a multiple of 128·TP
 
 
-def _model(seed=0):
-    cfg = load_model_config(SPARK, "spark")
+def _model(seed=0, **overrides):
+    cfg = load_model_config({**SPARK, **overrides}, "spark")
     torch.manual_seed(seed)
     model = build_model(cfg, device="cpu", dtype=torch.float32).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a mix-up would show
@@ -34,6 +34,11 @@ def megatron_shards(state, cfg, tp):
     emb = state["input_embedding.weight"]
     emb = torch.cat([emb, torch.randn(PADDED_VOCAB - emb.shape[0], emb.shape[1], generator=g)])
     shards = [{"embedding": {"word_embeddings": {"weight": e.clone()}}, "encoder": {}} for e in emb.chunk(tp)]
+    if "lm_head.weight" in state:  # untied: Megatron's vocab-parallel output_layer
+        head = state["lm_head.weight"]
+        head = torch.cat([head, torch.randn(PADDED_VOCAB - head.shape[0], head.shape[1], generator=g)])
+        for r, h in enumerate(head.chunk(tp)):
+            shards[r]["output_layer"] = {"weight": h.clone()}
     for r in range(tp):
         enc = shards[r]["encoder"]
         enc["final_layernorm.weight"] = state["encoder.output_layernorm.weight"].clone()
@@ -134,3 +139,18 @@ def test_missing_keys_and_shards_are_named(tmp_path):
     write_megatron(tmp_path / "c", shards)
     with pytest.raises(SparkImportError, match="replicated"):
         import_megatron(tmp_path / "c", cfg)
+
+
+def test_untied_output_layer(tmp_path):
+    cfg, model = _model(seed=3, tie_lm_head=False)
+    shards = megatron_shards(model.state_dict(), cfg, 2)
+    write_megatron(tmp_path / "u", shards)
+    state = import_megatron(tmp_path / "u", cfg)
+    assert torch.equal(state["lm_head.weight"], model.state_dict()["lm_head.weight"])
+    fresh = build_model(cfg, device="cpu", dtype=torch.float32).eval()
+    fresh.load_state_dict(state, strict=True)
+    for shard in shards:
+        del shard["output_layer"]
+    write_megatron(tmp_path / "t", shards)
+    with pytest.raises(SparkImportError, match="output_layer"):
+        import_megatron(tmp_path / "t", cfg)
