@@ -175,6 +175,7 @@ def dragonfly_to_hf(state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any],
     """Our (upstream-named) state dict → Llama state dict with the muP factors folded in."""
     cfg = as_config(cfg)
     emb_scale, depth_scale, width = mup_factors(cfg)
+    target = dtype or next(iter(state.values())).dtype
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state.items():
@@ -186,29 +187,32 @@ def dragonfly_to_hf(state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any],
         else:
             unknown.append(key)
             continue
-        t = value.detach().to(torch.float32)
-        if hf_key == "model.embed_tokens.weight":
-            t = t * emb_scale
-        elif hf_key.endswith(_DEPTH_SCALED):
-            t = t * depth_scale
-        elif hf_key == "lm_head.weight":
-            t = t / width
-        out[hf_key] = t
+        factor = (emb_scale if hf_key == "model.embed_tokens.weight" else
+                  depth_scale if hf_key.endswith(_DEPTH_SCALED) else
+                  1.0 / width if hf_key == "lm_head.weight" else 1.0)
+        out[hf_key] = _scaled(value, factor, target)
     if unknown:
         raise KeyError(f"state dict keys with no Llama equivalent: {unknown[:8]}{' …' if len(unknown) > 8 else ''}")
     if "model.embed_tokens.weight" not in out:
         raise KeyError("state dict has no input_embedding.weight: is this a dragonfly checkpoint?")
     if "lm_head.weight" not in out:
         # Tied head: logits = (h / scale_width) @ Eᵀ.
-        out["lm_head.weight"] = state["input_embedding.weight"].detach().to(torch.float32) / width
+        out["lm_head.weight"] = _scaled(state["input_embedding.weight"], 1.0 / width, target)
     if cfg.qkv_bias:
         # Llama's attention_bias also gives o_proj a bias: ours has none, so it is zero.
         for i in range(cfg.num_layers):
-            out[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(cfg.dim_model)
+            out[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(cfg.dim_model, dtype=target)
     _check_layers(out, cfg.num_layers, "model.layers.{i}.", [v for v in _LAYER_MAP.values()
                                                              if cfg.qkv_bias or not v.endswith("bias")])
-    target = dtype or next(iter(state.values())).dtype
-    return {k: v.to(target).contiguous() for k, v in out.items()}
+    return out
+
+
+def _scaled(value: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
+    """``value · factor`` computed in fp32 and stored as ``dtype``, one tensor at a time (a 2.4B
+    model never sits whole in fp32)."""
+    if factor == 1.0:
+        return value.detach().to(dtype).contiguous()
+    return (value.detach().to(torch.float32) * factor).to(dtype).contiguous()
 
 
 def hf_to_dragonfly(hf_state: Mapping[str, torch.Tensor], hf_cfg: Mapping[str, Any],
@@ -218,6 +222,7 @@ def hf_to_dragonfly(hf_state: Mapping[str, torch.Tensor], hf_cfg: Mapping[str, A
     emb_scale, depth_scale, width = mup_factors(cfg)
     inv_layer = {v: k for k, v in _LAYER_MAP.items()}
     inv_global = {v: k for k, v in _GLOBAL_MAP.items()}
+    target = dtype or next(iter(hf_state.values())).dtype
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in hf_state.items():
@@ -231,14 +236,10 @@ def hf_to_dragonfly(hf_state: Mapping[str, torch.Tensor], hf_cfg: Mapping[str, A
         else:
             unknown.append(key)
             continue
-        t = value.detach().to(torch.float32)
-        if key == "model.embed_tokens.weight":
-            t = t / emb_scale
-        elif key.endswith(_DEPTH_SCALED):
-            t = t / depth_scale
-        elif key == "lm_head.weight":
-            t = t * width
-        out[our_key] = t
+        factor = (1.0 / emb_scale if key == "model.embed_tokens.weight" else
+                  1.0 / depth_scale if key.endswith(_DEPTH_SCALED) else
+                  width if key == "lm_head.weight" else 1.0)
+        out[our_key] = _scaled(value, factor, target)
     if unknown:
         raise KeyError(f"Llama keys with no dragonfly equivalent: {unknown[:8]}{' …' if len(unknown) > 8 else ''}")
     for key, value in hf_state.items():
@@ -246,10 +247,12 @@ def hf_to_dragonfly(hf_state: Mapping[str, torch.Tensor], hf_cfg: Mapping[str, A
             raise ValueError(f"{key} is non-zero: dragonfly has no output-projection bias")
     if cfg.tie_lm_head:
         head = out.pop("lm_head.weight", None)
-        if head is not None and not torch.allclose(head, out["input_embedding.weight"], rtol=1e-3, atol=1e-6):
+        emb = out["input_embedding.weight"]
+        # both were rounded to the export dtype after scaling: allow a few ulps of it
+        rtol = 4 * torch.finfo(hf_state["lm_head.weight"].dtype).eps if head is not None else 0.0
+        if head is not None and not torch.allclose(head.float(), emb.float(), rtol=rtol, atol=1e-6):
             raise ValueError("config says the head is tied but lm_head differs from embed_tokens·scale_width")
-    target = dtype or next(iter(hf_state.values())).dtype
-    return {k: v.to(target).contiguous() for k, v in out.items()}, cfg
+    return out, cfg
 
 
 def _check_layers(state: Mapping[str, Any], num_layers: int, prefix: str, names: Sequence[str]) -> None:
@@ -445,6 +448,13 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLike 
     return pt, cfg
 
 
+def _load_pt(path: Path) -> Any:
+    try:  # memory-mapped: tensors are read as they are converted
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files in torch's legacy (non-zip) format cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _parse_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
@@ -523,7 +533,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
                       overwrite: bool = False) -> Path:
     """Write a Hugging Face Llama directory for a dragonfly checkpoint; returns the directory."""
     pt, cfg = resolve_checkpoint(checkpoint, config)
-    state = extract_state_dict(torch.load(pt, map_location="cpu", weights_only=True, mmap=True), str(pt))
+    state = extract_state_dict(_load_pt(pt), str(pt))
     target_dtype = dtype if isinstance(dtype, torch.dtype) else _parse_dtype(dtype)
     hf_state = dragonfly_to_hf(state, cfg, target_dtype)
     out_dtype = next(iter(hf_state.values())).dtype

@@ -195,3 +195,14 @@ def test_trainer_checkpoint_directory(tmp_path, tokenizer_path):
     ids = torch.randint(0, 8000, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).float(), _hf(out)(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
+def test_bf16_round_trip(tmp_path):
+    cfg, model = _model(seed=6)
+    ckpt = _write_checkpoint(tmp_path, cfg, model.to(torch.bfloat16), step=2)
+    out = export_checkpoint(ckpt, tmp_path / "hf")
+    pt, _ = import_hf(out, tmp_path / "back.pt")
+    state = torch.load(pt, weights_only=True)
+    for k, v in model.state_dict().items():
+        assert state[k].dtype == torch.bfloat16
+        torch.testing.assert_close(state[k], v, rtol=2e-2, atol=0)
