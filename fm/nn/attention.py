@@ -149,6 +149,8 @@ def attention(
         mask = causal_mask(seqlen, segments=segment_ids(cu_seqlens, batch, seqlen), window=window, device=q.device)
     elif mask is None and window is not None:
         mask = causal_mask(seqlen, window=window, device=q.device)
+    elif mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)  # autocast / mixed precision: SDPA wants an additive mask in q's dtype
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),

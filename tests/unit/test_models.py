@@ -557,3 +557,15 @@ def test_models_and_layers_import_no_training_or_distributed_code():
                     continue
                 for name in names:
                     assert not name.startswith(("fm.data", "fm.train", "fm.dist", "torch.distributed")), (path, name)
+
+
+def test_packed_forward_under_cpu_autocast():
+    model = tiny(SPARK_TINY)
+    ids = torch.randint(0, 8000, (2, 16))
+    cu = torch.tensor([0, 5, 16, 20, 32], dtype=torch.int32)
+    with torch.no_grad():
+        ref = model(ids, None, cu)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, None, cu)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert (out.float() - ref).abs().mean() / ref.abs().mean() < 0.05
