@@ -1,8 +1,19 @@
 """Model export/import: :mod:`fm.export.hf` (dragonfly ↔ Hugging Face ``LlamaForCausalLM``).
 
 The Spark Megatron-DeepSpeed importer lives beside the model, in :mod:`fm.models.spark_import`.
+Names are resolved lazily so ``python -m fm.export.hf`` does not import the module twice.
 """
 
-from fm.export.hf import export_checkpoint, import_hf
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["export_checkpoint", "import_hf"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from fm.export import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'fm.export' has no attribute {name!r}")
