@@ -87,6 +87,14 @@ class TrainConfig:
     local: bool = True  # documented no-op (upstream: read data from local disk rather than HDFS)
     dataloader: str = "indexed"  # only "indexed" exists
     grad_ckpt_num: int = 0  # documented no-op (use_checkpoint applies to every layer)
+    # ---- fine-tuning (spark_13b sft / LoRA; fm.train.lora) ----
+    load_model: str = ""  # initial weights (.pt or checkpoint dir) when not resuming; with lora: the frozen base
+    eos_token: str = ""  # piece appended to every sample instead of the tokenizer's EOS (Spark: "<end>")
+    lora: bool = False  # train PEFT LoRA adapters only; checkpoints hold the adapter (PEFT format)
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q,k,v"  # q k v out fc0/gate fc1/up fc2/down, or module names
 
     # resolved at validation time (not user keys)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -18,6 +18,7 @@ the process with SIGKILL right after that iteration (to test resume after a cras
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -145,6 +146,11 @@ class Trainer:
         from fm.tokenizer import Tokenizer
 
         self.tokenizer = Tokenizer(self.cfg.tokenizer_path)
+        if self.cfg.eos_token:  # e.g. Spark's "<end>": the piece every sample ends with (and is trained on)
+            eos = self.tokenizer.piece_to_id(self.cfg.eos_token)
+            if eos == self.tokenizer.unk_id:
+                raise ValueError(f"eos_token {self.cfg.eos_token!r} is not a piece of {self.cfg.tokenizer_path}")
+            self.tokenizer.eos_id = eos
         e = self.engine
         self.loader = build_train_loader(
             self.cfg.dataset_config, self.tokenizer, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
@@ -160,6 +166,14 @@ class Trainer:
         meta = build_model(self.model_config, device="meta")
         scaled = set(mup_scaled_param_names(meta))
         scale_width = float(getattr(self.model_config, "scale_width", 1.0) or 1.0)
+        self.lora_config = None
+        if cfg.lora:  # PEFT adapters go in before the engine shards the model; the base is frozen
+            from fm.train import lora as lora_lib
+
+            self.lora_config = lora_lib.inject(meta, lora_lib.settings_from_train_config(cfg))
+            if e.is_main:
+                log.info("LoRA %s: %s", sorted(self.lora_config.target_modules),
+                         lora_lib.describe(*lora_lib.count_parameters(meta)))
         self.dtype = _dtype(cfg, e.device)
         self.model = e.shard(meta, dtype=self.dtype, activation_checkpointing=cfg.use_checkpoint)
         groups = mup_param_groups(self.model, weight_decay=cfg.weight_decay, scale_width=scale_width,
@@ -198,14 +212,24 @@ class Trainer:
     def resume(self) -> None:
         cfg, e = self.cfg, self.engine
         ckpt = resolve_resume(cfg)
+        if cfg.load_model and (ckpt is None or cfg.lora):  # fine-tuning: base weights (always, under LoRA)
+            from fm.train import lora as lora_lib
+
+            lora_lib.load_base_weights(e, cfg.load_model)
         if ckpt is None:
             if cfg.resume_ckpt and e.is_main:
                 log.info("resume_ckpt=%r: no complete checkpoint under %s yet, starting fresh",
                          cfg.resume_ckpt, run_dir(cfg))
             return
-        mf = ckpt if ckpt.is_file() else ckpt_lib.model_file(ckpt)
-        log.info("resuming from %s (model %s)", ckpt, mf.name)
-        e.load_model(mf, strict=cfg.strict_state_dict)
+        if cfg.lora and ckpt.is_dir():  # a LoRA checkpoint holds the adapter only (PEFT format)
+            from fm.train import lora as lora_lib
+
+            log.info("resuming LoRA adapter from %s", ckpt)
+            lora_lib.load_adapter_into(e, ckpt)
+        else:
+            mf = ckpt if ckpt.is_file() else ckpt_lib.model_file(ckpt)
+            log.info("resuming from %s (model %s)", ckpt, mf.name)
+            e.load_model(mf, strict=cfg.strict_state_dict)
         if ckpt.is_file():
             return  # a bare model file: weights only
         data_file = ckpt / ckpt_lib.DATASET_FILE
@@ -258,9 +282,14 @@ class Trainer:
                     "skipped_total": self.skipped_total, "optimizer_steps": self.scheduler.num_iters,
                     "world_size": e.world_size, "reason": reason, "time": time.time()}
         tok = Path(cfg.tokenizer_path)
-        parts = ckpt_lib.standard_parts(e, step, log_ckpt=log_ckpt, dataset_state=merged, config=cfg.to_dict(),
-                                        tokenizer_path=tok if tok.is_file() else None,
-                                        scheduler_state=self.scheduler.state_dict())
+        make_parts = ckpt_lib.standard_parts
+        if cfg.lora:  # adapter files instead of the full model
+            from fm.train import lora as lora_lib
+
+            make_parts = functools.partial(lora_lib.adapter_parts, lora_config=self.lora_config)
+        parts = make_parts(e, step, log_ckpt=log_ckpt, dataset_state=merged, config=cfg.to_dict(),
+                           tokenizer_path=tok if tok.is_file() else None,
+                           scheduler_state=self.scheduler.state_dict())
         final = self.ckpt.save(step, parts)
         self._last_saved = step
         if e.is_main:
