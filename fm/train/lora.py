@@ -1,0 +1,449 @@
+"""LoRA with PEFT: inject adapters into our models before an engine shards them, count, save, load, merge.
+
+Adapters come from ``peft`` (``inject_adapter_in_model``), so they are PEFT's own ``lora.Linear``
+modules and an adapter directory is PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``
+with keys ``base_model.model.<module path>.lora_{A,B}.weight``. ``PeftModel.from_pretrained(model, DIR)``
+and ``set_peft_model_state_dict`` read it back onto a freshly built model.
+
+Flow in the trainer (``lora: true``)::
+
+    meta = build_model(config, device="meta")
+    peft_cfg = inject(meta, LoraSettings(r=8, alpha=16, targets=("q", "k", "v")))  # base frozen
+    model = engine.shard(meta, ...)           # fsdp / bmtrain shard base + adapters layer by layer
+    load_base_weights(engine, "base.pt")      # base weights map onto ``…q_proj.base_layer.weight``
+    ... train: only lora_A / lora_B have requires_grad ...
+    adapter_parts(engine, step, ...)          # checkpoints hold the adapter only (+ optimizer, data state)
+
+Target names (``lora_targets``) are short aliases resolved per model family — ``q k v out fc0/gate
+fc1/up fc2/down`` — or the module names themselves (spark ``q_proj … fc2``; dragonfly ``project_q …
+w_out``; Hugging Face names ``q_proj … down_proj`` for dragonfly too).
+
+Merge: ``W += (B @ A) · alpha / r`` (``alpha / √r`` with ``use_rslora``), the rule PEFT and Spark's
+released merge script use. ``dragonfly_adapter_to_hf`` renames a dragonfly adapter to the Hugging Face
+Llama export's module names and folds the muP residual scale into ``lora_B`` of ``o_proj`` and
+``down_proj`` (the export folds ``scale_depth/√L`` into those weights, so the adapter's delta must carry
+it too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+    from fm.dist.base import Engine
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+ADAPTER_NAME = "default"
+
+# Short target names → module names, per model family.
+TARGET_ALIASES: dict[str, dict[str, str]] = {
+    "spark": {
+        "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj", "out": "out_proj",
+        "fc0": "fc0", "gate": "fc0", "fc1": "fc1", "up": "fc1", "fc2": "fc2", "down": "fc2",
+        "q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "out_proj": "out_proj",
+        "gate_proj": "fc0", "up_proj": "fc1", "down_proj": "fc2",
+    },
+    "dragonfly": {
+        "q": "project_q", "k": "project_k", "v": "project_v", "o": "attention_out", "out": "attention_out",
+        "fc0": "w_in.w_0", "gate": "w_in.w_0", "fc1": "w_in.w_1", "up": "w_in.w_1", "fc2": "w_out", "down": "w_out",
+        "project_q": "project_q", "project_k": "project_k", "project_v": "project_v",
+        "attention_out": "attention_out", "w_0": "w_in.w_0", "w_1": "w_in.w_1", "w_in.w_0": "w_in.w_0",
+        "w_in.w_1": "w_in.w_1", "w_out": "w_out",
+        "q_proj": "project_q", "k_proj": "project_k", "v_proj": "project_v", "o_proj": "attention_out",
+        "gate_proj": "w_in.w_0", "up_proj": "w_in.w_1", "down_proj": "w_out",
+    },
+}  # fmt: skip
+
+# Wrappers that insert name parts (bmtrain Block, activation-checkpoint wrappers, torch.compile).
+_WRAPPER_PARTS = ("._module.", "._checkpoint_wrapped_module.", "._orig_mod.", "._fsdp_wrapped_module.")
+
+
+class LoraError(ValueError):
+    """Bad LoRA settings or an adapter that does not fit the model; the message says how to fix it."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = parse_targets(self.targets)
+        self.targets = tuple(self.targets)
+        if self.r < 1:
+            raise LoraError(f"lora_r must be >= 1, got {self.r}")
+        if not self.alpha > 0:
+            raise LoraError(f"lora_alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoraError(f"lora_dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise LoraError("lora_targets is empty: name at least one module, e.g. \"q,k,v\"")
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """``"q,k,v"``, ``"q k v"`` or MindFormers' ``"q_proj|v_proj|k_proj"``."""
+    return tuple(t for t in re.split(r"[,\s|]+", text.strip()) if t)
+
+
+def settings_from_train_config(cfg: Any) -> LoraSettings:
+    return LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
+
+
+def _family(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "model_family", "dragonfly"))
+
+
+def resolve_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Module names PEFT should adapt; every target must match at least one ``nn.Linear`` of ``model``."""
+    family = _family(model)
+    aliases = TARGET_ALIASES.get(family, {})
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    out: list[str] = []
+    for t in targets:
+        name = aliases.get(t, t)
+        if not any(n == name or n.endswith("." + name) for n in linears):
+            known = sorted({k for k in aliases if len(k) <= 5}) or ["<module names>"]
+            raise LoraError(f"lora target {t!r} matches no linear layer of the {family} model; use one of "
+                            f"{known} or a module name such as {linears[0].rsplit('.', 1)[-1] if linears else '?'}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def peft_config(model: nn.Module, settings: LoraSettings) -> LoraConfig:
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=resolve_targets(model, settings.targets), bias="none")
+
+
+def is_lora_name(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or name.endswith((".lora_A", ".lora_B"))
+
+
+def canonical_name(name: str) -> str:
+    """The model's own parameter name (wrapper parts removed)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, ".")
+    return name
+
+
+def reset_adapters(module: nn.Module) -> None:
+    """PEFT's initialisation of every adapter under ``module`` (A: Kaiming uniform, B: zeros)."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, LoraLayer):
+                for name in m.lora_A:
+                    m.reset_lora_parameters(name, True)
+
+
+def _init_with_adapters(layer: nn.Module):
+    inner = layer.init_weights
+
+    def init_weights(*args: Any, **kwargs: Any) -> None:
+        inner(*args, **kwargs)
+        reset_adapters(layer)
+
+    return init_weights
+
+
+def inject(model: nn.Module, settings: LoraSettings) -> LoraConfig:
+    """Put LoRA adapters into ``model`` in place (meta or real), freeze everything else; return the LoraConfig.
+
+    Each ``encoder.layers[i].init_weights`` is extended to initialise its adapters as PEFT does, so an
+    engine that materialises a meta model layer by layer (``to_empty`` + ``init_weights``) gets proper
+    adapters (random A, zero B: the model starts equal to its base)."""
+    from peft import inject_adapter_in_model
+
+    cfg = peft_config(model, settings)
+    inject_adapter_in_model(cfg, model, adapter_name=ADAPTER_NAME)
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_lora_name(name))
+    for layer in model.encoder.layers:
+        layer.init_weights = _init_with_adapters(layer)
+    if not any(p.device.type == "meta" for p in model.parameters()):
+        reset_adapters(model)
+    return cfg
+
+
+def count_parameters(model: nn.Module, shapes: Mapping[str, torch.Size] | None = None) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (a tied weight counted once). ``shapes`` gives full shapes
+    when ``model`` is sharded (``engine.param_shapes``)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = math.prod(shapes[name]) if shapes and name in shapes else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def describe(trainable: int, total: int) -> str:
+    pct = 100 * trainable / max(total, 1)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
+
+
+# ----------------------------------------------------------------------------- key names
+def model_key_to_peft(name: str) -> str:
+    """``encoder….q_proj.lora_A.default.weight`` → ``base_model.model.encoder….q_proj.lora_A.weight``."""
+    return PEFT_PREFIX + canonical_name(name).replace(f".{ADAPTER_NAME}.", ".")
+
+
+def peft_key_to_model(key: str) -> str:
+    """Inverse of :func:`model_key_to_peft`."""
+    key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return re.sub(r"\.(lora_[AB])\.", rf".\1.{ADAPTER_NAME}.", key)
+
+
+def base_key(name: str) -> str:
+    """Parameter name in the plain model (``….q_proj.base_layer.weight`` → ``….q_proj.weight``)."""
+    return canonical_name(name).replace(".base_layer.", ".")
+
+
+def _full_tensor(p: torch.Tensor) -> torch.Tensor:
+    """The whole parameter on every rank (collective for sharded ones)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(p, DTensor):
+        return p.full_tensor()
+    if hasattr(p, "_original_shape") and hasattr(p, "gather"):  # bmtrain DistributedParameter
+        return p.gather()
+    return p.detach()
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-format adapter state (fp32, CPU). Collective under an engine: every rank must call it."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if is_lora_name(name):
+            out[model_key_to_peft(name)] = _full_tensor(p).detach().to("cpu", torch.float32).contiguous()
+    if not out:
+        raise LoraError("the model has no LoRA adapter parameters (was fm.train.lora.inject called?)")
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+def _config_json(cfg: LoraConfig | Mapping[str, Any], base_model: str | None) -> bytes:
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
+    d["peft_type"] = str(getattr(d.get("peft_type"), "value", d.get("peft_type") or "LORA"))
+    d["task_type"] = getattr(d.get("task_type"), "value", d.get("task_type"))
+    if base_model is not None:
+        d["base_model_name_or_path"] = base_model
+    return (json.dumps(d, indent=2, ensure_ascii=False, default=str) + "\n").encode()
+
+
+def write_adapter_files(directory: str | Path, state: Mapping[str, torch.Tensor], cfg: LoraConfig | Mapping[str, Any],
+                        base_model: str | None = None) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory`` (each file atomically)."""
+    from safetensors.torch import save as st_save
+
+    from fm.train.checkpoint import atomic_write_bytes
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(st_save(dict(state), metadata={"format": "pt"}), d / ADAPTER_WEIGHTS)
+    atomic_write_bytes(_config_json(cfg, base_model), d / ADAPTER_CONFIG)
+
+
+def save_adapter(directory: str | Path, state: Mapping[str, torch.Tensor], cfg: LoraConfig | Mapping[str, Any],
+                 base_model: str | None = None) -> Path:
+    """A complete adapter directory at ``directory``, made in a temp dir and renamed (never half written)."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write_adapter_files(tmp, state, cfg, base_model)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(adapter_config dict, PEFT-format state dict)`` from an adapter (or LoRA checkpoint) directory."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    cfg_path, w_path = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise FileNotFoundError(f"{d} is not a PEFT adapter directory: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise LoraError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    return cfg, load_file(str(w_path))
+
+
+def settings_from_adapter_config(cfg: Mapping[str, Any]) -> LoraSettings:
+    targets = cfg.get("target_modules") or ()
+    targets = parse_targets(targets) if isinstance(targets, str) else tuple(targets)
+    return LoraSettings(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
+                        targets=targets)
+
+
+def scaling(cfg: Mapping[str, Any]) -> float:
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+# ----------------------------------------------------------------------------- merge
+def merge_state_dict(base: Mapping[str, torch.Tensor], adapter: Mapping[str, torch.Tensor],
+                     cfg: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Dense state dict with the adapter folded in: ``W += (B @ A) · scale`` (in fp32, cast back)."""
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise LoraError("adapters with rank_pattern/alpha_pattern are not supported by this merge")
+    scale = scaling(cfg)
+    out = dict(base)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in adapter.items():
+        m = re.match(r"^(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.default)?\.weight$", key)
+        if m is None:
+            raise LoraError(f"adapter key {key!r} is not a LoRA A/B weight (bias adapters are not supported)")
+        modules.setdefault(m.group(1), {})[m.group(2)] = t
+    for mod, ab in sorted(modules.items()):
+        wkey = f"{mod}.weight"
+        if wkey not in out:
+            raise LoraError(f"adapter module {mod!r} has no weight {wkey!r} in the base state dict: wrong base model?")
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise LoraError(f"adapter module {mod!r} lacks {sorted({'lora_A', 'lora_B'} - set(ab))}")
+        w = out[wkey]
+        delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * scale
+        if delta.shape != w.shape:
+            raise LoraError(f"{wkey}: adapter delta {tuple(delta.shape)} != weight {tuple(w.shape)}")
+        out[wkey] = (w.float() + delta.to(w.device)).to(w.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- engine glue
+def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    from fm.export.hf import extract_state_dict
+    from fm.train.checkpoint import model_file
+
+    p = Path(path)
+    if p.is_dir():
+        p = model_file(p)
+    if not p.is_file():
+        raise FileNotFoundError(f"load_model: {p} does not exist (give a .pt state dict or a checkpoint directory)")
+    return dict(extract_state_dict(torch.load(p, map_location="cpu", mmap=True, weights_only=True), str(p)))
+
+
+def load_base_weights(engine: Engine, path: str | Path) -> None:
+    """Load a dense state dict (``.pt`` or checkpoint dir) into the engine's model, adapters or not.
+
+    With adapters the base weights land on ``….base_layer.*``; every non-adapter parameter must be in
+    the file (and nothing else), else ``KeyError`` names the differences."""
+    from fm.dist.fsdp import check_keys
+
+    sd = _read_state(path)
+    model = engine.model
+    own = [canonical_name(k) for k in model.state_dict()]
+    base_names = {base_key(k): k for k in own if not is_lora_name(k)}
+    check_keys(set(base_names), set(sd), f"load_model({path})")
+    mapped = {base_names[k]: v for k, v in sd.items()}
+    has_lora = len(base_names) != len(own)
+    engine.load_model(mapped, strict=not has_lora)
+    log.info("base weights loaded from %s (%d tensors)", path, len(mapped))
+
+
+def load_adapter_into(engine: Engine, directory: str | Path) -> None:
+    """Load a PEFT adapter directory (a LoRA checkpoint) into the engine's injected model."""
+    _, state = load_adapter(directory)
+    own = {canonical_name(k) for k in engine.model.state_dict() if is_lora_name(k)}
+    mapped = {peft_key_to_model(k): v for k, v in state.items()}
+    from fm.dist.fsdp import check_keys
+
+    check_keys(own, set(mapped), f"adapter {directory}")
+    engine.load_model(mapped, strict=False)
+
+
+def adapter_parts(engine: Engine, step: int, *, lora_config: Any, log_ckpt: dict[str, Any],
+                  dataset_state: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
+                  tokenizer_path: str | Path | None = None, scheduler_state: Any = None,
+                  save_optimizer: bool = True) -> list:
+    """Checkpoint parts of a LoRA run: :func:`fm.train.checkpoint.standard_parts` with the adapter files
+    (PEFT format, in the step directory itself) instead of the full model. Collective."""
+    import io
+
+    from fm.train import checkpoint as ck
+
+    state = adapter_state_dict(engine.model)
+    base = (config or {}).get("load_model") or None
+    parts = []
+    if engine.is_main:
+        parts.append(lambda d: write_adapter_files(d, state, lora_config, base))
+    if save_optimizer:
+        parts.append(ck.optimizer_part(engine))
+    parts.append(ck.torch_part(ck.RNG_FILE.format(rank=engine.rank), ck.rng_state()))
+    if engine.is_main:
+        parts.append(ck.json_part(ck.LOG_CKPT, log_ckpt))
+        if dataset_state is not None:
+            parts.append(ck.json_part(ck.DATASET_FILE, dataset_state))
+        if config is not None:
+            parts.append(ck.json_part(ck.CONFIG_FILE, config))
+        if tokenizer_path is not None:
+            parts.append(ck.copy_part(ck.TOKENIZER_FILE, tokenizer_path))
+        if scheduler_state is not None:
+            buf = io.BytesIO()
+            torch.save(scheduler_state, buf)
+            parts.append(lambda d, b=buf.getvalue(): ck.atomic_write_bytes(b, d / ck.SCHEDULER_FILE))
+    return parts
+
+
+# ----------------------------------------------------------------------------- Hugging Face export
+def dragonfly_adapter_to_hf(adapter_dir: str | Path, output: str | Path, model_config: Any,
+                            base_model: str | None = None) -> Path:
+    """A dragonfly adapter → an adapter for the Hugging Face Llama export (``fm.export.hf``).
+
+    Module paths are renamed to Llama's (``model.layers.{i}.self_attn.q_proj`` …) and ``lora_B`` of
+    ``o_proj``/``down_proj`` is multiplied by ``scale_depth/√L``, the factor the export folded into
+    those weights, so ``PeftModel.from_pretrained(LlamaForCausalLM, output)`` equals our model + adapter."""
+    from fm.export.hf import _LAYER_MAP, as_config, mup_factors
+
+    cfg_d, state = load_adapter(adapter_dir)
+    mc = as_config(model_config)
+    _, residual, _ = mup_factors(mc)
+    module_map = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in _LAYER_MAP.items() if k.endswith(".weight")}
+    out: dict[str, torch.Tensor] = {}
+    hf_targets: set[str] = set()
+    for key, t in state.items():
+        m = re.match(r"^(?:base_model\.model\.)?encoder\.layers\.(\d+)\.(.+)\.(lora_[AB])\.weight$", key)
+        if m is None or m.group(2) not in module_map:
+            raise LoraError(f"{adapter_dir}: adapter key {key!r} has no Hugging Face Llama counterpart")
+        hf_mod = module_map[m.group(2)]
+        if m.group(3) == "lora_B" and hf_mod in ("self_attn.o_proj", "mlp.down_proj"):
+            t = t * residual
+        out[f"{PEFT_PREFIX}model.layers.{m.group(1)}.{hf_mod}.{m.group(3)}.weight"] = t.contiguous()
+        hf_targets.add(hf_mod.rsplit(".", 1)[-1])
+    cfg_d = dict(cfg_d)
+    cfg_d["target_modules"] = sorted(hf_targets)
+    cfg_d["task_type"] = "CAUSAL_LM"
+    return save_adapter(output, out, cfg_d, base_model)
