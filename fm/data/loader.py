@@ -49,7 +49,7 @@ from fm.data.packing import (
     SEGMENTED,
     TRUNCATED,
     PackedBatchBuilder,
-    build_samples,
+    build_sample_parts,
 )
 
 log = logging.getLogger(__name__)
@@ -359,11 +359,12 @@ class _Cursor:
         tok = self.source.tokenizer
         rule = self.source.spec.oversize_rule
         for line, (in_ids, out_ids) in zip(lines.tolist(), self.source.tokenize(lines, epochs, roots)):
-            samples, event = build_samples(in_ids, out_ids, tok.bos_id, tok.eos_id, self.max_length, rule)
+            samples, event = build_sample_parts(in_ids, out_ids, tok.bos_id, tok.eos_id, self.max_length, rule)
             self.buffer.append((line, samples, event))
 
-    def peek(self, stats: list[int]) -> tuple[int, list[int], list[int]] | None:
-        """The next sample (line, src, tgt), skipping (and counting) dropped lines; None when exhausted."""
+    def peek(self, stats: list[int]) -> tuple[int, tuple[list[int], int, int]] | None:
+        """The next sample (line, (src, n_masked, last_label)), skipping (and counting) dropped lines; None when
+        exhausted."""
         while True:
             if not self.buffer:
                 self._refill()
@@ -371,8 +372,7 @@ class _Cursor:
                     return None
             line, samples, event = self.buffer[0]
             if samples:
-                src, tgt = samples[self.seg]
-                return line, src, tgt
+                return line, samples[self.seg]
             stats[EVENT_COL[event]] += 1
             stats[S_LINES] += 1
             self.buffer.popleft()
@@ -438,13 +438,13 @@ def run_stream(plan: _Plan, v: int, snapshot: dict) -> Iterator[tuple[dict, dict
         if item is None:
             active[d] = False
             continue
-        line, src, tgt = item
+        line, (src, masked, last) = item
         chunk = cursors[d].seg
-        if not builder.add(src, tgt, d, line, compact[d], chunk):
+        if not builder.add_parts(src, masked, last, d, line, compact[d], chunk):
             batches += 1
             yield builder.finish(), export()  # state before this sample: a resume re-picks it
             builder = PackedBatchBuilder(plan.batch_size, plan.max_length, pad, names)
-            builder.add(src, tgt, d, line, compact[d], chunk)
+            builder.add_parts(src, masked, last, d, line, compact[d], chunk)
         cursors[d].commit(cols[d], len(src))
         mixer.add(d, len(src))
     if not builder.empty:

@@ -30,28 +30,55 @@ def default_rule(input_ids: Sequence[int], rule: str | None) -> str:
     return "head" if len(input_ids) else "segment"
 
 
-def build_samples(input_ids: list[int], output_ids: list[int], bos_id: int, eos_id: int, max_length: int,
-                  rule: str | None = None) -> tuple[list[tuple[list[int], list[int]]], str | None]:
-    """The samples of one record and what happened to it (None, or one of the event names above).
+def build_sample_parts(input_ids: list[int], output_ids: list[int], bos_id: int, eos_id: int, max_length: int,
+                       rule: str | None = None) -> tuple[list[tuple[list[int], int, int]], str | None]:
+    """Like :func:`build_samples`, but each sample is ``(src, n_masked, last_label)``.
 
-    Input of ``≥ max_length − 2`` tokens leaves no room for an answer: the record is dropped. A sample
-    longer than ``max_length`` is cut to its head (``head``), cut into ``max_length`` chunks that each
-    become a sample (``segment``), or dropped (``drop``).
+    The labels of a sample are fully determined by them (``src`` shifted, −100 on the first ``n_masked``
+    positions, ``last_label`` at the end), which saves building the label list per sample.
     """
     n_in = len(input_ids)
     if n_in >= max_length - 2:
         return [], INPUT_TOO_LONG
     src = [bos_id] + input_ids + output_ids
-    tgt = [IGNORE_INDEX] * n_in + output_ids + [eos_id]
     n = len(src)
     if n <= max_length:
-        return [(src, tgt)], None
+        return [(src, n_in, eos_id)], None
     rule = default_rule(input_ids, rule)
     if rule == "drop":
         return [], OVERSIZE_DROPPED
+
+    def label(t: int) -> int:  # label of position t of the whole sample
+        return IGNORE_INDEX if t < n_in else (src[t + 1] if t + 1 < n else eos_id)
+
     if rule == "head":
-        return [(src[:max_length], tgt[:max_length])], TRUNCATED
-    return [(src[i:i + max_length], tgt[i:i + max_length]) for i in range(0, n, max_length)], SEGMENTED
+        return [(src[:max_length], n_in, label(max_length - 1))], TRUNCATED
+    parts = []
+    for a in range(0, n, max_length):
+        b = min(a + max_length, n)
+        parts.append((src[a:b], min(max(n_in - a, 0), b - a), label(b - 1)))
+    return parts, SEGMENTED
+
+
+def parts_to_target(src: list[int], n_masked: int, last_label: int) -> list[int]:
+    """The label list of a ``(src, n_masked, last_label)`` sample."""
+    n = len(src)
+    if n_masked >= n:
+        return [IGNORE_INDEX] * n
+    return [IGNORE_INDEX] * n_masked + src[n_masked + 1:] + [last_label]
+
+
+def build_samples(input_ids: list[int], output_ids: list[int], bos_id: int, eos_id: int, max_length: int,
+                  rule: str | None = None) -> tuple[list[tuple[list[int], list[int]]], str | None]:
+    """The samples ``(src, tgt)`` of one record and what happened to it (None, or one of the event names above).
+
+    ``src = [BOS] + input + output``, ``tgt = [-100]*len(input) + output + [EOS]``. Input of
+    ``≥ max_length − 2`` tokens leaves no room for an answer: the record is dropped. A sample longer than
+    ``max_length`` is cut to its head (``head``), cut into ``max_length`` chunks that each become a sample
+    (``segment``), or dropped (``drop``).
+    """
+    parts, event = build_sample_parts(input_ids, output_ids, bos_id, eos_id, max_length, rule)
+    return [(src, parts_to_target(src, m, last)) for src, m, last in parts], event
 
 
 @dataclass
@@ -91,6 +118,13 @@ class PackedBatchBuilder:
         ``tgt`` must be ``src`` shifted by one (−100 on the leading input part), as build_samples makes it:
         only its −100 count and last label are kept, the batch's targets are rebuilt from its inputs.
         """
+        masked = tgt.count(IGNORE_INDEX)
+        return self.add_parts(src, masked, tgt[-1] if masked < len(tgt) else IGNORE_INDEX, task, line, compact,
+                              chunk)
+
+    def add_parts(self, src: list[int], n_masked: int, last_label: int, task: int, line: int,
+                  compact: bool = True, chunk: int = 0) -> bool:
+        """:meth:`add` for a ``(src, n_masked, last_label)`` sample (see build_sample_parts)."""
         n = len(src)
         if n > self.max_length:
             raise ValueError(f"sample of {n} tokens > max_length {self.max_length} (apply build_samples first)")
@@ -101,8 +135,8 @@ class PackedBatchBuilder:
             self.col = 0
         r = self.row
         self.src[r].extend(src)
-        self.masked.append(tgt.count(IGNORE_INDEX))
-        self.last_label.append(tgt[-1])
+        self.masked.append(n_masked)
+        self.last_label.append(last_label)
         self.seg_lens[r].append(n)
         self.seg_tasks[r].append(task)
         self.lines.append((task, line, chunk))

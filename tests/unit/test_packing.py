@@ -156,3 +156,16 @@ def test_segment_and_head_counted_in_stats(tmp_path, tokenizer):
     assert s["head"]["truncated"] == 4 and s["head"]["samples"] == 4
     assert s["drop"]["oversize_dropped"] == 4 and s["drop"]["samples"] == 0
     assert all("drop" not in b["indexes"] for b in batches)
+
+
+def test_segment_chunks_keep_labels_across_boundaries():
+    inp, out = [7, 8, 9], list(range(30, 50))
+    full_src = [BOS] + inp + out
+    full_tgt = [IGNORE_INDEX] * 3 + out + [EOS]
+    for L in (6, 7, 8):
+        samples, event = build_samples(inp, out, BOS, EOS, L, "segment")
+        assert event == SEGMENTED
+        assert [s for s, _ in samples] == [full_src[a:a + L] for a in range(0, len(full_src), L)]
+        assert [t for _, t in samples] == [full_tgt[a:a + L] for a in range(0, len(full_tgt), L)]
+        (src, tgt), = build_samples(inp, out, BOS, EOS, L, "head")[0]
+        assert (src, tgt) == (full_src[:L], full_tgt[:L])
