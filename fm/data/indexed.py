@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -116,7 +117,9 @@ def _parse_text_offsets(text_path: str) -> np.ndarray:
 class IndexedDataset:
     """``ds[i]`` → raw jsonl line i (bytes, no newline); ``ds.record(i)`` → parsed dict.
 
-    Safe to pass to DataLoader workers (fork or spawn): file handles are reopened per process.
+    ``ds.offsets`` gives the n+1 line offsets, ``ds.get_many(indices)`` many lines at once. Safe to pass to
+    DataLoader workers (fork or spawn): the data file is mapped again in each process, and pickling sends
+    only the path.
     """
 
     def __init__(self, path: str):
@@ -131,8 +134,9 @@ class IndexedDataset:
         self.meta: dict = read_meta(self.path)
         self.index_name = index_name(self.path, self.meta)
         self._open_offsets()
-        self._fd: int | None = None
-        self._fd_pid: int | None = None
+        self._mm: mmap.mmap | bytes | None = None
+        self._mm_pid: int | None = None
+        self._full_offsets: np.ndarray | None = None
 
     def _open_offsets(self) -> None:
         h5_path = os.path.join(self.path, self.index_name + ".h5")
@@ -174,36 +178,53 @@ class IndexedDataset:
             raise IndexError(f"line {i} out of range for {self.path} ({self._n} lines)")
         return i
 
-    def _read(self, start: int, end: int) -> bytes:
-        if self._fd is None or self._fd_pid != os.getpid():
-            self._fd = os.open(self.data_path, os.O_RDONLY)
-            self._fd_pid = os.getpid()
-        buf = os.pread(self._fd, end - start, start)
-        if len(buf) != end - start:
-            raise OSError(f"{self.data_path}: short read at byte {start} (file truncated?)")
-        return buf
+    def _data(self) -> mmap.mmap | bytes:
+        # One read-only mapping per process (a forked child re-maps: cheap, and never shares a stale one).
+        if self._mm is None or self._mm_pid != os.getpid():
+            if self.nbytes == 0:
+                self._mm = b""
+            else:
+                with open(self.data_path, "rb") as f:
+                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._mm_pid = os.getpid()
+        return self._mm
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """The n+1 byte offsets of the lines (line i is ``[offsets[i], offsets[i+1])``, newline included).
+
+        A zero-copy view of the memory-mapped index for our format; built once (O(n)) for upstream's.
+        """
+        if not self.upstream_format:
+            return self._off if len(self._off) else np.zeros(1, dtype=np.int64)
+        if self._full_offsets is None:
+            self._full_offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.asarray(self._off, np.int64)])
+        return self._full_offsets
+
+    def get_many(self, indices) -> list[bytes]:
+        """Raw lines (bytes, without the newline) for an array of line numbers, vectorised."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) == 0:
+            return []
+        idx = np.where(idx < 0, idx + self._n, idx)
+        if idx.min() < 0 or idx.max() >= self._n:
+            bad = int(idx[(idx < 0) | (idx >= self._n)][0])
+            raise IndexError(f"line {bad} out of range for {self.path} ({self._n} lines)")
+        if self.upstream_format:
+            ends = np.asarray(self._off[idx], dtype=np.int64)
+            starts = np.where(idx > 0, np.asarray(self._off[np.maximum(idx - 1, 0)], dtype=np.int64), 0)
+        else:
+            starts = np.asarray(self._off[idx], dtype=np.int64)
+            ends = np.asarray(self._off[idx + 1], dtype=np.int64)
+        mm = self._data()
+        # Drop the newline; a last line written without one (possible in upstream data) keeps its last byte.
+        ends = ends - (np.frombuffer(mm, dtype=np.uint8)[ends - 1] == 10)
+        return [mm[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
 
     def __getitem__(self, key: int | slice) -> bytes | list[bytes]:
         if isinstance(key, slice):
-            return self._get_slice(key)
-        start, end = self.span(key)
-        line = self._read(start, end)
-        return line[:-1] if line.endswith(b"\n") else line
-
-    def _get_slice(self, key: slice) -> list[bytes]:
-        a, b, step = key.indices(self._n)
-        if step != 1 or b <= a:
-            return [self[i] for i in range(a, b, step)]
-        # One read for the whole range, then split at the known offsets.
-        base, _ = self.span(a)
-        _, stop = self.span(b - 1)
-        buf = self._read(base, stop)
-        out = []
-        for i in range(a, b):
-            s, e = self.span(i)
-            line = buf[s - base:e - base]
-            out.append(line[:-1] if line.endswith(b"\n") else line)
-        return out
+            return self.get_many(np.arange(*key.indices(self._n)))
+        return self.get_many([self._check(key)])[0]
 
     def record(self, i: int) -> dict[str, Any]:
         line = self[i]
@@ -220,15 +241,9 @@ class IndexedDataset:
             yield self[i]
 
     def close(self) -> None:
-        if self._fd is not None and self._fd_pid == os.getpid():
-            os.close(self._fd)
-        self._fd = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        if isinstance(self._mm, mmap.mmap) and self._mm_pid == os.getpid():
+            self._mm.close()
+        self._mm = None
 
     # Pickle by path: a memmap would otherwise be pickled as a full copy of the offsets.
     def __getstate__(self) -> dict:

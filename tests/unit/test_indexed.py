@@ -126,3 +126,41 @@ def test_missing_files(tmp_path):
     (tmp_path / "data.jsonl").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="index"):
         IndexedDataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("upstream", [False, True])
+def test_offsets_and_get_many(tmp_path, upstream):
+    lines = _write_dir(tmp_path, RECORDS, upstream=upstream)
+    ds = IndexedDataset(str(tmp_path))
+    want = np.concatenate([[0], np.cumsum([len(x) for x in lines])]).tolist()
+    assert ds.offsets.tolist() == want
+    assert ds.get_many([3, 0, -1, 1]) == [lines[i][:-1] for i in (3, 0, 3, 1)]
+    assert ds.get_many(np.array([], dtype=np.int64)) == []
+    with pytest.raises(IndexError):
+        ds.get_many([0, 4])
+    with pytest.raises(IndexError):
+        ds.get_many([-5])
+
+
+def test_last_line_without_newline_upstream(tmp_path):
+    # Upstream copied input bytes as they were: the last line of data.jsonl may lack its newline.
+    _write_dir(tmp_path, RECORDS[:1], upstream=True, h5=False)
+    data = (tmp_path / "data.jsonl").read_bytes()[:-1]
+    (tmp_path / "data.jsonl").write_bytes(data)
+    (tmp_path / "index").write_text(f"{len(data)}\n")
+    ds = IndexedDataset(str(tmp_path))
+    assert ds[0] == data and ds.record(0) == RECORDS[0]
+
+
+def test_reads_after_fork(tmp_path):
+    import multiprocessing as mp
+
+    _write_dir(tmp_path, RECORDS)
+    ds = IndexedDataset(str(tmp_path))
+    ds[0]  # map the data file in the parent first
+    with mp.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_read_all, (ds,)) == RECORDS
+
+
+def _read_all(ds):
+    return [ds.record(i) for i in range(len(ds))]
