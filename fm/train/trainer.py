@@ -342,13 +342,22 @@ class Trainer:
             m = self._to_device(m)
             logits = self.model(m["inputs"], position_ids=m["position_ids"], cu_seqlens=m["cu_seqlens"],
                                 max_seqlen=m["max_seqlen"])
-            loss_sum, _ = e.loss(logits, m["targets"])
+            per_tok = None
+            if e.name == "fsdp":
+                # Same math as FSDPEngine.loss (fp32 CE summed over targets != -100), kept per token so the
+                # per-task losses cost no second cross-entropy pass.
+                per_tok = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), m["targets"].reshape(-1), ignore_index=-100,
+                    reduction="none")
+                loss_sum = per_tok.sum()
+            else:
+                loss_sum, _ = e.loss(logits, m["targets"])
             if poison:
                 loss_sum = loss_sum * float("nan")
             e.backward(loss_sum / total_targets)
             ls = loss_sum.detach().double().cpu()
             loss_sum_local += ls
-            self._task_losses(logits, m, ls, task_sum, task_cnt)
+            self._task_losses(logits, m, ls, task_sum, task_cnt, None if per_tok is None else per_tok.detach())
             num_tokens += int(m["num_tokens"])
             if self._record is not None:
                 self._record.write(json.dumps({"iter": self.iteration + 1, "indexes": m.get("indexes", {})}) + "\n")
@@ -397,10 +406,17 @@ class Trainer:
 
     @staticmethod
     def _task_losses(logits: torch.Tensor, m: dict, loss_sum: torch.Tensor, task_sum: torch.Tensor,
-                     task_cnt: torch.Tensor) -> None:
-        """Per-task loss sums: free when the micro-batch holds one task; otherwise a chunked no-grad CE."""
+                     task_cnt: torch.Tensor, per_tok: torch.Tensor | None = None) -> None:
+        """Per-task loss sums: from the per-token losses when the loss kept them; free when the micro-batch
+        holds one task; otherwise a chunked no-grad cross-entropy (bmtrain's fused loss only gives the sum)."""
         tgt, tid = m["targets"], m["task_ids"]
         valid = tgt != -100
+        if per_tok is not None:
+            v = valid.reshape(-1)
+            k = tid.reshape(-1)[v].cpu()
+            task_sum.index_add_(0, k, per_tok[v].double().cpu())
+            task_cnt.index_add_(0, k, torch.ones(k.numel(), dtype=torch.float64))
+            return
         ids = torch.unique(tid[valid]).tolist()
         if not ids:
             return
