@@ -20,7 +20,6 @@ The output is built in a temporary directory next to the target and renamed into
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import logging
 import multiprocessing as mp
@@ -30,392 +29,37 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from operator import attrgetter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import numpy as np
 
+from fm.data._convert_worker import (  # noqa: F401 - re-exported: the converter's public names
+    BUCKET_EDGES,
+    BUCKETS,
+    DATA_FILE,
+    ESTIMATE_FACTORS,
+    EXIT_ERROR,
+    EXIT_STRICT,
+    FORMAT_VERSION,
+    MAX_REPORTED,
+    META_FILE,
+    REASONS,
+    ConvertError,
+    Options,
+    PartResult,
+    Segment,
+    StrictError,
+    TokenCounter,
+    _worker_init,
+    _worker_main,
+    classify,
+    convert_part,
+    scan_chunk,
+)
+
 log = logging.getLogger("fm.data.convert")
-
-FORMAT_VERSION = 1
-DATA_FILE = "data.jsonl"
-META_FILE = "meta.json"
-BUCKETS = ("less_4k", "4k-8k", "8k-16k", "16k-32k", "32k-64k", "64k-128k", "128k-256k", "more_256k")
-# Upstream's bucket edges are decimal thousands (4000, not 4096); kept so statistics stay comparable.
-BUCKET_EDGES = np.array([4000, 8000, 16000, 32000, 64000, 128000, 256000], dtype=np.float64)
-# Tokens per unit when no tokenizer is given. zh: per character, en: per space-separated word (upstream);
-# code: per character (≈3.3 characters per token for BPE/SentencePiece vocabularies on source code).
-ESTIMATE_FACTORS = {"zh": 0.7, "en": 1.5, "code": 0.3}
-# Order matters: a line is reported with the first reason that applies.
-REASONS = ("empty_line", "nul_byte", "invalid_utf8", "invalid_json", "not_object", "missing_output",
-           "output_not_string", "input_not_string")
-# Blank lines hold no data, so they are counted and reported but never fail --strict.
-NON_FATAL = frozenset({"empty_line"})
-MAX_REPORTED = 20
-EXIT_ERROR = 1
-EXIT_STRICT = 2
-DEFAULT_CHUNK = 16 << 20
-TOKENIZER_CHUNK = 4 << 20  # token ids of a chunk are held at once: keep it smaller
-
-
-class ConvertError(Exception):
-    exit_code = EXIT_ERROR
-
-
-class StrictError(ConvertError):
-    exit_code = EXIT_STRICT
-
-
-class _Record(msgspec.Struct):
-    output: str
-    input: str | None = None
-
-
-_record_decoder = msgspec.json.Decoder(_Record)
-_decode_record = _record_decoder.decode
-_decode_records = _record_decoder.decode_lines
-_decode_any = msgspec.json.Decoder().decode
-_get_output = attrgetter("output")
-
-
-# ----------------------------------------------------------------------------------------------- options
-
-@dataclass
-class Options:
-    language: str
-    index_name: str = "index"
-    tokenizer: str | None = None
-    workers: int = 1
-    strict: bool = False
-    overwrite: bool = False
-    chunk_size: int = 0  # 0: DEFAULT_CHUNK, or TOKENIZER_CHUNK with a tokenizer
-    progress: bool | None = None  # None: when stderr is a TTY
-    fsync: bool = True
-
-    def resolved_chunk(self) -> int:
-        return self.chunk_size or (TOKENIZER_CHUNK if self.tokenizer else DEFAULT_CHUNK)
-
-
-# ----------------------------------------------------------------------------------------------- counting
-
-_LONG_LINE = 1024  # above this average line length, per-line numpy counts beat one vectorised reduceat
-
-
-class Scratch:
-    """Buffers reused from chunk to chunk: fresh 16 MB arrays cost page faults that dominate on small VMs."""
-
-    def __init__(self, size: int):
-        self.buf = bytearray(size + 1)  # +1: room for the newline added to a file's unterminated last line
-        self.mask = np.empty(size + 1, dtype=bool)
-
-    def grow(self, size: int) -> None:
-        if size + 1 > len(self.buf):
-            self.__init__(size)
-
-    def equal(self, a: np.ndarray, value: int) -> np.ndarray:
-        return np.equal(a, value, out=self.mask[: len(a)])
-
-
-def _count_per_line(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Number of True values of ``mask`` in each ``[starts[i], ends[i])`` (every range non-empty)."""
-    n = len(starts)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    if (int(ends[-1]) - int(starts[0])) >= _LONG_LINE * n:
-        return np.fromiter(map(np.count_nonzero, map(mask.__getitem__, map(slice, starts.tolist(), ends.tolist()))),
-                           np.int64, n)
-    return np.add.reduceat(mask.astype(np.uint32), starts).astype(np.int64)
-
-
-class TokenCounter:
-    """Per-line integer counts; ``factor * count`` is the token figure of the line.
-
-    Without a tokenizer the estimate is upstream's, computed like upstream on the raw jsonl line
-    (``\\n`` included): en ``1.5 * len(line.split(" "))``, zh ``0.7 * len(line)`` in characters; code
-    ``0.3 * len(line)``. With a tokenizer: tokens of ``input`` + tokens of ``output`` (no BOS/EOS).
-    Counts stay integers so totals do not depend on how lines were split between workers or chunks.
-    """
-
-    def __init__(self, language: str, tokenizer_path: str | None):
-        self.language = language
-        self.tokenizer_path = os.path.abspath(tokenizer_path) if tokenizer_path else None
-        if self.tokenizer_path:
-            from fm.tokenizer import Tokenizer
-
-            self._tok = Tokenizer(self.tokenizer_path)
-            self.factor = 1.0
-            self.method = f"tokenizer:{self.tokenizer_path}"
-        else:
-            self._tok = None
-            self.factor = ESTIMATE_FACTORS[language]
-            self.method = "estimate"
-
-    def counts(self, a: np.ndarray, starts: np.ndarray, ends: np.ndarray, ascii_only: bool,
-               recs: list[_Record], scratch: Scratch) -> np.ndarray:
-        """``a``: the chunk's bytes; line i is ``a[starts[i]:ends[i]]`` and ``a[ends[i]]`` is its newline."""
-        if self._tok is not None:
-            return self._token_counts(recs)
-        if self.language == "en":
-            return _count_per_line(scratch.equal(a, 32), starts, ends) + 1
-        chars = ends - starts + 1
-        if not ascii_only:  # UTF-8 continuation bytes do not start a character
-            chars -= _count_per_line(scratch.equal(a & 0xC0, 0x80), starts, ends)
-        return chars
-
-    def _encode_lengths(self, texts: list[str]) -> np.ndarray:
-        if self._tok.special_tokens:
-            ids = self._tok.encode_batch(texts)
-        else:  # one batch call; numpy results avoid building a Python int per token
-            ids = self._tok.sp.encode(texts, return_type="numpy")
-        return np.fromiter(map(len, ids), np.int64, len(texts))
-
-    def _token_counts(self, recs: list[_Record]) -> np.ndarray:
-        counts = self._encode_lengths(list(map(_get_output, recs)))
-        nonempty = [i for i, r in enumerate(recs) if r.input]
-        if nonempty:
-            counts[np.asarray(nonempty)] += self._encode_lengths([recs[i].input for i in nonempty])
-        return counts
-
-
-# ----------------------------------------------------------------------------------------------- scanning
-
-def classify(line: bytes) -> str | None:
-    """The reason ``line`` (without its newline) is bad, or None if it is a valid record."""
-    if not line.strip():
-        return "empty_line"
-    if b"\x00" in line:
-        return "nul_byte"
-    try:
-        line.decode("utf-8")
-    except UnicodeDecodeError:
-        return "invalid_utf8"
-    try:
-        obj = _decode_any(line)
-    except (msgspec.DecodeError, ValueError):
-        return "invalid_json"
-    if not isinstance(obj, dict):
-        return "not_object"
-    if "output" not in obj:
-        return "missing_output"
-    if not isinstance(obj["output"], str):
-        return "output_not_string"
-    if obj.get("input") is not None and not isinstance(obj["input"], str):
-        return "input_not_string"
-    try:
-        _decode_record(line)
-    except (msgspec.DecodeError, ValueError):  # pragma: no cover - the checks above should cover it
-        return "invalid_json"
-    return None
-
-
-def _utf8_ok(view: memoryview, ascii_only: bool) -> bool:
-    if ascii_only:
-        return True
-    try:
-        codecs.utf_8_decode(view, "strict", True)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-@dataclass
-class ChunkResult:
-    good: bytes | memoryview  # the valid lines, each ending in \n
-    lengths: np.ndarray  # int64 byte length of each valid line (newline included)
-    counts: np.ndarray  # int64 token counts (see TokenCounter) of each valid line
-    first_line: bytes | None  # first valid line, for data_sample
-    bad: list[tuple[int, str]]  # (line index within the chunk, reason)
-    nlines: int  # all lines in the chunk, good or bad
-
-
-def _line_bounds(a: np.ndarray, scratch: Scratch) -> tuple[np.ndarray, np.ndarray]:
-    ends = np.flatnonzero(scratch.equal(a, 10))
-    starts = np.empty_like(ends)
-    if len(ends):
-        starts[0] = 0
-        starts[1:] = ends[:-1] + 1
-    return starts, ends
-
-
-def _decode_all(view: memoryview, a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[_Record] | None:
-    """Records of every line, or None if some line is bad (then the caller looks line by line).
-
-    ``decode_lines`` alone would accept two objects on one line, or one object over two lines. But if every
-    line starts with ``{`` and ends with ``}``, no value can cross a line break (inside a JSON value a ``}``
-    is never followed by ``{`` without a comma), so ``n`` values for ``n`` lines means one per line.
-    """
-    n = len(ends)
-    if n and np.all(a[starts] == 123) and np.all(a[ends - 1] == 125):
-        try:
-            recs = _decode_records(view)
-        except (msgspec.DecodeError, ValueError):
-            return None
-        return recs if len(recs) == n else None
-    try:  # lines with surrounding whitespace (e.g. \r\n endings): decode one by one
-        lines = bytes(view).split(b"\n")
-        lines.pop()
-        return list(map(_decode_record, lines))
-    except (msgspec.DecodeError, ValueError):
-        return None
-
-
-def scan_chunk(buf: bytes | bytearray, cut: int, counter: TokenCounter, scratch: Scratch) -> ChunkResult:
-    """Validate the lines of ``buf[:cut]`` (complete lines, each ending in \\n)."""
-    view = memoryview(buf)[:cut]
-    a = np.frombuffer(buf, np.uint8, count=cut)
-    starts, ends = _line_bounds(a, scratch)
-    n = len(ends)
-    ascii_only = not np.greater_equal(a, 0x80, out=scratch.mask[:cut]).any()
-    recs = None
-    if buf.find(b"\x00", 0, cut) < 0 and _utf8_ok(view, ascii_only):
-        recs = _decode_all(view, a, starts, ends)
-    if recs is not None:  # fast path: every line is valid, write the chunk as it is
-        counts = counter.counts(a, starts, ends, ascii_only, recs, scratch)
-        first = bytes(view[: int(ends[0]) + 1]) if n else None
-        return ChunkResult(view, ends - starts + 1, counts, first, [], n)
-    lines = bytes(view).split(b"\n")
-    lines.pop()
-    good, bad = [], []
-    for i, line in enumerate(lines):
-        reason = classify(line)
-        if reason is None:
-            good.append(line)
-        else:
-            bad.append((i, reason))
-    if not good:
-        return ChunkResult(b"", np.zeros(0, np.int64), np.zeros(0, np.int64), None, bad, n)
-    kept = b"\n".join(good) + b"\n"
-    ka = np.frombuffer(kept, np.uint8)
-    kstarts, kends = _line_bounds(ka, scratch)
-    recs = list(map(_decode_record, good))
-    counts = counter.counts(ka, kstarts, kends, kept.isascii(), recs, scratch)
-    return ChunkResult(kept, kends - kstarts + 1, counts, good[0] + b"\n", bad, n)
-
-
-def iter_chunks(path: str, start: int, end: int, scratch: Scratch) -> Iterator[int]:
-    """Fill ``scratch.buf`` with whole lines of ``path[start:end]``; yields how many bytes it holds.
-
-    ``end`` is a line start or the end of the file; a last line without ``\\n`` gets one. Each read starts
-    at the next line start (``preadv``), so nothing is carried over or copied between chunks.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos = start
-        while pos < end:
-            size = len(scratch.buf) - 1
-            want = min(size, end - pos)
-            got = os.preadv(fd, [memoryview(scratch.buf)[:want]], pos)
-            if got < want:
-                raise ConvertError(f"{path}: file shrank while reading (at byte {pos}); is something writing it?")
-            if pos + want >= end:
-                if scratch.buf[want - 1] != 10:
-                    scratch.buf[want] = 10
-                    want += 1
-                yield want
-                return
-            cut = scratch.buf.rfind(b"\n", 0, want) + 1
-            if cut == 0:  # a line longer than the chunk
-                scratch.grow(2 * size)
-                continue
-            yield cut
-            pos += cut
-    finally:
-        os.close(fd)
-
-
-# ----------------------------------------------------------------------------------------------- parts
-
-@dataclass
-class Segment:
-    file_idx: int
-    start: int
-    end: int
-
-
-@dataclass
-class PartResult:
-    nlines: int = 0
-    nbytes: int = 0
-    count_sum: int = 0
-    buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
-    skipped: dict[str, int] = field(default_factory=dict)
-    first_bad: list[tuple[int, int, str]] = field(default_factory=list)  # (segment, line in segment, reason)
-    seg_lines: list[int] = field(default_factory=list)
-    sample: bytes | None = None
-    strict_error: tuple[int, int, str] | None = None
-
-
-def _bucket_counts(tokens: np.ndarray) -> np.ndarray:
-    return np.bincount(np.searchsorted(BUCKET_EDGES, tokens, side="right"), minlength=len(BUCKETS))
-
-
-def convert_part(files: Sequence[str], segments: Sequence[Segment], data_path: str, data_pos: int,
-                 lengths_path: str, opts: Options, progress: Callable[[int], None] | None = None,
-                 parent_pid: int | None = None) -> PartResult:
-    """Convert ``segments`` (in order) into ``data_path`` from byte ``data_pos`` on (the file must exist),
-    and their raw int64 line lengths into ``lengths_path``."""
-    counter = TokenCounter(opts.language, opts.tokenizer)
-    res = PartResult()
-    buckets = np.zeros(len(BUCKETS), dtype=np.int64)
-    scratch = Scratch(opts.resolved_chunk())
-    with open(data_path, "r+b") as out, open(lengths_path, "wb") as lens:
-        out.seek(data_pos)
-        for si, seg in enumerate(segments):
-            seg_line = 0
-            for cut in iter_chunks(files[seg.file_idx], seg.start, seg.end, scratch):
-                if parent_pid is not None and os.getppid() != parent_pid:
-                    raise SystemExit("convert worker: parent process died")
-                chunk = scan_chunk(scratch.buf, cut, counter, scratch)
-                for i, reason in chunk.bad:
-                    res.skipped[reason] = res.skipped.get(reason, 0) + 1
-                    if len(res.first_bad) < MAX_REPORTED:
-                        res.first_bad.append((si, seg_line + i, reason))
-                    if opts.strict and reason not in NON_FATAL and res.strict_error is None:
-                        res.strict_error = (si, seg_line + i, reason)
-                if res.strict_error is not None:
-                    res.seg_lines.append(seg_line + chunk.nlines)
-                    return res
-                seg_line += chunk.nlines
-                if chunk.good:
-                    out.write(chunk.good)
-                    lens.write(chunk.lengths.astype("<i8", copy=False).tobytes())
-                    if res.sample is None:
-                        res.sample = chunk.first_line
-                    res.nlines += len(chunk.lengths)
-                    res.nbytes += len(chunk.good)
-                    res.count_sum += int(chunk.counts.sum())
-                    buckets += _bucket_counts(chunk.counts * counter.factor)
-                if progress is not None:
-                    progress(cut)
-            res.seg_lines.append(seg_line)
-        if opts.fsync:  # flush here, in parallel with the other workers, not serially in the parent
-            out.flush()
-            os.fdatasync(out.fileno())
-    res.buckets = buckets.tolist()
-    return res
-
-
-_WORKER_PROGRESS = None
-
-
-def _worker_init(progress_value) -> None:
-    global _WORKER_PROGRESS
-    _WORKER_PROGRESS = progress_value
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-
-
-def _worker_progress(n: int) -> None:
-    with _WORKER_PROGRESS.get_lock():
-        _WORKER_PROGRESS.value += n
-
-
-def _worker_main(args: tuple) -> PartResult:
-    files, segments, data_path, data_pos, lengths_path, opts, parent_pid = args
-    return convert_part(files, segments, data_path, data_pos, lengths_path, opts, _worker_progress, parent_pid)
-
 
 def split_segments(files: Sequence[str], sizes: Sequence[int], parts: int) -> list[list[Segment]]:
     """Cut the concatenated inputs into ``parts`` byte ranges of about equal size, at line boundaries."""

@@ -412,7 +412,7 @@ def test_symlink_loop_in_input_tree(tmp_path):
 
 
 def test_count_per_line_paths_agree():
-    from fm.data.convert import _count_per_line
+    from fm.data._convert_worker import _count_per_line
 
     rng = np.random.default_rng(0)
     for mean_len in (5, 3000):  # short lines: reduceat; long lines: per-line count_nonzero
