@@ -50,6 +50,7 @@ from fm.data.packing import (
     TRUNCATED,
     PackedBatchBuilder,
     build_sample_parts,
+    to_torch,
 )
 
 log = logging.getLogger(__name__)
@@ -442,14 +443,14 @@ def run_stream(plan: _Plan, v: int, snapshot: dict) -> Iterator[tuple[dict, dict
         chunk = cursors[d].seg
         if not builder.add_parts(src, masked, last, d, line, compact[d], chunk):
             batches += 1
-            yield builder.finish(), export()  # state before this sample: a resume re-picks it
+            yield builder.finish_numpy(), export()  # state before this sample: a resume re-picks it
             builder = PackedBatchBuilder(plan.batch_size, plan.max_length, pad, names)
             builder.add_parts(src, masked, last, d, line, compact[d], chunk)
         cursors[d].commit(cols[d], len(src))
         mixer.add(d, len(src))
     if not builder.empty:
         batches += 1
-        yield builder.finish(), export()
+        yield builder.finish_numpy(), export()
 
 
 def _exhausted_reason(specs: Sequence[DatasetSpec]) -> str:
@@ -550,7 +551,7 @@ class MixtureLoader:
                         self._finished[s] = True
                         continue
                     self._streams[s] = item.pop("_state")
-                    yield item
+                    yield to_torch(item)
             finally:
                 del items, loader  # shuts the workers down (prefetched batches are dropped, never counted)
         self.stop_reason = _exhausted_reason(self.specs)

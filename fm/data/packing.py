@@ -146,6 +146,11 @@ class PackedBatchBuilder:
 
     def finish(self) -> dict:
         """The batch dict of contract 2 (torch tensors)."""
+        return to_torch(self.finish_numpy())
+
+    def finish_numpy(self) -> dict:
+        """:meth:`finish` with numpy arrays: they cross process boundaries as plain bytes, cheaper than
+        torch's shared-memory tensors for many small batches."""
         b, n = self.batch_size, self.max_length
         lengths = [len(row) for row in self.src]
         flat_src: list[int] = []
@@ -186,14 +191,24 @@ class PackedBatchBuilder:
             if chunk == 0 or not lst or lst[-1] != line:  # the chunks of a segmented line share it
                 lst.append(line)
         return {
-            "inputs": torch.from_numpy(inputs),
-            "targets": torch.from_numpy(targets),
-            "task_ids": torch.from_numpy(task_ids),
-            "position_ids": torch.from_numpy(position_ids),
-            "cu_seqlens": torch.from_numpy(cu_arr),
+            "inputs": inputs,
+            "targets": targets,
+            "task_ids": task_ids,
+            "position_ids": position_ids,
+            "cu_seqlens": cu_arr,
             "max_seqlen": int(seg_arr.max()),
-            "lengths": torch.from_numpy(np.asarray(lengths, dtype=np.int64)),
+            "lengths": np.asarray(lengths, dtype=np.int64),
             "num_tokens": int(sum(lengths)),
             "task_names": list(self.task_names),
             "indexes": indexes,
         }
+
+
+TENSOR_KEYS = ("inputs", "targets", "task_ids", "position_ids", "cu_seqlens", "lengths")
+
+
+def to_torch(batch: dict) -> dict:
+    """numpy arrays of a batch → torch tensors (no copy)."""
+    for key in TENSOR_KEYS:
+        batch[key] = torch.from_numpy(batch[key])
+    return batch
