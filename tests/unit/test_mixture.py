@@ -174,3 +174,21 @@ def test_identity_without_transforms_and_runtime_transform_error(tmp_path, token
     cfg.write_text(json.dumps([{"task_name": "plain", "abs_weight": 1, "path": "d", "allow_repeat": False}]))
     batches = list(build_train_loader(str(cfg), tokenizer, batch_size=2, max_length=32))
     assert sum(len(b["indexes"]["plain"]) for b in batches) == 8
+
+
+def test_stats_cli(tmp_path, tokenizer_path, capsys):
+    from fm.data.stats import main
+
+    cfg = make_mixture(tmp_path, {
+        "a": (short_records("a", 40, 1), {"abs_weight": 3.0}),
+        "b": (short_records("b", 20, 2, instr=True), {"abs_weight": 1.0, "allow_repeat": False}),
+    })
+    assert main(["--dataset-config", cfg, "--tokenizer", tokenizer_path, "--batch-size", "2", "--max-length", "32",
+                 "--rows", "40", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"] == 40 and out["batches"] == 20 and out["tokens"] > 0
+    assert set(out["tasks"]) == {"a", "b"} and abs(out["tasks"]["a"]["weight"] - 0.75) < 1e-9
+    assert abs(sum(t["share"] for t in out["tasks"].values()) - 1) < 1e-9
+    assert main(["--dataset-config", cfg, "--tokenizer", tokenizer_path, "--rows", "4", "--max-length", "32"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    assert main(["--dataset-config", str(tmp_path / "none.json"), "--tokenizer", tokenizer_path]) == 1
