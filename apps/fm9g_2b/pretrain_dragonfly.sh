@@ -6,7 +6,8 @@
 #   NODE_RANK      this machine's rank      [$RANK, else 0]   (0 = master, 1, 2, … = slaves)
 #   MASTER_ENDPOINT master host name        [localhost]
 #   MASTER_PORT    master port              [a free port on one node, else 12345]
-#   TRAIN_CONFIG   train config JSON        [apps/fm9g_2b/train_configs/2.4b.json]
+#   TRAIN_CONFIG   train config JSON        [apps/fm9g_2b/train_configs/2.4b.json]; a --config X.json argument
+#                  given to this script replaces it
 # Usage: bash apps/fm9g_2b/pretrain_dragonfly.sh [--dry-run] [--key value …]
 # Every --key value overrides one key of the train config, e.g. --train_iters 100 --engine fsdp.
 set -euo pipefail

@@ -273,9 +273,7 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
         i += 1
         key = key.replace("-", "_")
         if key in ("train_config", "config_file") or (key == "config" and _is_train_config_file(val)):
-            if path is not None:
-                raise ConfigError(f"command line: two train config files given ({path} and {val})")
-            path = val
+            path = val  # a later train config replaces an earlier one (the launcher's default comes first)
         else:
             out[key] = val
     return path, out
