@@ -232,6 +232,9 @@ class Trainer:
             e.load_model(mf, strict=cfg.strict_state_dict)
         if ckpt.is_file():
             return  # a bare model file: weights only
+        if cfg.only_load_model:
+            log.info("only_load_model: weights loaded; step, optimizer, schedule and data start fresh")
+            return
         data_file = ckpt / ckpt_lib.DATASET_FILE
         if cfg.load_dataloader_ckpt and data_file.is_file():
             # Errors propagate: never train on a silently reset data order.
@@ -239,9 +242,6 @@ class Trainer:
         elif e.is_main:
             log.warning("data loader state not restored (load_dataloader_ckpt=%s, %s exists: %s): data starts "
                         "from the beginning", cfg.load_dataloader_ckpt, data_file, data_file.is_file())
-        if cfg.only_load_model:
-            log.info("only_load_model: weights loaded; step, optimizer and schedule start fresh")
-            return
         st = ckpt_lib.read_log_ckpt(ckpt)
         self.iteration = int(st["iteration"])
         self.skipped_total = int(st.get("skipped_total", 0))
