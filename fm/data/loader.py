@@ -566,13 +566,20 @@ class MixtureLoader:
 
     def state_dict(self) -> dict:
         """This rank's state as of the last batch handed out (JSON-serialisable); merge ranks with merge_states."""
-        tasks = [{"task": s.task_name, "weight": w, "allow_repeat": s.allow_repeat, "lines": d["lines"],
-                  "layers": [[V, list(n)] for V, n in d["layers"]], "base": list(d["base"])}
-                 for s, w, d in zip(self.specs, self.weights, self._datasets)]
+        # Statistics leave the per-stream snapshots (which keep only counters) and are summed per dataset:
+        # merge_states adds the ranks' sums; the totals from before a resume are counted by rank 0 only.
+        tasks = []
+        for d, (spec, w, ds) in enumerate(zip(self.specs, self.weights, self._datasets)):
+            base = list(ds["base"]) if self.rank == 0 else [0] * len(STAT_KEYS)
+            for snap in self._streams:
+                for k in range(len(STAT_KEYS)):
+                    base[k] += snap["c"][d][C_STATS + k]
+            tasks.append({"task": spec.task_name, "weight": w, "allow_repeat": spec.allow_repeat,
+                          "lines": ds["lines"], "layers": [[V, list(n)] for V, n in ds["layers"]], "base": base})
         first = self.rank * self.local
-        return {**self._meta(), "tasks": tasks,
-                "streams": {str(first + i): {**s, "f": self._finished[i]} for i, s in enumerate(self._streams)},
-                "next": {str(self.rank): self._next}}
+        streams = {str(first + i): {"b": s["b"], "c": [c[:C_STATS] for c in s["c"]], "f": self._finished[i]}
+                   for i, s in enumerate(self._streams)}
+        return {**self._meta(), "tasks": tasks, "streams": streams, "next": {str(self.rank): self._next}}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from a global state (merge_states), for any world size / worker count / config change."""
@@ -623,7 +630,7 @@ class MixtureLoader:
             if same_streams:
                 ds.update(layers=[[V, list(n)] for V, n in t["layers"]], base=list(t["base"]))
                 for i in range(self.local):
-                    c = list(cols[first + i])
+                    c = list(cols[first + i][:C_STATS]) + [0] * len(STAT_KEYS)
                     if not same_mix:
                         c[C_MIX] = 0
                     new_streams[i]["c"][d] = c
@@ -632,7 +639,7 @@ class MixtureLoader:
                 root_len = None if (t["allow_repeat"] and t["lines"] > 0) else t["lines"]
                 layers = [[V, list(n)] for V, n in t["layers"]] + [[state["V"], [c[C_N] for c in cols]]]
                 ds["layers"] = compact_layers(layers, root_len, 0)
-                ds["base"] = [b + sum(c[C_STATS + k] for c in cols) for k, b in enumerate(t["base"])]
+                ds["base"] = list(t["base"])
         for name in old:
             if name not in self.task_names:
                 log.warning("dataset %r was removed from the mixture since the checkpoint", name)
@@ -681,7 +688,9 @@ def merge_states(states: Sequence[dict]) -> dict:
     for s in states[1:]:
         if any(s[k] != base[k] for k in keys) or [t["task"] for t in s["tasks"]] != [t["task"] for t in base["tasks"]]:
             raise ValueError("merge_states: the rank states come from differently configured loaders")
-    merged = {k: v for k, v in base.items() if k not in ("streams", "next")}
+    merged = {k: v for k, v in base.items() if k not in ("streams", "next", "tasks")}
+    merged["tasks"] = [dict(t, base=[sum(s["tasks"][d]["base"][k] for s in states) for k in range(len(t["base"]))])
+                       for d, t in enumerate(base["tasks"])]
     merged["streams"], merged["next"] = {}, {}
     for s in states:
         merged["streams"].update(s["streams"])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fm.data.loader import build_train_loader, compact_layers, merge_states, permute
+from fm.data.loader import STAT_KEYS, build_train_loader, compact_layers, merge_states, permute
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
 
@@ -112,6 +112,7 @@ def test_exact_continuation(mix, tokenizer, workers):
     resumed.load_state_dict(state)
     assert_same(list(resumed), ref[k:])
     assert resumed.stop_reason == ref_loader.stop_reason
+    assert resumed.stats() == ref_loader.stats()  # statistics continue across the resume
 
 
 def test_exact_continuation_two_ranks_repeating(tmp_path, tokenizer):
@@ -149,7 +150,7 @@ def run_phases(cfg, tok, phases):
                 ld.load_state_dict(state)
             batches += list(ld) if n is None else take(iter(ld), n)
         state = roundtrip(merge_states([ld.state_dict() for ld in loaders]))
-    return batches
+    return batches, state
 
 
 @pytest.mark.parametrize("phases", [
@@ -158,9 +159,12 @@ def run_phases(cfg, tok, phases):
     [(1, 2, 4), (1, 3, 3), (2, 1, None)],  # workers 2 → 3, then 2 ranks × 1 worker
 ])
 def test_reshard_trains_every_line_once(mix, tokenizer, phases):
-    used = lines_used(run_phases(mix, tokenizer, phases))
+    batches, state = run_phases(mix, tokenizer, phases)
+    used = lines_used(batches)
     expected = Counter([("a", i) for i in range(60)] + [("b", i) for i in range(40)])
     assert used == expected
+    lines = {t["task"]: dict(zip(STAT_KEYS, t["base"]))["lines"] for t in state["tasks"]}
+    assert lines == {"a": 60, "b": 40}  # statistics survive resharding
 
 
 def test_layers_describe_exactly_the_remaining_positions():
