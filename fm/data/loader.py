@@ -347,7 +347,6 @@ class _Cursor:
         self.n, self.seg = n, seg
         self.max_length = max_length
         self.buffer: deque = deque()  # (line, samples, event) for lines n, n+1, …
-        self.exhausted = False
 
     def _refill(self) -> None:
         start = self.n + len(self.buffer)
@@ -453,9 +452,10 @@ def run_stream(plan: _Plan, v: int, snapshot: dict) -> Iterator[tuple[dict, dict
         yield builder.finish_numpy(), export()
 
 
-def _exhausted_reason(specs: Sequence[DatasetSpec]) -> str:
-    return ("every dataset is exhausted (none has allow_repeat: true): "
-            + ", ".join(repr(s.task_name) for s in specs))
+def _exhausted_reason(specs: Sequence[DatasetSpec], nlines: Sequence[int]) -> str:
+    parts = [f"{s.task_name!r} ({'empty' if n == 0 else f'{n} lines, allow_repeat: false'})"
+             for s, n in zip(specs, nlines)]
+    return "every dataset is used up: " + ", ".join(parts)
 
 
 class _MixtureIterable(IterableDataset):
@@ -554,7 +554,7 @@ class MixtureLoader:
                     yield to_torch(item)
             finally:
                 del items, loader  # shuts the workers down (prefetched batches are dropped, never counted)
-        self.stop_reason = _exhausted_reason(self.specs)
+        self.stop_reason = _exhausted_reason(self.specs, [d["lines"] for d in self._datasets])
         log.info("data loader of rank %d ended: %s", self.rank, self.stop_reason)
 
     # ---- state
