@@ -588,8 +588,8 @@ class MixtureLoader:
             raise ValueError(f"loader state holds {len(state['streams'])} of {state['V']} streams: "
                              "pass merge_states([state of every rank]), not one rank's state_dict()")
         old = {t["task"]: (i, t) for i, t in enumerate(state["tasks"])}
-        same_streams = state["V"] == self.V and state["num_workers"] == self.num_workers \
-            and state["world_size"] == self.world_size
+        # num_workers 0 and 1 both mean one stream per rank: same streams, exact continuation
+        same_streams = state["V"] == self.V and state["world_size"] == self.world_size
         same_mix = [t["task"] for t in state["tasks"]] == self.task_names and \
             all(abs(t["weight"] - w) < 1e-12 for t, w in zip(state["tasks"], self.weights))
         if not same_mix:

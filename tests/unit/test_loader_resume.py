@@ -131,6 +131,15 @@ def test_exact_continuation_two_ranks_repeating(tmp_path, tokenizer):
         assert_same(take(iter(resumed), 20 - 7 - r), refs[r][7 + r:])
 
 
+def test_zero_and_one_worker_are_the_same_stream(mix, tokenizer):
+    ref = list(loader(mix, tokenizer, num_workers=0))
+    first = loader(mix, tokenizer, num_workers=0)
+    take(iter(first), 4)
+    resumed = loader(mix, tokenizer, num_workers=1)
+    resumed.load_state_dict(roundtrip(merge_states([first.state_dict()])))
+    assert_same(list(resumed), ref[4:])
+
+
 def test_reiterating_continues_from_consumed(mix, tokenizer):
     ref = list(loader(mix, tokenizer, num_workers=2))
     ld = loader(mix, tokenizer, num_workers=2)
