@@ -27,8 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fm.dist.base import Engine, ModelOrFactory, ReduceOp
-from fm.dist.fsdp import _group, _to_cpu, cast_parameters, check_keys, load_full_state_dict, materialise
+from fm.dist.base import Engine, ModelOrFactory, ReduceOp, Snapshot, StagingBuffers
+from fm.dist.fsdp import _group, cast_parameters, check_keys, load_full_state_dict, materialise
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class BMTrainEngine(Engine):
         self.optim_manager: Any = None
         self._keys: set[str] = set()
         self._ce: Any = None
+        self._staging = StagingBuffers()
 
     # ------------------------------------------------------------------ process group
     @property
@@ -228,6 +229,7 @@ class BMTrainEngine(Engine):
 
     def optimizer_step(self) -> None:
         assert self.optim_manager is not None, "call build_optimizer() first"
+        self.settle_snapshots()
         self.optim_manager.step()
 
     def zero_grad(self) -> None:
@@ -283,6 +285,7 @@ class BMTrainEngine(Engine):
     def load_model(self, path_or_state: str | Path | Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Every rank reads the file memory-mapped (shared page cache) and copies its slices."""
         assert self.model is not None, "call shard() first"
+        self.settle_snapshots()
         sd = dict(load_full_state_dict(path_or_state))
         if strict:
             check_keys(self._keys, set(sd), "load_model")
@@ -291,29 +294,26 @@ class BMTrainEngine(Engine):
         if strict and (result.missing_keys or result.unexpected_keys):
             raise KeyError(f"load_model: missing {result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}")
 
-    def snapshot_optimizer(self) -> dict[str, Any]:
+    def snapshot_optimizer(self) -> Snapshot:
         assert self.optimizer is not None, "call build_optimizer() first"
         self._sync()
         om = self.optim_manager
-        gathered = self.optimizer_format == "gathered"
-        if gathered:
+        meta = {"format": self.optimizer_format, "world_size": self.world_size, "rank": self.rank,
+                "loss_scale": om.loss_scale, "loss_scale_enabled": om.loss_scale_enabled}
+        if self.optimizer_format == "gathered":
             state = self.optimizer.state_dict(True)  # collective all-gather of every rank's slices (is_whole)
-        else:
-            state = self.optimizer.state_dict()
-        if gathered and not self.is_main:
-            return {}
-        return {
-            "format": self.optimizer_format,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "optimizer": _to_cpu(state),
-            "loss_scale": om.loss_scale,
-            "loss_scale_enabled": om.loss_scale_enabled,
-        }
+            return Snapshot.ready({**meta, "optimizer": state} if self.is_main else {})
+        # live state tensors: copied to CPU later (before the next step at the latest)
+        return self._defer(self.optimizer.state_dict(),
+                           lambda st: {**meta, "optimizer": self._staging.stage("optimizer", st)})
 
-    def write_optimizer(self, snapshot: dict[str, Any], directory: str | Path) -> None:
+    def release_snapshot(self, kind: str) -> None:
+        self._staging.release(kind)
+
+    def write_optimizer(self, snapshot: Snapshot, directory: str | Path) -> None:
         from fm.train.checkpoint import atomic_torch_save
 
+        snapshot = snapshot.get()
         if not snapshot:
             return
         directory = Path(directory)
@@ -324,7 +324,10 @@ class BMTrainEngine(Engine):
             atomic_torch_save(snapshot, directory / RANK_FILE.format(rank=self.rank, world=self.world_size))
 
     def save_optimizer(self, directory: str | Path) -> None:
-        self.write_optimizer(self.snapshot_optimizer(), directory)
+        try:
+            self.write_optimizer(self.snapshot_optimizer(), directory)
+        finally:
+            self.release_snapshot("optimizer")
         self.barrier()
 
     def load_optimizer(self, directory: str | Path) -> None:
@@ -345,6 +348,7 @@ class BMTrainEngine(Engine):
                 "bmtrain per-rank optimizer state resumes only with the same world size; resume with the saved "
                 "world size, or load the model only (only_load_model) and restart the optimizer"
             )
+        self.settle_snapshots()
         snap = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         self.optimizer.load_state_dict(snap["optimizer"])
         self.optim_manager.loss_scale = snap["loss_scale"]

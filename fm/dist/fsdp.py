@@ -32,7 +32,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from fm.dist.base import Engine, ModelOrFactory, ReduceOp
+from fm.dist.base import Engine, ModelOrFactory, ReduceOp, Snapshot, StagingBuffers, copy_tree
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class FSDPEngine(Engine):
         self._device = torch.device("cpu")
         self._owns_pg = False
         self._ckpt_group: Any = None
+        self._staging = StagingBuffers()
         self.mesh: Any = None
 
     # ------------------------------------------------------------------ process group
@@ -259,6 +260,7 @@ class FSDPEngine(Engine):
 
     def optimizer_step(self) -> None:
         assert self.optimizer is not None, "call build_optimizer() first"
+        self.settle_snapshots()
         self.optimizer.step()
 
     def zero_grad(self) -> None:
@@ -293,34 +295,50 @@ class FSDPEngine(Engine):
         dist.barrier()
 
     # ------------------------------------------------------------------ checkpoints
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
+    def _full_state_dict(self) -> tuple[dict[str, torch.Tensor], bool]:
         assert self.model is not None, "call shard() first"
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        live = {p.to_local().data_ptr() if isinstance(p, DTensor) else p.data_ptr() for p in self.model.parameters()}
+        # With one rank the "gathered" tensors can be the live parameters themselves.
+        return sd, any(v.data_ptr() in live for v in sd.values())
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        sd, aliased = self._full_state_dict()
         if not self.is_main:
             return {}
-        live = {p.to_local().data_ptr() if isinstance(p, DTensor) else p.data_ptr() for p in self.model.parameters()}
-        # With one rank the gathered tensor can be the live parameter: copy it so later steps do not change it.
-        return {k: (v.clone() if v.data_ptr() in live else v) for k, v in sd.items()}
+        return copy_tree(sd) if aliased else sd
+
+    def snapshot_model(self) -> Snapshot:
+        sd, aliased = self._full_state_dict()
+        if not self.is_main:
+            return Snapshot.ready({})
+        if not aliased:
+            return Snapshot.ready(sd)  # gathered from other ranks: already a private copy
+        return self._defer(sd, lambda t: self._staging.stage("model", t))
+
+    def release_snapshot(self, kind: str) -> None:
+        self._staging.release(kind)
 
     def load_model(self, path_or_state: str | Path | Mapping[str, torch.Tensor], strict: bool = True) -> None:
         assert self.model is not None, "call shard() first"
+        self.settle_snapshots()
         sd = dict(load_full_state_dict(path_or_state))
         if strict:
             where = "load_model(dict)" if isinstance(path_or_state, Mapping) else f"load_model({path_or_state})"
             check_keys(set(self.model.state_dict()), set(sd), where)
         set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True, strict=strict))
 
-    def snapshot_optimizer(self) -> dict[str, Any]:
-        """This rank's shard of the optimizer state, copied to CPU (cheap; safe to write later from a thread)."""
-        return {"optimizer": _to_cpu(self._optim_sd())}
+    def snapshot_optimizer(self) -> Snapshot:
+        """This rank's shard of the optimizer state; the CPU copy is deferred (see :class:`Snapshot`)."""
+        return self._defer(self._optim_sd(), lambda t: {"optimizer": self._staging.stage("optimizer", t)})
 
     def _optim_sd(self) -> dict[str, Any]:
         assert self.model is not None and self.optimizer is not None, "call shard() and build_optimizer() first"
         return get_optimizer_state_dict(self.model, self.optimizer)
 
-    def write_optimizer(self, snapshot: dict[str, Any], directory: str | Path) -> None:
+    def write_optimizer(self, snapshot: Snapshot, directory: str | Path) -> None:
         """Write a :meth:`snapshot_optimizer` result as a DCP directory; may run in a background thread."""
-        dcp.save(snapshot, checkpoint_id=str(directory), process_group=self._ckpt_group)
+        dcp.save(snapshot.get(), checkpoint_id=str(directory), process_group=self._ckpt_group)
 
     def save_optimizer(self, directory: str | Path) -> None:
         dcp.save({"optimizer": self._optim_sd()}, checkpoint_id=str(directory))
@@ -330,6 +348,7 @@ class FSDPEngine(Engine):
         if not (path / ".metadata").is_file():
             raise FileNotFoundError(f"{path} is not a torch.distributed.checkpoint directory (no .metadata): "
                                     "fsdp optimizer state is saved by FSDPEngine.save_optimizer")
+        self.settle_snapshots()
         state = {"optimizer": self._optim_sd()}  # template with this world size's shards: DCP reshards into it
         dcp.load(state, checkpoint_id=str(path))
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
@@ -346,18 +365,3 @@ def _group(g: dict[str, Any], lr: float, weight_decay: float) -> dict[str, Any]:
     out.setdefault("lr", lr * out["lr_scale"])
     out.setdefault("weight_decay", weight_decay)
     return out
-
-
-def _to_cpu(obj: Any) -> Any:
-    """Deep copy of a state tree with every tensor (DTensor local shards included) copied to CPU."""
-    if isinstance(obj, DTensor):
-        local = obj.to_local().detach().to("cpu", copy=True)
-        return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape,
-                                  stride=obj.stride())
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj

@@ -148,19 +148,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class SnapshotPart:
+    """A part holding an engine :class:`~fm.dist.base.Snapshot`: ``prepare()`` takes its CPU copy (the
+    manager runs every part's ``prepare`` before writing anything), the call writes it, then the
+    engine's staging buffers are released."""
+
+    def __init__(self, snapshot: Any, write: Callable[[Path, Any], None], release: Callable[[], None]) -> None:
+        self.snapshot, self.write, self.release = snapshot, write, release
+
+    def prepare(self) -> None:
+        self.snapshot.get()
+
+    def __call__(self, d: Path) -> None:
+        try:
+            self.write(d, self.snapshot.get())
+        finally:
+            self.release()
+
+
 def model_part(engine: Engine, step: int) -> Part:
     """Full model state dict from rank 0 (collective snapshot now; the file is written by rank 0 later)."""
-    sd = engine.model_state_dict()
     name = MODEL_FILE.format(step=step)
-    if not engine.is_main:
-        return lambda d: None
-    return torch_part(name, sd)
+
+    def write(d: Path, sd: Any) -> None:
+        if engine.is_main:
+            atomic_torch_save(sd, d / name)
+
+    return SnapshotPart(engine.snapshot_model(), write, lambda: engine.release_snapshot("model"))
 
 
 def optimizer_part(engine: Engine) -> Part:
     """This rank's optimizer shard (collective snapshot now; every rank writes its part later)."""
     snap = engine.snapshot_optimizer()
-    return lambda d: engine.write_optimizer(snap, d / OPTIMIZER_DIR)
+    return SnapshotPart(snap, lambda d, _: engine.write_optimizer(snap, d / OPTIMIZER_DIR),
+                        lambda: engine.release_snapshot("optimizer"))
 
 
 def standard_parts(
@@ -333,6 +354,10 @@ class CheckpointManager:
     # -------------------------------------------------------------- internals
     def _run(self, step: int, tmp: Path, parts: list[Part]) -> None:
         try:
+            for part in parts:  # CPU copies first: the training loop's next optimizer step waits for them
+                prepare = getattr(part, "prepare", None)
+                if prepare is not None:
+                    prepare()
             for part in parts:
                 part(tmp)
             atomic_write_bytes(b"", tmp / f".done-rank{self.rank}")

@@ -239,6 +239,8 @@ def test_fsdp_engine_standard_parts_async(tmp_path, tokenizer_path):
         engine.optimizer_step()
         m = CheckpointManager(tmp_path / "run", async_save=True, comm=engine)
         before = engine.model_state_dict()
+        opt_before = {id(p): {k: v.full_tensor().clone() if hasattr(v, "full_tensor") else v.clone()
+                              for k, v in st.items()} for p, st in engine.optimizer.state.items()}
         m.save(1, ck.standard_parts(engine, 1, log_ckpt={"iteration": 1}, dataset_state={"x": 1},
                                     config={"lr": 1e-3}, tokenizer_path=tokenizer_path,
                                     scheduler_state={"step": 1}))
@@ -254,5 +256,25 @@ def test_fsdp_engine_standard_parts_async(tmp_path, tokenizer_path):
         for k, v in before.items():
             assert torch.equal(sd[k], v), k
         engine.load_optimizer(d / ck.OPTIMIZER_DIR)
+        for p, st in engine.optimizer.state.items():  # the state as of the save, not after the extra step
+            for k, v in st.items():
+                got = v.full_tensor() if hasattr(v, "full_tensor") else v
+                assert torch.equal(got, opt_before[id(p)][k]), k
     finally:
         engine.shutdown()
+
+
+def test_staging_buffers_reused_only_after_release():
+    from fm.dist.base import StagingBuffers
+
+    pool = StagingBuffers()
+    a = {"w": torch.ones(3), "s": [torch.zeros(2), 5]}
+    s1 = pool.stage("optimizer", a)
+    assert s1["w"].data_ptr() != a["w"].data_ptr() and s1["s"][1] == 5
+    s2 = pool.stage("optimizer", {"w": torch.full((3,), 2.0), "s": [torch.ones(2), 6]})  # s1 not written yet
+    assert s2["w"].data_ptr() != s1["w"].data_ptr() and s1["w"].tolist() == [1.0] * 3
+    pool.release("optimizer")
+    s3 = pool.stage("optimizer", {"w": torch.full((3,), 3.0), "s": [torch.ones(2), 7]})
+    assert s3["w"].data_ptr() == s1["w"].data_ptr() and s3["w"].tolist() == [3.0] * 3  # reused in place
+    s4 = pool.stage("model", {"w": torch.ones(4)})  # kinds are independent
+    assert s4["w"].shape == (4,)
