@@ -365,6 +365,7 @@ class _Cursor:
     def peek(self, stats: list[int]) -> tuple[int, tuple[list[int], int, int]] | None:
         """The next sample (line, (src, n_masked, last_label)), skipping (and counting) dropped lines; None when
         exhausted."""
+        skipped = 0
         while True:
             if not self.buffer:
                 self._refill()
@@ -373,6 +374,12 @@ class _Cursor:
             line, samples, event = self.buffer[0]
             if samples:
                 return line, samples[self.seg]
+            skipped += 1
+            if skipped > max(self.order.nlines, REFILL_LINES) and self.order.length is None:
+                # a repeating dataset in which no line yields a sample would spin forever
+                raise ValueError(f"task {self.source.spec.task_name!r}: {skipped} lines in a row dropped "
+                                 f"({event}, max_length {self.max_length}): no line of this dataset can be trained; "
+                                 "raise max_length, change oversize_rule, or remove the dataset")
             stats[EVENT_COL[event]] += 1
             stats[S_LINES] += 1
             self.buffer.popleft()

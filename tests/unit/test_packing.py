@@ -169,3 +169,10 @@ def test_segment_chunks_keep_labels_across_boundaries():
         assert [t for _, t in samples] == [full_tgt[a:a + L] for a in range(0, len(full_tgt), L)]
         (src, tgt), = build_samples(inp, out, BOS, EOS, L, "head")[0]
         assert (src, tgt) == (full_src[:L], full_tgt[:L])
+
+
+def test_repeating_dataset_with_no_usable_line_fails_clearly(tmp_path, tokenizer):
+    rng = random.Random(0)
+    cfg = make_mixture(tmp_path, {"q": ([{"input": text(rng, 40), "output": "x"} for _ in range(5)], {})})
+    with pytest.raises(ValueError, match=r"task 'q': .* lines in a row dropped \(input_too_long, max_length 16\)"):
+        next(iter(build_train_loader(cfg, tokenizer, batch_size=1, max_length=16)))
