@@ -85,7 +85,8 @@ def _train_config(tmp_path, mix: Path, tokenizer_path: str, **over):
     from fm.train.config import load_config
 
     cfg = {"model_unique": "run", "config": str(SPARK_TINY), "dataset_config": str(mix),
-           "tokenizer_path": tokenizer_path, "engine": "fsdp", "dtype": "fp32", "max_length": 96, "batch_size": 2, "train_iters": 30, "save_iters": 0,
+           "tokenizer_path": tokenizer_path, "engine": "fsdp", "dtype": "fp32", "max_length": 96, "batch_size": 2,
+           "train_iters": 30, "save_iters": 0,
            "lr": 3e-3, "lr_scheduler": "constant", "warmup_iters": 0, "inspect_iters": 0, "weight_decay": 0.0,
            "seed": 3, "save": str(tmp_path / "ckpt"), "tensorboard": "", "eos_token": "<end>", "log_iters": 100}
     cfg.update(over)
