@@ -449,6 +449,7 @@ class Trainer:
             self.loader_state = self.loader.state_dict()
         it = iter(self.loader)
         code = EXIT_OK
+        data_ended = False
         self._stop_agreed = False
         while self.iteration < cfg.train_iters:
             micros = self._next_micro_batches(it)
@@ -456,6 +457,7 @@ class Trainer:
             if s is None:
                 reason = getattr(self.loader, "stop_reason", None) or "a rank's loader ended"
                 log.info("data exhausted at iteration %d: %s; ending training", self.iteration, reason)
+                data_ended = True
                 break
             self.loader_state = self.loader.state_dict()
             self.metrics.log_step(s)
@@ -474,8 +476,8 @@ class Trainer:
                 break
             if cfg.save_iters and self.iteration % cfg.save_iters == 0:
                 self.save_checkpoint()
-        if code == EXIT_OK and self._last_saved != self.iteration and cfg.save_iters:
-            self.save_checkpoint("end")
+        if code == EXIT_OK and self._last_saved != self.iteration and (cfg.save_iters or data_ended):
+            self.save_checkpoint("end of data" if data_ended else "end")
         self.wait_for_save()
         e.barrier()
         if self._record is not None:
