@@ -246,8 +246,8 @@ class _Lines:
         off = getattr(ds, "_off", None)
         self.fast = off is not None and hasattr(ds, "upstream_format")
         if self.fast:
-            off = np.asarray(off, dtype=np.int64)
-            self.starts = np.concatenate([[0], off]) if ds.upstream_format else off  # n+1 offsets either way
+            self.off = off  # memory-mapped: never copied, whatever the dataset size
+            self.upstream = bool(ds.upstream_format)  # n end offsets instead of n+1 offsets
 
     def get(self, lines: np.ndarray) -> list[bytes]:
         if not self.fast:
@@ -258,7 +258,12 @@ class _Lines:
             with open(self.ds.data_path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.ds.nbytes else b""
         mm = self._mm
-        return [mm[s:e].rstrip(b"\n") for s, e in zip(self.starts[lines].tolist(), self.starts[lines + 1].tolist())]
+        if self.upstream:
+            ends = self.off[lines].astype(np.int64)
+            starts = np.where(lines > 0, self.off[np.maximum(lines - 1, 0)], 0).astype(np.int64)
+        else:
+            starts, ends = self.off[lines].astype(np.int64), self.off[lines + 1].astype(np.int64)
+        return [mm[s:e].rstrip(b"\n") for s, e in zip(starts.tolist(), ends.tolist())]
 
     def __getstate__(self) -> dict:
         return {"ds": self.ds}

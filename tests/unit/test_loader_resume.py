@@ -361,3 +361,20 @@ def test_reshard_puts_partly_used_lines_back(long_mix, tokenizer):
     assert used1 | used2 == everything  # nothing lost
     # Only a line that was cut at the save point appears in both phases (trained again from its start).
     assert len(used1 & used2) == sum(1 for p in partial if p > 0)
+
+
+def test_upstream_index_without_leading_zero(tmp_path, tokenizer):
+    records = short_records("u", 12, 4)
+    write_index(tmp_path / "u", records)
+    offsets = (tmp_path / "u" / "index").read_text().split()
+    (tmp_path / "u" / "index").write_text("\n".join(offsets[1:]) + "\n")  # upstream: n end offsets
+    cfg = tmp_path / "m.json"
+    cfg.write_text(json.dumps([{"task_name": "u", "abs_weight": 1, "path": "u", "allow_repeat": False}]))
+    seen = {}
+    for b in loader(str(cfg), tokenizer, max_length=64):
+        cu, flat = b["cu_seqlens"].tolist(), b["inputs"].flatten().tolist()
+        lines = iter(b["indexes"]["u"])
+        for s, e in zip(cu[:-1], cu[1:]):
+            if b["task_ids"].flatten()[s] >= 0:
+                seen[next(lines)] = tokenizer.decode(flat[s + 1:e])
+    assert seen == {i: r["output"] for i, r in enumerate(records)}  # line 0 included
