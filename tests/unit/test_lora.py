@@ -207,3 +207,42 @@ def test_dragonfly_adapter_on_hf_llama_export(tmp_path, tokenizer_path):
         got = pm(ids).logits
     assert (want - base_logits).abs().max() > 1e-3  # the adapter matters
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dragonfly_lora_through_the_trainer(tmp_path, tokenizer_path, caplog):
+    """Same trainer, other family: adapters on dragonfly's module names, base from load_model."""
+    import logging
+
+    from fm.train.config import load_config
+    from fm.train.trainer import run
+
+    cfg, model = _dragonfly(seed=2)
+    (tmp_path / "model.json").write_text(json.dumps(cfg.to_dict()))
+    torch.save(model.state_dict(), tmp_path / "base.pt")
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    lines = [json.dumps({"input": f"question {i}", "output": f"answer {i} " * 3}) + "\n" for i in range(20)]
+    (idx / "data.jsonl").write_text("".join(lines))
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line.encode()))
+    (idx / "index").write_text("\n".join(map(str, offsets)) + "\n")
+    (tmp_path / "mix.json").write_text(json.dumps([{"task_name": "t", "abs_weight": 1.0, "path": str(idx)}]))
+    train = load_config(None, {
+        "model_unique": "df", "config": str(tmp_path / "model.json"), "dataset_config": str(tmp_path / "mix.json"),
+        "tokenizer_path": tokenizer_path, "engine": "fsdp", "dtype": "fp32", "max_length": 64, "batch_size": 2,
+        "train_iters": 8, "save_iters": 8, "lr": 2e-2, "lr_scheduler": "constant", "warmup_iters": 0,
+        "inspect_iters": 0, "save": str(tmp_path / "ckpt"), "tensorboard": "", "lora": True, "lora_r": 2,
+        "lora_alpha": 4.0, "lora_targets": "q,v,o,down", "load_model": str(tmp_path / "base.pt")})
+    with caplog.at_level(logging.INFO):
+        assert run(train) == 0
+    d, r, L = cfg.dim_model, 2, cfg.num_layers
+    hq, hkv = cfg.num_heads * cfg.dim_head, cfg.num_kv_heads * cfg.dim_head
+    n = L * ((r * d + hq * r) + (r * d + hkv * r) + (r * hq + d * r) + (r * cfg.dim_ff + d * r))
+    assert f"trainable params: {n:,} ||" in caplog.text
+    rows = [json.loads(x) for x in (tmp_path / "ckpt/df/train_stats.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in rows if "loss" in x]
+    assert losses[-1] < losses[0]
+    conf, state = lora.load_adapter(tmp_path / "ckpt/df/8")
+    assert sorted(conf["target_modules"]) == ["attention_out", "project_q", "project_v", "w_out"]
+    assert "base_model.model.encoder.layers.2.ffn.ffn.w_out.lora_B.weight" in state
