@@ -32,6 +32,7 @@ import logging
 import math
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -447,3 +448,45 @@ def dragonfly_adapter_to_hf(adapter_dir: str | Path, output: str | Path, model_c
     cfg_d["target_modules"] = sorted(hf_targets)
     cfg_d["task_type"] = "CAUSAL_LM"
     return save_adapter(output, out, cfg_d, base_model)
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fm.train.lora export-hf --adapter DIR --config MODEL.json --output OUT [--base-model HF_DIR]``
+    (a dragonfly adapter for the Hugging Face Llama export) or ``merge --base B --lora DIR --output OUT.pt``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fm.train.lora", description="LoRA adapter tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export-hf", help="dragonfly adapter → adapter for the Hugging Face Llama export")
+    e.add_argument("--adapter", required=True, help="PEFT adapter directory (a LoRA checkpoint directory)")
+    e.add_argument("--config", required=True, help="dragonfly model config json (or a shipped name)")
+    e.add_argument("--output", required=True, help="adapter directory to write")
+    e.add_argument("--base-model", help="the exported Hugging Face directory (recorded in adapter_config.json)")
+    m = sub.add_parser("merge", help="fold an adapter into a dense state dict")
+    m.add_argument("--base", required=True)
+    m.add_argument("--lora", required=True)
+    m.add_argument("--output", required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "export-hf":
+            from fm.models.registry import load_model_config
+
+            out = dragonfly_adapter_to_hf(args.adapter, args.output, load_model_config(args.config, "dragonfly"),
+                                          args.base_model)
+        else:
+            from fm.train.checkpoint import atomic_torch_save
+
+            cfg, adapter = load_adapter(args.lora)
+            out = Path(args.output)
+            atomic_torch_save(merge_state_dict(_read_state(args.base), adapter, cfg), out)
+    except (LoraError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

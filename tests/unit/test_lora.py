@@ -194,7 +194,10 @@ def test_dragonfly_adapter_on_hf_llama_export(tmp_path, tokenizer_path):
     _randomise_b(model, seed=4)
     model.eval()
     adir = lora.save_adapter(tmp_path / "adapter", lora.adapter_state_dict(model), lc)
-    hf_adapter = lora.dragonfly_adapter_to_hf(adir, tmp_path / "hf_adapter", cfg, base_model=str(hf_dir))
+    (tmp_path / "model.json").write_text(json.dumps(cfg.to_dict()))
+    assert lora.main(["export-hf", "--adapter", str(adir), "--config", str(tmp_path / "model.json"), "--output",
+                      str(tmp_path / "hf_adapter"), "--base-model", str(hf_dir)]) == 0
+    hf_adapter = tmp_path / "hf_adapter"
     hf_cfg = json.loads((hf_adapter / "adapter_config.json").read_text())
     assert sorted(hf_cfg["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
                                                 "v_proj"]
