@@ -74,3 +74,16 @@ def test_bad_shapes_rejected(bad):
 
     with pytest.raises(ConfigError):
         load_config(None, bad)
+
+
+def test_only_run_dataloader_reports_throughput(tmp_path, caplog):
+    import logging
+
+    from fm.train.trainer import run
+
+    cfg = load_config(make_run(tmp_path, repeat=True), {"only_run_dataloader": True, "train_iters": 5,
+                                                        "grad_accum": 2})
+    with caplog.at_level(logging.INFO, logger="fm.train"):
+        assert run(cfg) == 0
+    assert "only_run_dataloader: 10 batches" in caplog.text
+    assert not (tmp_path / "ckpt" / "run").exists()  # nothing trained, nothing saved

@@ -126,3 +126,17 @@ def test_dumps_round_trip(tmp_path):
     p = tmp_path / "resolved.json"
     p.write_text(cfg.dumps())
     assert load_config(p).to_dict() == cfg.to_dict()
+
+
+def test_launcher_dry_run_composes_torchrun(repo_root):
+    import os
+    import subprocess
+
+    env = dict(os.environ, GPUS_PER_NODE="4", NNODES="2", RANK="1", MASTER_ENDPOINT="g3002", MASTER_PORT="12345")
+    env.pop("NODE_RANK", None)
+    out = subprocess.run(["bash", "apps/fm9g_2b/pretrain_dragonfly.sh", "--dry-run", "--lr", "0.1"], cwd=repo_root,
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("torchrun --nnodes=2 --nproc_per_node=4 --node_rank=1 --rdzv_id=1 --rdzv_backend=c10d "
+                          "--rdzv_endpoint=g3002:12345 ")
+    assert "SIGUSR1" in out and out.rstrip().endswith(
+        "apps/fm9g_2b/pretrain_dragonfly.py --config apps/fm9g_2b/train_configs/2.4b.json --lr 0.1")
