@@ -243,7 +243,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if is_lora_name(name):
-            out[model_key_to_peft(name)] = _full_tensor(p).detach().to("cpu", torch.float32).contiguous()
+            # a copy: with one rank the "full" tensor can be the live parameter (async saves write it later)
+            out[model_key_to_peft(name)] = _full_tensor(p).detach().to("cpu", torch.float32, copy=True).contiguous()
     if not out:
         raise LoraError("the model has no LoRA adapter parameters (was fm.train.lora.inject called?)")
     return out
