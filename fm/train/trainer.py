@@ -390,7 +390,8 @@ class Trainer:
         for i, name in enumerate(tasks):
             c = stats[4 + T + i].item()
             if c > 0:
-                task_loss[name] = stats[4 + i].item() / c
+                if not bad:
+                    task_loss[name] = stats[4 + i].item() / c
                 self.task_tokens[name] = self.task_tokens.get(name, 0) + int(c)
         dt = time.perf_counter() - t0
         tps = step_tokens / dt if dt > 0 else 0.0

@@ -105,9 +105,14 @@ def test_exact_resume_after_sigkill(tmp_path):
     (run / "30" / "optimizer").mkdir(parents=True)
     (run / "30" / "fm9g_live_checkpoint-30.pt").write_bytes(b"truncated")
     (run / ".tmp-25").mkdir()
-    rc, out = launch(cfg)
+    # The resumed run also exercises async saving and keep_last_n.
+    rc, out = launch(cfg, args=("--async_save", "true", "--keep_last_n", "1"))
     assert rc == 0, out
     assert "resumed at iteration 20" in out
+    # 20 pruned, the stale temp dir removed; the foreign incomplete "30" is left alone (never read).
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["30", "40"]
+    assert (run / "40" / "COMPLETE").is_file() and not (run / "30" / "COMPLETE").exists()
+    assert (run / "latest").read_text().strip() == "40"
     got = stats(run)
     for i in range(21, 41):
         assert got[i]["loss"] == ref[i]["loss"], (i, got[i]["loss"], ref[i]["loss"])
