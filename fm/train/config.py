@@ -338,6 +338,9 @@ def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
         raise bad("lr", f"must be > 0, got {cfg.lr}")
     if not 0 < cfg.drop_rate <= 1 and cfg.lr_scheduler == "warmupstableexp":
         raise bad("drop_rate", f"must be in (0, 1], got {cfg.drop_rate}")
+    for key in ("warmup_iters", "drop_iters"):
+        if getattr(cfg, key) < 0:
+            raise bad(key, f"must be a step count (>= 1) or a fraction of train_iters (< 1), got {getattr(cfg, key)}")
     w, d = frac_or_steps(cfg.warmup_iters, cfg.train_iters), frac_or_steps(cfg.drop_iters, cfg.train_iters)
     if w > cfg.train_iters:
         raise bad("warmup_iters", f"{w} steps > train_iters {cfg.train_iters}")
