@@ -87,3 +87,20 @@ def test_only_run_dataloader_reports_throughput(tmp_path, caplog):
         assert run(cfg) == 0
     assert "only_run_dataloader: 10 batches" in caplog.text
     assert not (tmp_path / "ckpt" / "run").exists()  # nothing trained, nothing saved
+
+
+def test_resume_no_optimze_rewarms_and_only_load_model_restarts(tmp_path):
+    from fm.train.trainer import run
+    from tests.distributed.test_trainer import stats
+
+    path = make_run(tmp_path, repeat=True, train_iters=4, save_iters=2, warmup_iters=0, lr_scheduler="constant",
+                    lr=0.01)
+    assert run(load_config(path)) == 0
+    rd = tmp_path / "ckpt" / "run"
+    assert run(load_config(path, {"resume_ckpt": "2", "train_iters": 5, "resume_no_optimze": 2})) == 0
+    s = stats(rd)
+    assert [s[i]["lr"] for i in (3, 4, 5)] == pytest.approx([0.005, 0.01, 0.01])
+    assert run(load_config(path, {"resume_ckpt": str(rd / "4"), "only_load_model": True, "model_unique": "ft",
+                                  "train_iters": 1})) == 0
+    ft = stats(tmp_path / "ckpt" / "ft")
+    assert sorted(ft) == [1]  # the step counter restarted
