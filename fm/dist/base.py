@@ -32,6 +32,7 @@ key so the scheduler can multiply (muP: hidden matrices use lr / scale_width).
 from __future__ import annotations
 
 import abc
+import copy
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -315,9 +316,15 @@ def copy_tree(obj: Any, into: Any = None) -> Any:
     from torch.distributed.tensor import DTensor
 
     if isinstance(obj, DTensor):
-        local = copy_tree(obj.to_local(), into.to_local() if isinstance(into, DTensor) else None)
-        return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape,
-                                  stride=obj.stride())
+        local = obj.to_local().detach()
+        buf = into._local_tensor if isinstance(into, DTensor) else None
+        if (buf is not None and buf.shape == local.shape and buf.dtype == local.dtype and buf.device.type == "cpu"
+                and into.device_mesh == obj.device_mesh and into.placements == obj.placements):
+            buf.copy_(local)
+            return into
+        # As torch's own DCP staging does: a DTensor whose local shard lives on the CPU (from_local would
+        # move it back to the mesh's device).
+        return obj.detach().to("cpu") if obj.device.type != "cpu" else copy.deepcopy(obj.detach())
     if isinstance(obj, torch.Tensor):
         src = obj.detach()
         if (isinstance(into, torch.Tensor) and into.shape == src.shape and into.dtype == src.dtype
