@@ -1,0 +1,217 @@
+"""Launchers without slurm: the torchrun command every app launcher composes (``--dry-run``), the master/slave
+node scripts (rendezvous file, timeout, signal forwarding) and two "nodes" on this machine training as one
+world of size 2 (fsdp on gloo, loopback), plus shellcheck on every shell script when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHERS = sorted(ROOT.glob("apps/*/*.sh"))
+SHELL_SCRIPTS = sorted({*ROOT.glob("apps/*/*.sh"), *ROOT.glob("quick_start/*.sh"), *ROOT.glob("quick_start/*.sbatch"),
+                        *ROOT.glob("tests/**/*.sh")})
+TOPOLOGY_VARS = ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "RANK", "MASTER_ENDPOINT", "MASTER_PORT", "TRAIN_CONFIG",
+                 "APP", "REQUEUE", "RDZV_NAME", "RDZV_DIR", "RDZV_TIMEOUT", "SIGNALS_TO_HANDLE", "CUDA_VISIBLE_DEVICES")
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+TINY_MODEL = {"vocab_size": 8000, "dim_model": 64, "dim_ff": 128, "dim_head": 16, "num_heads": 4, "num_kv_heads": 2,
+              "num_layers": 2, "activate_fn": "silu", "eps": 1e-5, "init_std": 0.1, "scale": True, "scale_emb": 12,
+              "scale_depth": 1.4, "dim_model_base": 16, "tie_lm_head": True, "half": False, "dtype": "fp32"}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without topology or slurm variables, with the venv's torchrun on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in TOPOLOGY_VARS and not k.startswith(("SLURM_", "PET_"))}
+    venv = Path(os.environ.get("VIRTUAL_ENV") or ROOT / ".venv")
+    env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def dry_run(script: Path, *args: str, **env: str) -> list[str]:
+    """The torchrun command a launcher prints with --dry-run, split back into its arguments."""
+    out = subprocess.run(["bash", str(script), "--dry-run", *args], cwd=ROOT, env=clean_env(**env),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("torchrun ")]
+    assert len(lines) == 1, out.stdout
+    return shlex.split(lines[0])
+
+
+def opts(cmd: list[str]) -> dict[str, str]:
+    return dict(a[2:].split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+
+
+def make_run(tmp: Path, **train) -> Path:
+    """A tiny model, a two-task mixture (text index, repeated) and a train config; returns the config path."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "model.json").write_text(json.dumps(TINY_MODEL))
+    rng = random.Random(3)
+    for name, n in (("a", 200), ("b", 100)):
+        d = tmp / "data" / name
+        d.mkdir(parents=True)
+        offsets, lines = [0], []
+        for i in range(n):
+            line = (json.dumps({"input": "", "output": f"{name}{i} " + " ".join(rng.choices(WORDS, k=5))}) + "\n")
+            lines.append(line)
+            offsets.append(offsets[-1] + len(line.encode()))
+        (d / "data.jsonl").write_text("".join(lines))
+        (d / "index").write_text("\n".join(map(str, offsets)) + "\n")
+    (tmp / "data" / "mix.json").write_text(json.dumps([
+        {"task_name": "a", "abs_weight": 2.0, "path": "a", "allow_repeat": True},
+        {"task_name": "b", "abs_weight": 1.0, "path": "b", "allow_repeat": True}]))
+    cfg = {"model_unique": "run", "config": str(tmp / "model.json"), "dataset_config": str(tmp / "data" / "mix.json"),
+           "tokenizer_path": str(ROOT / "quick_start" / "tokenizer.model"), "engine": "fsdp", "max_length": 64,
+           "batch_size": 2, "train_iters": 6, "save_iters": 3, "lr": 0.01, "warmup_iters": 2, "inspect_iters": 0,
+           "seed": 7, "save": str(tmp / "elsewhere"), "tensorboard": "", "resume_ckpt": "latest"}
+    cfg.update(train)
+    path = tmp / "train.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def complete_steps(run: Path) -> list[int]:
+    return sorted(int(d.name) for d in run.iterdir() if d.name.isdigit() and (d / "COMPLETE").is_file())
+
+
+# ------------------------------------------------------------------------------------------ launchers
+@pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda p: p.name)
+def test_launcher_composes_torchrun_from_env(launcher):
+    cmd = dry_run(launcher, "--exp_group", "a b 'c'", GPUS_PER_NODE="3", NNODES="2", NODE_RANK="1",
+                  MASTER_ENDPOINT="g3002", MASTER_PORT="12346", RANK="5")
+    o = opts(cmd)
+    assert cmd[0] == "torchrun"
+    assert (o["nnodes"], o["nproc_per_node"], o["node_rank"]) == ("2", "3", "1")  # NODE_RANK wins over RANK
+    assert (o["rdzv_backend"], o["rdzv_endpoint"]) == ("c10d", "g3002:12346")
+    assert "SIGUSR1" in o["signals-to-handle"].split(",")
+    assert cmd[-2:] == ["--exp_group", "a b 'c'"]  # an argument with spaces and quotes stays one argument
+    assert "--config" in cmd
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda p: p.name)
+def test_launcher_rank_fallback_and_defaults(launcher):
+    o = opts(dry_run(launcher, RANK="2", NNODES="3"))
+    assert (o["node_rank"], o["nnodes"]) == ("2", "3")
+    assert o["rdzv_endpoint"] == "localhost:12345"  # across nodes the port must be fixed, not random
+    o = opts(dry_run(launcher))
+    host, port = o["rdzv_endpoint"].rsplit(":", 1)
+    assert (o["nnodes"], o["node_rank"], host) == ("1", "0", "localhost")
+    assert 0 < int(port) < 65536
+    if shutil.which("nvidia-smi") is None:
+        assert o["nproc_per_node"] == "1"  # CPU: one process
+
+
+def test_shared_torchrun_cmd_helper():
+    script = ('source quick_start/torchrun_cmd.sh; fm_torchrun_cmd app.py --config "x y.json"; '
+              'printf "%q " "${FM_TORCHRUN_CMD[@]}"')
+    out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                         env=clean_env(NNODES="2", RANK="1", SLURM_GPUS_ON_NODE="4", MASTER_ENDPOINT="n1"))
+    assert out.returncode == 0, out.stderr
+    cmd = shlex.split(out.stdout)
+    o = opts(cmd)
+    assert (o["nnodes"], o["node_rank"], o["nproc_per_node"], o["rdzv_endpoint"]) == ("2", "1", "4", "n1:12345")
+    assert cmd[-3:] == ["app.py", "--config", "x y.json"]
+    out = subprocess.run(["bash", "-c", "source quick_start/torchrun_cmd.sh; fm_gpus_on_node"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30, env=clean_env(CUDA_VISIBLE_DEVICES="0,1,5"))
+    assert out.stdout.strip() == "3"
+
+
+def test_node_scripts_dry_run(tmp_path):
+    env = {"RDZV_DIR": str(tmp_path)}
+    out = subprocess.run(["bash", "quick_start/run_master.sh", "--dry-run", "--nnodes", "2", "--port", "23456",
+                          "--config", "apps/fm9g_2b/train_configs/tiny.json", "--save", "/tmp/a b"], cwd=ROOT,
+                         env=clean_env(**env), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"would publish the rendezvous file {tmp_path}/fm.env" in out.stdout
+    cmd = shlex.split(next(ln for ln in out.stdout.splitlines() if ln.startswith("torchrun ")))
+    o = opts(cmd)
+    assert (o["nnodes"], o["node_rank"], o["rdzv_endpoint"]) == ("2", "0", f"{os.uname().nodename}:23456")
+    assert cmd[-4:] == ["--config", "apps/fm9g_2b/train_configs/tiny.json", "--save", "/tmp/a b"]
+    assert not (tmp_path / "fm.env").exists()
+
+    out = subprocess.run(["bash", "quick_start/run_slave.sh", "--dry-run", "--master", "g3002:23456", "--nnodes", "3",
+                          "--node-rank", "2", "--app", "apps/spark_13b/pretrain_spark.sh"], cwd=ROOT,
+                         env=clean_env(**env), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    cmd = shlex.split(next(ln for ln in out.stdout.splitlines() if ln.startswith("torchrun ")))
+    o = opts(cmd)
+    assert (o["nnodes"], o["node_rank"], o["rdzv_endpoint"]) == ("3", "2", "g3002:23456")
+    assert cmd[-3].endswith("pretrain_spark.py")
+
+
+def test_slave_times_out_with_a_clear_error_and_ignores_a_stale_file(tmp_path):
+    stale = tmp_path / "fm.env"
+    stale.write_text("MASTER_ENDPOINT=deadhost\nMASTER_PORT=1\nNNODES=2\n")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))  # its master stopped touching it an hour ago
+    t0 = time.monotonic()
+    out = subprocess.run(["bash", "quick_start/run_slave.sh", "--timeout", "2"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env=clean_env(RDZV_DIR=str(tmp_path), RDZV_POLL="0.2"))
+    assert out.returncode == 1
+    assert f"no live master published {stale} within 2s" in out.stderr
+    assert "run_master.sh" in out.stderr and "RDZV_TIMEOUT" in out.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_master_forwards_usr1_to_the_workers(tmp_path):
+    """A signal to the node script (as slurm's --signal=B:USR1 does) reaches the training process, which saves
+    a checkpoint; torchrun is not signalled, so everything exits 0."""
+    cfg = make_run(tmp_path, train_iters=100000, save_iters=0)
+    proc = subprocess.Popen(["bash", "quick_start/run_master.sh", "--config", str(cfg), "--save", str(tmp_path / "ck")],
+                            cwd=ROOT, env=clean_env(RDZV_DIR=str(tmp_path / "rdzv")), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    stats = tmp_path / "ck" / "run" / "train_stats.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not stats.exists() or len(stats.read_text().splitlines()) < 2):
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.2)
+    assert (tmp_path / "rdzv" / "fm.env").is_file()
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert "stop signal received" in out and "training exited with status 0 after SIGUSR1" in out
+    (step,) = complete_steps(tmp_path / "ck" / "run")
+    assert json.loads((tmp_path / "ck" / "run" / str(step) / ".log_ckpt").read_text())["reason"] == "signal"
+    assert not (tmp_path / "rdzv" / "fm.env").exists()  # the master withdrew its address
+
+
+def test_two_nodes_on_one_machine(tmp_path):
+    """run_master.sh and run_slave.sh as plain bash: 2 nodes × 1 process form one world of size 2."""
+    cfg = make_run(tmp_path)
+    env = clean_env(RDZV_DIR=str(tmp_path / "rdzv"), RDZV_POLL="0.5")
+    common = ["--config", str(cfg), "--save", str(tmp_path / "ckpt dir")]
+    slave = subprocess.Popen(["bash", "quick_start/run_slave.sh", *common], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1)  # the slave starts first and waits for the master's file
+    master = subprocess.Popen(["bash", "quick_start/run_master.sh", "--nnodes", "2", *common], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out_m, _ = master.communicate(timeout=300)
+    out_s, _ = slave.communicate(timeout=120)
+    assert master.returncode == 0, out_m
+    assert slave.returncode == 0, out_s
+    assert "waiting up to 1800s for the master's rendezvous file" in out_s
+    assert "NNODES=2 NODE_RANK=1" in out_s  # NNODES came from the master's file
+    logs = out_m + out_s
+    assert "engine fsdp, world size 2" in logs
+    run = tmp_path / "ckpt dir" / "run"
+    assert complete_steps(run) == [3, 6]
+    assert json.loads((run / "6" / ".log_ckpt").read_text())["world_size"] == 2
+    assert not (tmp_path / "rdzv" / "fm.env").exists()
+
+
+# ------------------------------------------------------------------------------------------ shellcheck
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shellcheck(script):
+    out = subprocess.run(["shellcheck", "-x", "-s", "bash", str(script.relative_to(ROOT))], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
