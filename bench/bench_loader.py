@@ -115,14 +115,17 @@ def main() -> None:
     tok = Tokenizer(TOKENIZER)
     with tempfile.TemporaryDirectory() as tmp:
         small, large = build_dataset(tmp, 1), build_dataset(tmp, 8)
-        # Interleave the two measurements so machine load affects both alike; keep the best of 3.
-        enc, one = [], []
-        for _ in range(3):
-            enc.append(encode_only(small, tok))
-            one.append(loader_speed(small, tok, args.rows, args.batch_size, args.max_length))
-        print(f"SentencePiece encode_batch alone : {max(enc):>12,.0f} tokens/s")
-        print(f"loader, one stream (per worker)  : {max(one):>12,.0f} packed tokens/s "
-              f"= {max(one) / max(enc):.2f} x encode")
+        # Interleave the two measurements so machine load affects both alike; report the median of 5 pairs.
+        pairs = []
+        for _ in range(5):
+            pairs.append((encode_only(small, tok, seconds=1.5),
+                          loader_speed(small, tok, args.rows, args.batch_size, args.max_length)))
+        pairs.sort(key=lambda p: p[1] / p[0])
+        enc, one = pairs[len(pairs) // 2]
+        ratios = [p[1] / p[0] for p in pairs]
+        print(f"SentencePiece encode_batch alone : {enc:>12,.0f} tokens/s")
+        print(f"loader, one stream (per worker)  : {one:>12,.0f} packed tokens/s = {one / enc:.2f} x encode "
+              f"(median of 5 paired runs; range {ratios[0]:.2f}-{ratios[-1]:.2f})")
         two = loader_speed(small, tok, args.rows * 2, args.batch_size, args.max_length, workers=2)
         print(f"loader, 2 DataLoader workers     : {two:>12,.0f} packed tokens/s (machine has {os.cpu_count()} cores)")
         for name, cfg in (("1x", small), ("8x", large)):

@@ -457,8 +457,10 @@ def run_stream(plan: _Plan, v: int, snapshot: dict) -> Iterator[tuple[dict, dict
             yield builder.finish_numpy(), export()  # state before this sample: a resume re-picks it
             builder = PackedBatchBuilder(plan.batch_size, plan.max_length, pad, names)
             builder.add_parts(src, masked, last, d, line, compact[d], chunk)
-        cursors[d].commit(cols[d], len(src))
-        mixer.add(d, len(src))
+        n = len(src)
+        cursors[d].commit(cols[d], n)
+        mixer.tokens[d] += n  # TokenShareMixer.add, inlined: this loop runs once per sample
+        mixer.total += n
     if not builder.empty:
         batches += 1
         yield builder.finish_numpy(), export()

@@ -168,7 +168,7 @@ class PackedBatchBuilder:
         seg_arr = np.asarray(segs, dtype=np.int64)
         ends = np.cumsum(seg_arr)  # rows are contiguous and each sums to max_length: global boundaries
         starts = ends - seg_arr
-        flat = np.array(flat_src, dtype=np.int64)  # the one list → array conversion
+        flat = np.fromiter(flat_src, dtype=np.int64, count=b * n)  # the one list → array conversion
         tasks = np.asarray(seg_tasks, dtype=np.int64)
         task_ids = np.repeat(tasks, seg_arr)
         position_ids = np.arange(b * n, dtype=np.int64) - np.repeat(starts, seg_arr)
