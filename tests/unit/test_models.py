@@ -569,3 +569,26 @@ def test_packed_forward_under_cpu_autocast():
             out = model(ids, None, cu)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert (out.float() - ref).abs().mean() / ref.abs().mean() < 0.05
+
+
+def test_residual_scale_follows_upstream_when_scale_is_off():
+    # upstream multiplies residual branches by scale_depth/sqrt(L) whenever scale_depth > 0
+    model = tiny("fm9g_2b/tiny_llama", scale_depth=1.4)
+    assert model.encoder.layers[0].ffn.residual_scale == model.config.residual_scale
+    assert model.config.scale_width == 1.0 and model.config.residual_scale == pytest.approx(0.7)
+    ids = torch.randint(0, 8000, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], reference_dragonfly(model, ids[0]), atol=2e-4, rtol=2e-4)
+
+
+def test_dropout_only_in_training_mode():
+    config = load_model_config(TINY)
+    config.dropout_p = 0.5
+    torch.manual_seed(0)
+    model = build_model(config, device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, 8000, (1, 8))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids), model(ids))
+        model.train()
+        assert not torch.equal(model(ids), model(ids))
