@@ -4,7 +4,7 @@
 # starts munged / slurmctld / slurmd only when they are not running, then waits until sinfo shows the
 # node idle. Exit codes: 0 ready; 2 cannot work here (message on stderr says why); 1 failed.
 # No systemd needed: the daemons are started directly (munged as user munge, slurm as root).
-#   SLURM_SETUP_CPUS  CPUs of the node       [nproc]
+#   SLURM_SETUP_CPUS  CPUs of the node       [online CPUs]
 #   SLURM_SETUP_WAIT  seconds to wait for it [60]
 set -euo pipefail
 
@@ -12,7 +12,7 @@ die() { echo "setup_slurm: $2" >&2; exit "$1"; }
 
 [ "$(id -u)" = "0" ] || die 2 "not root: starting slurmctld/slurmd/munged needs root"
 node="$(hostname -s)"
-cpus="${SLURM_SETUP_CPUS:-$(nproc)}"
+cpus="${SLURM_SETUP_CPUS:-$(getconf _NPROCESSORS_ONLN)}"  # not nproc: it obeys OMP_NUM_THREADS
 wait_s="${SLURM_SETUP_WAIT:-60}"
 
 # ---------------------------------------------------------------------------------------- install
