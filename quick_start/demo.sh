@@ -39,3 +39,19 @@ python -m fm.data.stats --dataset-config dataset_configs/demo.json --tokenizer q
 if [ "${DEMO_SKIP_TRAIN:-0}" = "1" ]; then
   exit 0
 fi
+
+echo "== 4. train the tiny dragonfly: 2 processes, FSDP2 on gloo (apps/fm9g_2b/train_configs/tiny.json)"
+# The demo starts fresh every time; your own runs resume with resume_ckpt "latest".
+rm -rf "$out/checkpoints/tiny_demo" "$out/tensorboard/tiny_demo"
+GPUS_PER_NODE=2 bash apps/fm9g_2b/pretrain_dragonfly.sh --config apps/fm9g_2b/train_configs/tiny.json \
+  --save "$out/checkpoints" --tensorboard "$out/tensorboard" --resume_ckpt ""
+
+echo "== 5. a generated sample from the last checkpoint"
+python -m fm.generate --checkpoint "$out/checkpoints/tiny_demo" --tokenizer quick_start/tokenizer.model \
+  --prompt "The module" --max-new-tokens 40 --do-sample --temperature 0.8 --top-k 40 \
+  --repetition-penalty 1.2 --seed 1
+
+echo
+echo "checkpoints:  $out/checkpoints/tiny_demo/"
+echo "tensorboard:  tensorboard --logdir $out/tensorboard"
+echo "loss curve:   $out/checkpoints/tiny_demo/loss_curve.png (per-step stats: train_stats.jsonl beside it)"

@@ -430,8 +430,16 @@ def load_config_arg(config: str | os.PathLike) -> Any:
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLike | None) -> tuple[Path, Any]:
-    """(state-dict file, DragonflyConfig) for a ``.pt`` file or a checkpoint directory."""
+    """(state-dict file, DragonflyConfig) for a ``.pt`` file, a checkpoint step directory, or a run
+    directory (its newest complete checkpoint)."""
     ckpt = Path(checkpoint)
+    if ckpt.is_dir() and not any(ckpt.glob("*.pt")):
+        # A run directory (<save>/<model_unique>/): its newest complete step directory.
+        from fm.train.checkpoint import resolve_checkpoint as resolve_step_dir
+
+        step_dir = resolve_step_dir(ckpt, "latest")
+        if step_dir is not None:
+            ckpt = Path(step_dir)
     if ckpt.is_dir():
         candidates = sorted(ckpt.glob("fm9g_live_checkpoint-*.pt"), key=_step_of) or sorted(ckpt.glob("*.pt"))
         if not candidates:
