@@ -44,6 +44,7 @@ fm_torchrun_cmd() {
   fi
   export MASTER_PORT
   local signals="${SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+  # shellcheck disable=SC2034  # the caller's result
   FM_TORCHRUN_CMD=(torchrun --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" --node_rank="$NODE_RANK"
     --rdzv_id="${RDZV_ID:-1}" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ENDPOINT:$MASTER_PORT"
     --signals-to-handle="$signals" "$@")
@@ -213,7 +214,7 @@ fm_publish_rendezvous() {
       touch -c "$f" 2>/dev/null || true
       sleep "${RDZV_HEARTBEAT:-15}"
     done
-  ) &
+  ) </dev/null >/dev/null 2>&1 &  # detached from our output: a pipe reader must not wait for its last sleep
   FM_HEARTBEAT_PID=$!
   echo "[fm] master: published $MASTER_ENDPOINT:$MASTER_PORT (NNODES=$NNODES) in $f" >&2
 }

@@ -162,7 +162,6 @@ def test_slave_times_out_with_a_clear_error_and_ignores_a_stale_file(tmp_path):
     assert time.monotonic() - t0 < 30
 
 
-@pytest.mark.slow
 def test_master_forwards_usr1_to_the_workers(tmp_path):
     """A signal to the node script (as slurm's --signal=B:USR1 does) reaches the training process, which saves
     a checkpoint; torchrun is not signalled, so everything exits 0."""
@@ -185,7 +184,6 @@ def test_master_forwards_usr1_to_the_workers(tmp_path):
     assert not (tmp_path / "rdzv" / "fm.env").exists()  # the master withdrew its address
 
 
-@pytest.mark.slow
 def test_two_nodes_on_one_machine(tmp_path):
     """run_master.sh and run_slave.sh as plain bash: 2 nodes × 1 process form one world of size 2."""
     cfg = make_run(tmp_path)
@@ -214,6 +212,7 @@ def test_two_nodes_on_one_machine(tmp_path):
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shellcheck(script):
-    out = subprocess.run(["shellcheck", "-x", "-s", "bash", str(script.relative_to(ROOT))], cwd=ROOT,
+    # SC2054 ("use spaces, not commas") misreads one array element like --signals-to-handle=SIGTERM,SIGUSR1.
+    out = subprocess.run(["shellcheck", "-x", "-s", "bash", "-e", "SC2054", str(script.relative_to(ROOT))], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
