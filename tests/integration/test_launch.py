@@ -216,3 +216,21 @@ def test_shellcheck(script):
     out = subprocess.run(["shellcheck", "-x", "-s", "bash", "-e", "SC2054", str(script.relative_to(ROOT))], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_multinode_sbatch_dry_run():
+    out = subprocess.run(["bash", "quick_start/train_multinode.sbatch", "--dry-run", "--port", "29400",
+                          "--config", "apps/fm9g_2b/train_configs/tiny.json", "--save", "/tmp/a b"], cwd=ROOT,
+                         env=clean_env(SLURM_JOB_NUM_NODES="3", SLURM_JOB_ID="77", MASTER_ENDPOINT="g3002"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    srun = shlex.split(next(ln for ln in lines if ln.startswith("srun ")))
+    assert srun[:5] == ["srun", "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert srun[6:8] == [str(ROOT / "quick_start" / "torchrun_cmd.sh"), "run-node"]
+    assert srun[-2:] == ["--save", "/tmp/a b"]
+    o = opts(shlex.split(next(ln for ln in lines if ln.startswith("torchrun "))))
+    assert (o["nnodes"], o["rdzv_endpoint"], o["rdzv_id"]) == ("3", "g3002:29400", "1")
+    out = subprocess.run(["bash", "quick_start/train_multinode.sbatch"], cwd=ROOT, env=clean_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "not inside a slurm job" in out.stderr
