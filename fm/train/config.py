@@ -83,6 +83,10 @@ class TrainConfig:
     log_iters: int = 1  # console line every N steps
     max_skipped_steps: int = 10  # consecutive non-finite steps before stopping with an error
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = guess from the device (see docs/training.md)
+    # ---- validation during training (fm.eval.validation; docs/evaluation.md) ----
+    eval_dataset_config: str = ""  # mixture config JSON of held-out data (same format as dataset_config)
+    eval_iters: int = 10  # batches per rank in the fixed validation set (built once at start-up)
+    eval_interval: int = 0  # validation loss every N optimizer steps and at the end of training (0 = off)
     # ---- accepted upstream keys that mean nothing here ----
     local: bool = True  # documented no-op (upstream: read data from local disk rather than HDFS)
     dataloader: str = "indexed"  # only "indexed" exists
@@ -334,6 +338,16 @@ def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
                 "max_skipped_steps", "log_iters"):
         if getattr(cfg, key) < 0:
             raise bad(key, f"must be >= 0, got {getattr(cfg, key)}")
+    if cfg.eval_iters < 1:
+        raise bad("eval_iters", f"must be >= 1 (batches per rank in the validation set), got {cfg.eval_iters}")
+    if cfg.eval_interval < 0:
+        raise bad("eval_interval", f"must be >= 0 (0 = no validation), got {cfg.eval_interval}")
+    if cfg.eval_interval > 0 and not cfg.eval_dataset_config:
+        raise bad("eval_interval", f"{cfg.eval_interval} needs eval_dataset_config (a mixture config of held-out "
+                  "data); set eval_dataset_config or eval_interval 0")
+    if cfg.eval_dataset_config and cfg.eval_interval == 0:
+        log.warning("%s: eval_dataset_config is set but eval_interval is 0: no validation (set eval_interval > 0)",
+                    source)
     if not cfg.lr > 0:
         raise bad("lr", f"must be > 0, got {cfg.lr}")
     if not 0 < cfg.drop_rate <= 1 and cfg.lr_scheduler == "warmupstableexp":

@@ -3,7 +3,12 @@
 Only rank 0 writes. Tensorboard tags (upstream names first): ``Loss/train``, ``Loss/train/<task>``,
 ``Optimizer/lr``, ``Optimizer/scale``, ``Optimizer/grad_norm``; ours: ``Optimizer/skipped_steps``,
 ``Throughput/tokens_per_sec``, ``Throughput/tokens_per_sec_per_device``, ``Throughput/mfu``,
-``Throughput/step_time``, ``Memory/<stat>_gib``.
+``Throughput/step_time``, ``Memory/<stat>_gib``; validation (:meth:`MetricsWriter.log_validation`):
+``Loss/valid``, ``Loss/valid/<task>``, ``Perplexity/valid``, ``Perplexity/valid/<task>``.
+
+The jsonl file has one row per iteration; each validation adds a row ``{"iter", "kind": "valid",
+"valid_loss", "valid_ppl", "valid_tokens", "valid_task_loss", "valid_task_ppl"}`` after that
+iteration's row (``read_stats`` merges it into the iteration's row).
 
 MFU = achieved FLOP/s / (peak FLOP/s × devices) with FLOPs per token = ``6·N + 12·L·d·S`` (N non-embedding
 parameters, L layers, d hidden size, S sequence length; the attention term is not halved for causal
@@ -78,6 +83,18 @@ def format_step_line(s: dict[str, Any]) -> str:
     return " | ".join(parts) + " |"
 
 
+def format_valid_line(step: int, res: dict[str, Any]) -> str:
+    """Console line of one validation (``res`` from ``fm.eval.validation``: loss, ppl, tokens, per_task)."""
+    parts = [f"| valid at iter {step:>6d}", f"loss {res['loss']:.4f}", f"ppl {res['ppl']:.3f}",
+             f"tokens {res['tokens']}"]
+    if res.get("time") is not None:
+        parts.append(f"time {res['time']:.3f}s")
+    per = res.get("per_task") or {}
+    if per:
+        parts.append("tasks " + " ".join(f"{k}={v['loss']:.4f} (ppl {v['ppl']:.3f})" for k, v in per.items()))
+    return " | ".join(parts) + " |"
+
+
 class MetricsWriter:
     """Console + tensorboard + jsonl for one run (no-op on ranks other than 0)."""
 
@@ -129,6 +146,26 @@ class MetricsWriter:
                 add("Throughput/mfu", s["mfu"], step)
             for k, v in (s.get("memory") or {}).items():
                 add(f"Memory/{k}_gib", v, step)
+
+    def log_validation(self, step: int, res: dict[str, Any]) -> None:
+        """Console line, ``Loss/valid[/<task>]`` and ``Perplexity/valid[/<task>]`` scalars, a jsonl row."""
+        if not self.enabled:
+            return
+        log.info(format_valid_line(step, res))
+        per = res.get("per_task") or {}
+        if self.jsonl is not None:
+            row = {"iter": step, "kind": "valid", "valid_loss": res["loss"], "valid_ppl": res["ppl"],
+                   "valid_tokens": res["tokens"], "valid_task_loss": {k: v["loss"] for k, v in per.items()},
+                   "valid_task_ppl": {k: v["ppl"] for k, v in per.items()}, "wall_time": time.time()}
+            self.jsonl.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.jsonl.flush()
+        if self.tb is not None:
+            self.tb.add_scalar("Loss/valid", res["loss"], step)
+            self.tb.add_scalar("Perplexity/valid", res["ppl"], step)
+            for task, v in per.items():
+                self.tb.add_scalar(f"Loss/valid/{task}", v["loss"], step)
+                self.tb.add_scalar(f"Perplexity/valid/{task}", v["ppl"], step)
+            self.tb.flush()
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         if self.enabled and self.tb is not None:
@@ -206,8 +243,15 @@ def read_stats(jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
             line = line.strip()
             if line:
                 rows.append(json.loads(line))
-    # A resumed run appends again from the resume step: keep the last value per iteration.
-    by_iter = {int(r["iter"]): r for r in rows}
+    # A resumed run appends again from the resume step: keep the last value per iteration. A validation
+    # row ("kind": "valid") is merged into its iteration's row instead of replacing it.
+    by_iter: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        it = int(r["iter"])
+        if r.get("kind") == "valid":
+            by_iter.setdefault(it, {"iter": it}).update({k: v for k, v in r.items() if k != "kind"})
+        else:
+            by_iter[it] = r
     return [by_iter[k] for k in sorted(by_iter)]
 
 
@@ -219,14 +263,19 @@ def plot_loss_curve(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, 
     import matplotlib.pyplot as plt
 
     rows = read_stats(jsonl_path)
-    it = [r["iter"] for r in rows if math.isfinite(r["loss"])]
-    loss = [r["loss"] for r in rows if math.isfinite(r["loss"])]
+    train = [r for r in rows if math.isfinite(r.get("loss", math.nan))]
+    valid = [r for r in rows if math.isfinite(r.get("valid_loss", math.nan))]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(it, loss, color="tab:blue", label="loss")
+    ax.plot([r["iter"] for r in train], [r["loss"] for r in train], color="tab:blue", label="loss")
+    if valid:
+        ax.plot([r["iter"] for r in valid], [r["valid_loss"] for r in valid], "o-", color="tab:green", markersize=3,
+                label="valid loss")
+        ax.legend(loc="upper right")
     ax.set_xlabel("iteration")
     ax.set_ylabel("train loss", color="tab:blue")
     ax2 = ax.twinx()
-    ax2.plot([r["iter"] for r in rows], [r["lr"] for r in rows], color="tab:orange", alpha=0.7, label="lr")
+    lr_rows = [r for r in rows if "lr" in r]
+    ax2.plot([r["iter"] for r in lr_rows], [r["lr"] for r in lr_rows], color="tab:orange", alpha=0.7, label="lr")
     ax2.set_ylabel("lr", color="tab:orange")
     ax.set_title(title or Path(jsonl_path).parent.name)
     ax.grid(alpha=0.3)

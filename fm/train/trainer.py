@@ -10,6 +10,10 @@ loss (or the grad norm is non-finite), whether any rank got a stop signal (SIGTE
 per-task losses. A non-finite step is skipped everywhere (gradients dropped, schedule not advanced);
 ``max_skipped_steps`` consecutive ones stop training with an error after saving the last good state.
 
+Validation (``eval_interval`` > 0): the fixed batches of ``eval_dataset_config`` (built once, see
+``fm.eval.validation``) are evaluated every ``eval_interval`` steps and once more at the end of training
+(``train_iters`` reached, or the data ran out), not after a stop signal or the non-finite limit.
+
 Test hook (read only here): ``FM_TEST_NAN_STEPS="rank:iter,rank:iter"`` turns the loss of the given
 rank at the given (1-based) iteration into NaN before the backward. ``FM_TEST_DIE_AFTER=iter`` kills
 the process with SIGKILL right after that iteration (to test resume after a crash).
@@ -128,6 +132,9 @@ class Trainer:
         self.model = None
         self.loader = None
         self.metrics: MetricsWriter | None = None
+        self.val_batches: list[dict] = []  # fixed validation batches of this rank (same count on every rank)
+        self.val_tasks: list[str] = []
+        self._last_eval = -1  # iteration of the last validation
 
     # ------------------------------------------------------------------ build
     def setup_engine(self) -> None:
@@ -157,6 +164,49 @@ class Trainer:
             rank=e.rank, world_size=e.world_size, num_workers=self.cfg.dataloader_num_workers,
             prefetch_factor=self.cfg.dataloader_prefetch_factor, seed=self.cfg.seed)
         return self.loader
+
+    def build_validation(self) -> None:
+        """The fixed validation set: the first ``eval_iters`` batches per rank of ``eval_dataset_config``
+        (seed ``seed``), kept in memory. After :meth:`build_loader`: its tokenizer, so ``eos_token`` applies
+        here too. Collective."""
+        from fm.eval.validation import fixed_batches
+
+        cfg, e = self.cfg, self.engine
+        if not (cfg.eval_interval and cfg.eval_dataset_config):
+            return
+        batches = fixed_batches(cfg.eval_dataset_config, self.tokenizer, batch_size=cfg.batch_size,
+                                max_length=cfg.max_length, n_batches=cfg.eval_iters, rank=e.rank,
+                                world_size=e.world_size, seed=cfg.seed)
+        # Every forward of a sharded model is a collective: all ranks must run the same number of batches.
+        n = int(e.all_reduce(float(len(batches)), "min"))
+        if n == 0:
+            log.warning("eval_dataset_config %s gives no batch on some rank: validation is off",
+                        cfg.eval_dataset_config)
+            return
+        self.val_batches = batches[:n]
+        self.val_tasks = list(batches[0]["task_names"])
+        if e.is_main:
+            log.info("validation set: %d batches per rank of %s (tasks %s), every %d steps",
+                     n, cfg.eval_dataset_config, ", ".join(self.val_tasks), cfg.eval_interval)
+
+    def validate(self) -> dict[str, Any]:
+        """Token-weighted validation loss/perplexity over every rank's fixed batches (no grad, eval mode;
+        the train mode is restored). Logged to the console, tensorboard and jsonl. Collective."""
+        from fm.eval.validation import evaluate_loss, from_sums_tensor, sums_tensor
+
+        e = self.engine
+        t0 = time.perf_counter()
+        local = evaluate_loss(self.model, self.val_batches, device=e.device)
+        res = from_sums_tensor(e.all_reduce(sums_tensor(local, self.val_tasks, device=e.device), "sum"),
+                               self.val_tasks)
+        res["time"] = time.perf_counter() - t0
+        self._last_eval = self.iteration
+        self.metrics.log_validation(self.iteration, res)
+        return res
+
+    def _eval_due(self) -> bool:
+        every = self.cfg.eval_interval
+        return bool(self.val_batches) and (self.iteration % every == 0 or self.iteration == self.cfg.train_iters)
 
     def build_model(self) -> None:
         from fm.models.registry import build_model, load_model_config, mup_scaled_param_names
@@ -205,6 +255,7 @@ class Trainer:
         self.setup_engine()
         self.build_model()
         self.build_loader()
+        self.build_validation()
         self.setup_outputs()
         self.resume()
 
@@ -462,6 +513,8 @@ class Trainer:
                 break
             self.loader_state = self.loader.state_dict()
             self.metrics.log_step(s)
+            if self._eval_due() and not self._stop_agreed:  # a stop signal wants the checkpoint now
+                self.validate()
             if die_after and self.iteration == die_after:
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.skipped_consecutive and self.skipped_consecutive >= max(1, cfg.max_skipped_steps):
@@ -479,6 +532,8 @@ class Trainer:
                 self.save_checkpoint()
         if code == EXIT_OK and self._last_saved != self.iteration and (cfg.save_iters or data_ended):
             self.save_checkpoint("end of data" if data_ended else "end")
+        if code == EXIT_OK and not self._stop_agreed and self.val_batches and self._last_eval != self.iteration:
+            self.validate()  # end of training (data ran out, or resumed at train_iters): the final weights
         self.wait_for_save()
         e.barrier()
         if self._record is not None:
@@ -533,6 +588,7 @@ def run(cfg: TrainConfig, engine=None) -> int:
             return EXIT_OK
         tr.build_model()
         tr.build_loader()
+        tr.build_validation()
         tr.setup_outputs()
         tr.resume()
         return tr.train()
