@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+from fm.io import atomic_torch_save  # noqa: E402
 from fm.train import lora  # noqa: E402
-from fm.train.checkpoint import atomic_torch_save  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 log = logging.getLogger("spark.merge_lora")

@@ -227,7 +227,7 @@ class Engine(abc.ABC):
 
     def save_model(self, path: str | Path) -> None:
         """Write the full state dict as one ``torch.save`` file from rank 0 (collective; atomic rename)."""
-        from fm.train.checkpoint import atomic_torch_save
+        from fm.io import atomic_torch_save
 
         sd = self.model_state_dict()
         if self.is_main:

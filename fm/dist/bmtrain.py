@@ -311,7 +311,7 @@ class BMTrainEngine(Engine):
         self._staging.release(kind)
 
     def write_optimizer(self, snapshot: Snapshot, directory: str | Path) -> None:
-        from fm.train.checkpoint import atomic_torch_save
+        from fm.io import atomic_torch_save
 
         snapshot = snapshot.get()
         if not snapshot:

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from fm.io import atomic_write
+
 log = logging.getLogger("fm.export.hf")
 
 MUP_KEY = "fm_dragonfly"  # config.json entry holding the original config (muP factors)
@@ -355,21 +357,6 @@ class _AtomicDir:
             os.replace(self.tmp, self.target)
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The tensor dict inside a loaded ``.pt`` (bare, or under ``model``/``state_dict``/``module``)."""
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -581,9 +568,9 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, config_ou
     state, cfg = hf_to_dragonfly(load_hf_state_dict(hf_dir), hf_cfg, target_dtype)
     output = Path(output)
     config_output = Path(config_output) if config_output else output.with_suffix(".json")
-    _atomic_write_bytes(output, lambda f: torch.save(state, f))
+    atomic_write(output, lambda f: torch.save(state, f))
     text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-    _atomic_write_bytes(config_output, lambda f: f.write(text.encode()))
+    atomic_write(config_output, lambda f: f.write(text.encode()))
     log.info("imported %s → %s + %s", hf_dir, output, config_output)
     return output, config_output
 

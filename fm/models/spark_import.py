@@ -27,12 +27,13 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fm.io import atomic_torch_save
 
 log = logging.getLogger("fm.models.spark_import")
 
@@ -299,20 +300,6 @@ def import_megatron(
 # ------------------------------------------------------------------------------- CLI
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -346,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SparkImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    _atomic_save(state, Path(args.output))
+    atomic_torch_save(state, Path(args.output))
     n = sum(t.numel() for t in state.values())
     print(f"wrote {args.output}: {len(state)} tensors, {n:,} parameters")
     return 0

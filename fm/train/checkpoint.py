@@ -32,7 +32,6 @@ import os
 import random
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from fm.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     from fm.dist.base import Engine
@@ -63,44 +64,6 @@ Part = Callable[[Path], None]
 """Writes one piece of a checkpoint into the given (temp) directory. Holds an already-taken snapshot."""
 
 
-# ---------------------------------------------------------------- atomic file writes
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write to a temp file in the same directory, fsync, rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(obj: Any, path: Path) -> None:
-    atomic_write_bytes((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode(), path)
-
-
-# ---------------------------------------------------------------- parts (snapshot now, write later)
 def torch_part(relpath: str, obj: Any) -> Part:
     """``torch.save(obj)`` at ``relpath``. ``obj`` must not change afterwards (pass a snapshot)."""
     return lambda d: atomic_torch_save(obj, d / relpath)

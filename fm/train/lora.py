@@ -266,7 +266,7 @@ def write_adapter_files(directory: str | Path, state: Mapping[str, torch.Tensor]
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory`` (each file atomically)."""
     from safetensors.torch import save as st_save
 
-    from fm.train.checkpoint import atomic_write_bytes
+    from fm.io import atomic_write_bytes
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -477,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = dragonfly_adapter_to_hf(args.adapter, args.output, load_model_config(args.config, "dragonfly"),
                                           args.base_model)
         else:
-            from fm.train.checkpoint import atomic_torch_save
+            from fm.io import atomic_torch_save
 
             cfg, adapter = load_adapter(args.lora)
             out = Path(args.output)
