@@ -314,8 +314,9 @@ class _Source:
         inputs, outputs = [], []
         epoch_keys: dict[int, int] = {}
         records = self._records(lines)
+        transform, rng = self.transform, self.rng  # locals: this loop runs once per line
         for line, epoch, root, record in zip(lines.tolist(), epochs.tolist(), roots.tolist(), records):
-            if self.transform is None:
+            if transform is None:
                 inp, out = record.get("input", "") or "", record.get("output", "") or ""
                 if not isinstance(inp, str) or not isinstance(out, str):
                     check_transformed({"input": inp, "output": out}, self.spec.task_name, record)
@@ -323,13 +324,16 @@ class _Source:
                 # The RNG is a function of (seed, task, line, epoch): no RNG state to save, same result on resume.
                 if epoch not in epoch_keys:
                     epoch_keys[epoch] = _key(self.seed, self.spec.task_name, "rng", epoch)
-                r = _LazyRandom(self.rng, epoch_keys[epoch] ^ ((line * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF))
+                r = _LazyRandom(rng, epoch_keys[epoch] ^ ((line * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF))
                 try:
-                    result = self.transform(record, root, r)
+                    result = transform(record, root, r)
                 except Exception as e:
                     raise TransformError(f"task {self.spec.task_name!r}: transform {self.spec.transforms} raised "
                                          f"{type(e).__name__}: {e} on line {line} {_short(record)}") from e
-                inp, out = check_transformed(result, self.spec.task_name, record)
+                if type(result) is dict and type(result.get("input")) is str and type(result.get("output")) is str:
+                    inp, out = result["input"], result["output"]  # check_transformed's common case, inlined
+                else:
+                    inp, out = check_transformed(result, self.spec.task_name, record)
             inputs.append(inp)
             outputs.append(out)
         enc = self.tokenizer.encode_batch
@@ -362,10 +366,10 @@ class _Cursor:
             return
         lines, epochs, roots = self.order.lines(top)
         tok = self.source.tokenizer
-        rule = self.source.spec.oversize_rule
+        bos, eos, max_length, rule = tok.bos_id, tok.eos_id, self.max_length, self.source.spec.oversize_rule
+        append = self.buffer.append
         for line, (in_ids, out_ids) in zip(lines.tolist(), self.source.tokenize(lines, epochs, roots)):
-            samples, event = build_sample_parts(in_ids, out_ids, tok.bos_id, tok.eos_id, self.max_length, rule)
-            self.buffer.append((line, samples, event))
+            append((line, *build_sample_parts(in_ids, out_ids, bos, eos, max_length, rule)))
 
     def peek(self, stats: list[int]) -> tuple[int, tuple[list[int], int, int]] | None:
         """The next sample (line, (src, n_masked, last_label)), skipping (and counting) dropped lines; None when
@@ -446,19 +450,20 @@ def run_stream(plan: _Plan, v: int, snapshot: dict) -> Iterator[tuple[dict, dict
         d = mixer.pick(active)
         if d < 0:
             break
-        item = cursors[d].peek(cols[d])
+        cur = cursors[d]
+        item = cur.peek(cols[d])
         if item is None:
             active[d] = False
             continue
         line, (src, masked, last) = item
-        chunk = cursors[d].seg
+        chunk = cur.seg
         if not builder.add_parts(src, masked, last, d, line, compact[d], chunk):
             batches += 1
             yield builder.finish_numpy(), export()  # state before this sample: a resume re-picks it
             builder = PackedBatchBuilder(plan.batch_size, plan.max_length, pad, names)
             builder.add_parts(src, masked, last, d, line, compact[d], chunk)
         n = len(src)
-        cursors[d].commit(cols[d], n)
+        cur.commit(cols[d], n)
         mixer.tokens[d] += n  # TokenShareMixer.add, inlined: this loop runs once per sample
         mixer.total += n
     if not builder.empty:

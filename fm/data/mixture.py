@@ -319,6 +319,8 @@ class TokenShareMixer:
         self.total = sum(self.tokens)
 
     def pick(self, active: Sequence[bool]) -> int:
+        if len(self.tokens) == 1:  # one dataset: nothing to choose (the loop below gives the same answer)
+            return 0 if active[0] else -1
         best, best_deficit = -1, -math.inf
         total = self.total
         for d, (w, t) in enumerate(zip(self.weights, self.tokens)):

@@ -165,26 +165,30 @@ class PackedBatchBuilder:
                 flat_src += [self.pad_id] * pad
                 segs.append(pad)
                 seg_tasks.append(-1)
-        seg_arr = np.asarray(segs, dtype=np.int64)
-        ends = np.cumsum(seg_arr)  # rows are contiguous and each sums to max_length: global boundaries
+        seg_arr = np.array(segs, dtype=np.int64)
+        ends = seg_arr.cumsum()  # rows are contiguous and each sums to max_length: global boundaries
         starts = ends - seg_arr
         flat = np.fromiter(flat_src, dtype=np.int64, count=b * n)  # the one list → array conversion
-        tasks = np.asarray(seg_tasks, dtype=np.int64)
+        tasks = np.array(seg_tasks, dtype=np.int64)
         task_ids = np.repeat(tasks, seg_arr)
         position_ids = np.arange(b * n, dtype=np.int64) - np.repeat(starts, seg_arr)
         # Targets: the next input token, then per sample its last label and −100 over its input part.
         targets = np.empty_like(flat)
         targets[:-1] = flat[1:]
         is_sample = tasks >= 0
-        s_start, s_end = starts[is_sample], ends[is_sample]
-        targets[s_end - 1] = np.asarray(self.last_label, dtype=np.int64)
-        edges = np.bincount(s_start, minlength=b * n + 1) - np.bincount(
-            s_start + np.asarray(self.masked, dtype=np.int64), minlength=b * n + 1)
-        targets[(np.cumsum(edges)[:-1] > 0) | (task_ids < 0)] = IGNORE_INDEX
+        targets[ends[is_sample] - 1] = self.last_label
+        # A few slices per batch (input parts, padding tails) cost less than whole-batch masks.
+        if any(self.masked):
+            for s, m in zip(starts[is_sample].tolist(), self.masked):
+                if m:
+                    targets[s:s + m] = IGNORE_INDEX
+        for r in range(b):
+            if lengths[r] < n:
+                targets[r * n + lengths[r]:(r + 1) * n] = IGNORE_INDEX
         inputs, targets = flat.reshape(b, n), targets.reshape(b, n)
         task_ids, position_ids = task_ids.reshape(b, n), position_ids.reshape(b, n)
-        cu = np.concatenate([[0], ends])
-        cu_arr = cu.astype(np.int32)
+        cu_arr = np.zeros(len(ends) + 1, dtype=np.int32)
+        cu_arr[1:] = ends
         indexes: dict[str, list[int]] = {}
         for task, line, chunk in self.lines:
             lst = indexes.setdefault(self.task_names[task], [])
@@ -196,7 +200,7 @@ class PackedBatchBuilder:
             "task_ids": task_ids,
             "position_ids": position_ids,
             "cu_seqlens": cu_arr,
-            "max_seqlen": int(seg_arr.max()),
+            "max_seqlen": max(segs),
             "lengths": np.asarray(lengths, dtype=np.int64),
             "num_tokens": int(sum(lengths)),
             "task_names": list(self.task_names),
