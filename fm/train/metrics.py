@@ -111,7 +111,10 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             Path(tensorboard_dir).mkdir(parents=True, exist_ok=True)
-            self.tb = SummaryWriter(logdir=str(tensorboard_dir))
+            # tensorboardX names event files by the second; a resume within the same second would
+            # truncate the previous run's file, so make each writer's file name unique.
+            suffix = f".{os.getpid()}.{time.time_ns() % 1_000_000_000:09d}"
+            self.tb = SummaryWriter(logdir=str(tensorboard_dir), filename_suffix=suffix)
         if jsonl_path:
             Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run

@@ -102,3 +102,16 @@ def test_metrics_cli(tmp_path):
     p.write_text("\n".join(json.dumps(_step(i)) for i in range(1, 4)) + "\n")
     assert main([str(p), str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_resume_in_the_same_second_keeps_the_first_runs_events(tmp_path):
+    # tensorboardX names event files by the second: a second writer (a resume) must not truncate the first.
+    for steps in ((1, 2, 3), (4, 5)):
+        w = MetricsWriter(enabled=True, tensorboard_dir=tmp_path / "tb", jsonl_path=None)
+        for i in steps:
+            w.log_step(_step(i))
+        w.close()
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert sorted(e.step for e in acc.Scalars("Loss/train")) == [1, 2, 3, 4, 5]
