@@ -581,6 +581,9 @@ def run(cfg: TrainConfig, engine=None) -> int:
     """Build everything from ``cfg`` and train; returns the process exit code (0, or 3 after the
     non-finite limit — that case also raises ``NonFiniteError`` to the caller's log)."""
     tr = Trainer(cfg, engine)
+    # Before the setup, which takes minutes for a large model: slurm's early warning (SIGUSR1) or a SIGTERM
+    # arriving then would otherwise kill the process (default action) instead of stopping at the first step.
+    tr.install_signal_handlers()
     tr.setup_engine()
     try:
         if cfg.only_run_dataloader:

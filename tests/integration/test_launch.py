@@ -234,3 +234,22 @@ def test_multinode_sbatch_dry_run():
     out = subprocess.run(["bash", "quick_start/train_multinode.sbatch"], cwd=ROOT, env=clean_env(),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not inside a slurm job" in out.stderr
+
+
+def test_usr1_during_setup_still_checkpoints(tmp_path):
+    """slurm's warning can come while the model is still being built: the stop request must survive until
+    the first step, which then saves and exits 0 (launch fix: handlers installed at the top of run())."""
+    cfg = make_run(tmp_path, train_iters=100000, save_iters=0)
+    proc = subprocess.Popen(["bash", "quick_start/run_master.sh", "--config", str(cfg), "--save", str(tmp_path / "ck")],
+                            cwd=ROOT, env=clean_env(RDZV_DIR=str(tmp_path / "rdzv")), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "resolved train config" in line:  # logged during setup, before the model is built
+            proc.send_signal(signal.SIGUSR1)
+            break
+    out = "".join(lines) + proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, out
+    assert "stop signal received: saving at iteration 1" in out
+    assert complete_steps(tmp_path / "ck" / "run") == [1]
