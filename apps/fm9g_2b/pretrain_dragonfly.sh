@@ -42,7 +42,7 @@ TRAIN_CONFIG="${TRAIN_CONFIG:-apps/fm9g_2b/train_configs/2.4b.json}"
 
 cmd=(torchrun --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" --node_rank="$NODE_RANK"
   --rdzv_id=1 --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ENDPOINT:$MASTER_PORT"
-  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+  --signals-to-handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
   apps/fm9g_2b/pretrain_dragonfly.py --config "$TRAIN_CONFIG" "$@")
 
 printf '%q ' "${cmd[@]}"

@@ -50,7 +50,7 @@ TRAIN_CONFIG="${TRAIN_CONFIG:-apps/spark_13b/train_configs/13b_pretrain.json}"
 
 cmd=(torchrun --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" --node_rank="$NODE_RANK"
   --rdzv_id=1 --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ENDPOINT:$MASTER_PORT"
-  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+  --signals-to-handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
   apps/spark_13b/pretrain_spark.py --config "$TRAIN_CONFIG" ${args[@]+"${args[@]}"})
 
 printf '%q ' "${cmd[@]}"

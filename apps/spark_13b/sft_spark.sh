@@ -57,7 +57,7 @@ fi
 
 cmd=(torchrun --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" --node_rank="$NODE_RANK"
   --rdzv_id=1 --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ENDPOINT:$MASTER_PORT"
-  --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+  --signals-to-handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
   apps/spark_13b/sft_spark.py --config "$TRAIN_CONFIG" ${args[@]+"${args[@]}"})
 
 printf '%q ' "${cmd[@]}"
