@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch dragonfly pretraining with torchrun. Topology comes from the environment (defaults in
 # brackets); hyperparameters live in the train config JSON, never here.
-#   GPUS_PER_NODE  processes on this node   [number of GPUs from nvidia-smi, else 1]
+#   GPUS_PER_NODE  processes on this node   [GPUs: SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES or nvidia-smi; else 1]
 #   NNODES         number of machines       [1]
 #   NODE_RANK      this machine's rank      [$RANK, else 0]   (0 = master, 1, 2, … = slaves)
 #   MASTER_ENDPOINT master host name        [localhost]
@@ -20,30 +20,12 @@ if [ "${1:-}" = "--dry-run" ]; then
   shift
 fi
 
-if [ -z "${GPUS_PER_NODE:-}" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && n="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" && [ "$n" -gt 0 ]; then
-    GPUS_PER_NODE="$n"
-  else
-    GPUS_PER_NODE=1
-  fi
-fi
-NNODES="${NNODES:-1}"
-NODE_RANK="${NODE_RANK:-${RANK:-0}}"
-MASTER_ENDPOINT="${MASTER_ENDPOINT:-localhost}"
-if [ -z "${MASTER_PORT:-}" ]; then
-  if [ "$NNODES" = "1" ]; then
-    # One node: any free port avoids clashes between jobs sharing the machine.
-    MASTER_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"
-  else
-    MASTER_PORT=12345  # every node must agree: set MASTER_PORT explicitly across nodes
-  fi
-fi
 TRAIN_CONFIG="${TRAIN_CONFIG:-apps/fm9g_2b/train_configs/2.4b.json}"
 
-cmd=(torchrun --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" --node_rank="$NODE_RANK"
-  --rdzv_id=1 --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ENDPOINT:$MASTER_PORT"
-  --signals-to-handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-  apps/fm9g_2b/pretrain_dragonfly.py --config "$TRAIN_CONFIG" "$@")
+# shellcheck source=quick_start/torchrun_cmd.sh
+source quick_start/torchrun_cmd.sh
+fm_torchrun_cmd apps/fm9g_2b/pretrain_dragonfly.py --config "$TRAIN_CONFIG" "$@"
+cmd=("${FM_TORCHRUN_CMD[@]}")
 
 printf '%q ' "${cmd[@]}"
 echo

@@ -229,7 +229,8 @@ def test_multinode_sbatch_dry_run():
     assert srun[6:8] == [str(ROOT / "quick_start" / "torchrun_cmd.sh"), "run-node"]
     assert srun[-2:] == ["--save", "/tmp/a b"]
     o = opts(shlex.split(next(ln for ln in lines if ln.startswith("torchrun "))))
-    assert (o["nnodes"], o["rdzv_endpoint"], o["rdzv_id"]) == ("3", "g3002:29400", "1")
+    # One rendezvous id per job (the job id): two jobs on the same endpoint never join each other.
+    assert (o["nnodes"], o["rdzv_endpoint"], o["rdzv_id"]) == ("3", "g3002:29400", "77")
     out = subprocess.run(["bash", "quick_start/train_multinode.sbatch"], cwd=ROOT, env=clean_env(),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not inside a slurm job" in out.stderr
