@@ -355,6 +355,9 @@ class FSDPEngine(Engine):
 
     def shutdown(self) -> None:
         if self._owns_pg and dist.is_initialized():
+            if self._ckpt_group is not None:
+                dist.destroy_process_group(self._ckpt_group)
+                self._ckpt_group = None
             dist.destroy_process_group()
         self._owns_pg = False
 

@@ -539,6 +539,9 @@ class Trainer:
         if self._record is not None:
             self._record.close()
         self.finish()
+        # Rank 0 has just rendered the loss curve: let the ranks tear down their gloo groups together (a rank
+        # that exits while a peer is still busy was seen to abort the peer's gloo threads).
+        e.barrier()
         if code == EXIT_NONFINITE:
             raise NonFiniteError(f"{self.skipped_consecutive} consecutive non-finite steps; checkpoint of the last "
                                  f"good weights at {run_dir(cfg) / str(self.iteration)}")
