@@ -236,21 +236,27 @@ class Encoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-class Dragonfly(nn.Module):
-    """``model(input_ids [B,S], position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None) -> logits [B,S,V]``.
+class DecoderLM(nn.Module):
+    """Shared skeleton of the decoder-only models: embedding → ``encoder`` (layers + final norm) → head.
 
+    ``model(input_ids [B,S], position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None) -> logits [B,S,V]``.
     Built on the meta device and materialised (``to_empty`` + ``init_weights``) unless ``device``
     names a real device, in which case that is done here. Logits are in the model dtype.
+    Subclasses set ``layer_cls`` (called ``layer_cls(config, index, dtype)``) and ``norm_cls``, and may
+    override ``embed`` / ``project`` (dragonfly's muP factors).
     """
 
-    def __init__(self, config: DragonflyConfig, *, device=None, dtype: torch.dtype | None = None) -> None:
+    layer_cls: type[nn.Module]
+    norm_cls: type[nn.Module]
+
+    def __init__(self, config, *, device=None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.config = config
         dtype = dtype or config.torch_dtype
         with torch.device("meta"):
             self.input_embedding = nn.Embedding(config.vocab_size, config.dim_model, dtype=dtype)
-            layers = [DragonflyLayer(config, i, dtype) for i in range(config.num_layers)]
-            self.encoder = Encoder(layers, RMSNorm(config.dim_model, config.eps, dtype=dtype))
+            layers = [self.layer_cls(config, i, dtype) for i in range(config.num_layers)]
+            self.encoder = Encoder(layers, self.norm_cls(config.dim_model, config.eps, dtype=dtype))
             self.lm_head = (
                 None if config.tie_lm_head else nn.Linear(config.dim_model, config.vocab_size, bias=False, dtype=dtype)
             )
@@ -263,7 +269,7 @@ class Dragonfly(nn.Module):
     # -- weights -------------------------------------------------------------------------------
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """(Re)initialise every parameter (muP stds); call after ``to_empty``."""
+        """(Re)initialise every parameter (each layer's own stds); call after ``to_empty``."""
         with torch.no_grad():
             nn.init.normal_(self.input_embedding.weight, std=self.config.init_std, generator=generator)
         for layer in self.encoder.layers:
@@ -294,12 +300,9 @@ class Dragonfly(nn.Module):
     # -- forward -------------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.input_embedding(input_ids)
-        return h * self.config.scale_emb if self.config.scale else h
+        return self.input_embedding(input_ids)
 
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.config.scale:
-            hidden_states = hidden_states / self.config.scale_width
         weight = self.input_embedding.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden_states, weight)
 
@@ -320,6 +323,25 @@ class Dragonfly(nn.Module):
         if kv_cache is not None:
             kv_cache.end()
         return self.project(hidden_states)
+
+
+class Dragonfly(DecoderLM):
+    """FM9G dragonfly: the :class:`DecoderLM` contract with upstream's muP factors on input and output."""
+
+    layer_cls = DragonflyLayer
+    norm_cls = RMSNorm
+
+    def __init__(self, config: DragonflyConfig, *, device=None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(config, device=device, dtype=dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.input_embedding(input_ids)
+        return h * self.config.scale_emb if self.config.scale else h
+
+    def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.config.scale:
+            hidden_states = hidden_states / self.config.scale_width
+        return super().project(hidden_states)
 
 
 def _attention_args(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache, window, hidden_states):

@@ -32,12 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm.models.config import ModelConfigError, config_to_dict, resolve_dtype
-from fm.models.dragonfly import Encoder, _attention_args
+from fm.models.dragonfly import DecoderLM
 from fm.nn.attention import Attention, KVCache
 from fm.nn.mlp import GatedMLP
 from fm.nn.norm import LayerNorm
-from fm.nn.rotary import RotaryEmbedding
-from fm.nn.utils import init_linear
 
 SPARK_ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj")
 SPARK_MLP_NAMES = ("fc0", "fc1", "fc2")
@@ -171,78 +169,14 @@ class SparkLayer(nn.Module):
         return self._residual(hidden_states, self.mlp(self.post_attention_layernorm(hidden_states)))
 
 
-class Spark(nn.Module):
-    """Same call contract as :class:`fm.models.dragonfly.Dragonfly`."""
+class Spark(DecoderLM):
+    """Same call contract as :class:`fm.models.dragonfly.Dragonfly`; no muP factors."""
+
+    layer_cls = SparkLayer
+    norm_cls = LayerNorm
 
     def __init__(self, config: SparkConfig, *, device=None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.config = config
-        dtype = dtype or config.torch_dtype
-        with torch.device("meta"):
-            self.input_embedding = nn.Embedding(config.vocab_size, config.dim_model, dtype=dtype)
-            layers = [SparkLayer(config, i, dtype) for i in range(config.num_layers)]
-            self.encoder = Encoder(layers, LayerNorm(config.dim_model, config.eps, dtype=dtype))
-            self.lm_head = (
-                None if config.tie_lm_head else nn.Linear(config.dim_model, config.vocab_size, bias=False, dtype=dtype)
-            )
-        self.rotary = RotaryEmbedding(config.dim_head, config.base)
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        if device.type != "meta":
-            self.to_empty(device=device)
-            self.init_weights()
-
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        with torch.no_grad():
-            nn.init.normal_(self.input_embedding.weight, std=self.config.init_std, generator=generator)
-        for layer in self.encoder.layers:
-            layer.init_weights(generator)
-        self.encoder.output_layernorm.init_weights()
-        if self.lm_head is not None:
-            init_linear(self.lm_head, self.config.init_std, generator)
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        skip = {id(self.input_embedding.weight)}
-        if self.lm_head is not None:
-            skip.add(id(self.lm_head.weight))
-        return sum(p.numel() for p in self.parameters() if not (exclude_embeddings and id(p) in skip))
-
-    def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype | None = None) -> KVCache:
-        weight = self.input_embedding.weight
-        return KVCache(
-            self.config.num_layers,
-            batch_size,
-            self.config.num_kv_heads,
-            self.config.dim_head,
-            max_len,
-            window=self.config.sliding_window,
-            device=device if device is not None else weight.device,
-            dtype=dtype or weight.dtype,
-        )
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.input_embedding(input_ids)
-
-    def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.input_embedding.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden_states, weight)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        hidden_states = self.embed(input_ids)
-        args, position_ids = _attention_args(
-            input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache, self.config.sliding_window, hidden_states
-        )
-        cos, sin = self.rotary(position_ids)
-        hidden_states = self.encoder(hidden_states, cos, sin, *args)
-        if kv_cache is not None:
-            kv_cache.end()
-        return self.project(hidden_states)
+        super().__init__(config, device=device, dtype=dtype)
 
 
 def _main(argv: list[str]) -> int:
