@@ -115,8 +115,9 @@ class TokenCounter:
     Counts stay integers so totals do not depend on how lines were split between workers or chunks.
     """
 
-    def __init__(self, language: str, tokenizer_path: str | None):
+    def __init__(self, language: str, tokenizer_path: str | None, threads: int = -1):
         self.language = language
+        self.threads = threads  # SentencePiece threads per list encode (-1: all cores)
         self.tokenizer_path = os.path.abspath(tokenizer_path) if tokenizer_path else None
         if self.tokenizer_path:
             from fm.tokenizer import Tokenizer
@@ -145,7 +146,7 @@ class TokenCounter:
         if self._tok.special_tokens:
             ids = self._tok.encode_batch(texts)
         else:  # one batch call; numpy results avoid building a Python int per token
-            ids = self._tok.sp.encode(texts, return_type="numpy")
+            ids = self._tok.sp.encode(texts, return_type="numpy", num_threads=self.threads)
         return np.fromiter(map(len, ids), np.int64, len(texts))
 
     def _token_counts(self, recs: list[_Record]) -> np.ndarray:
@@ -373,7 +374,8 @@ def convert_part(files: Sequence[str], segments: Sequence[Segment], data_path: s
     their raw int64 line lengths into ``lengths_path`` and the text index lines (end offset of each line,
     assuming the part stays at ``data_pos``) into ``offsets_text_path(lengths_path)``: formatting them here
     runs in parallel; the parent only re-formats a part that moved because an earlier part dropped lines."""
-    counter = TokenCounter(opts.language, opts.tokenizer)
+    # One SentencePiece thread per worker when there are several: more would only compete for the same cores.
+    counter = TokenCounter(opts.language, opts.tokenizer, threads=1 if opts.workers > 1 else -1)
     res = PartResult()
     buckets = np.zeros(len(BUCKETS), dtype=np.int64)
     scratch = Scratch(opts.resolved_chunk())

@@ -30,34 +30,65 @@ def default_rule(input_ids: Sequence[int], rule: str | None) -> str:
     return "head" if len(input_ids) else "segment"
 
 
-def build_sample_parts(input_ids: list[int], output_ids: list[int], bos_id: int, eos_id: int, max_length: int,
-                       rule: str | None = None) -> tuple[list[tuple[list[int], int, int]], str | None]:
-    """Like :func:`build_samples`, but each sample is ``(src, n_masked, last_label)``.
+def sample_pieces(input_ids: Sequence[int], output_ids: Sequence[int], bos_id: int, eos_id: int, max_length: int,
+                  rule: str | None = None) -> tuple[list[tuple[tuple, int, int, int]], str | None]:
+    """The samples of one record as ``(pieces, n, n_masked, last_label)`` and what happened to it.
 
-    The labels of a sample are fully determined by them (``src`` shifted, −100 on the first ``n_masked``
-    positions, ``last_label`` at the end), which saves building the label list per sample.
+    ``src`` of a sample is its ``pieces`` (sequences of ids: lists or arrays) back to back, ``n`` tokens. The
+    common case keeps the record's id arrays as they are, ``([BOS], input, output)``: the tokens are copied
+    once, when the batch is assembled. The labels are fully determined by ``src``, ``n_masked`` (leading −100
+    positions, the input part) and ``last_label`` (the label of the last position).
     """
     n_in = len(input_ids)
     if n_in >= max_length - 2:
         return [], INPUT_TOO_LONG
-    src = [bos_id] + input_ids + output_ids
-    n = len(src)
+    n = 1 + n_in + len(output_ids)
     if n <= max_length:
-        return [(src, n_in, eos_id)], None
+        return [((_bos(bos_id), input_ids, output_ids) if n_in else (_bos(bos_id), output_ids), n, n_in, eos_id)], \
+            None
     rule = default_rule(input_ids, rule)
     if rule == "drop":
         return [], OVERSIZE_DROPPED
+    src = np.concatenate((_bos(bos_id), np.asarray(input_ids, dtype=np.int64),
+                          np.asarray(output_ids, dtype=np.int64)))
 
     def label(t: int) -> int:  # label of position t of the whole sample
-        return IGNORE_INDEX if t < n_in else (src[t + 1] if t + 1 < n else eos_id)
+        return IGNORE_INDEX if t < n_in else (int(src[t + 1]) if t + 1 < n else eos_id)
 
     if rule == "head":
-        return [(src[:max_length], n_in, label(max_length - 1))], TRUNCATED
+        return [((src[:max_length],), max_length, n_in, label(max_length - 1))], TRUNCATED
     parts = []
     for a in range(0, n, max_length):
         b = min(a + max_length, n)
-        parts.append((src[a:b], min(max(n_in - a, 0), b - a), label(b - 1)))
+        parts.append(((src[a:b],), b - a, min(max(n_in - a, 0), b - a), label(b - 1)))
     return parts, SEGMENTED
+
+
+_BOS: dict[int, np.ndarray] = {}
+_PAD: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _pad_row(pad_id: int, n: int) -> np.ndarray:
+    """A read-only row of ``n`` pad ids (sliced for padding tails: no array built per batch)."""
+    arr = _PAD.get((pad_id, n))
+    if arr is None:
+        arr = _PAD[(pad_id, n)] = np.full(n, pad_id, dtype=np.int64)
+        arr.flags.writeable = False
+    return arr
+
+
+def _bos(bos_id: int) -> np.ndarray:
+    arr = _BOS.get(bos_id)
+    if arr is None:
+        arr = _BOS[bos_id] = np.array([bos_id], dtype=np.int64)
+    return arr
+
+
+def build_sample_parts(input_ids: list[int], output_ids: list[int], bos_id: int, eos_id: int, max_length: int,
+                       rule: str | None = None) -> tuple[list[tuple[list[int], int, int]], str | None]:
+    """Like :func:`build_samples`, but each sample is ``(src, n_masked, last_label)`` (see sample_pieces)."""
+    samples, event = sample_pieces(input_ids, output_ids, bos_id, eos_id, max_length, rule)
+    return [([int(t) for piece in pieces for t in piece], m, last) for pieces, _, m, last in samples], event
 
 
 def parts_to_target(src: list[int], n_masked: int, last_label: int) -> list[int]:
@@ -87,7 +118,8 @@ class PackedBatchBuilder:
 
     ``add`` places a sample in the current row, or starts the next row when it does not fit; it returns
     False (placing nothing) when the batch has no row left, so the caller can emit the batch first.
-    Rows are Python lists while they fill (``list.extend`` is the cheapest copy) and become arrays once.
+    A sample's tokens stay in the pieces it came in (the tokenizer's arrays) until :meth:`finish_numpy` copies
+    all of them into the batch with one ``np.concatenate``.
     """
 
     batch_size: int
@@ -100,7 +132,9 @@ class PackedBatchBuilder:
         self.row = 0
         self.col = 0
         self.row_closed = False  # do_compact = false: the row takes no further sample
-        self.src: list[list[int]] = [[] for _ in range(b)]
+        self.pieces: list[Sequence[int]] = []  # the samples' token pieces, rows one after the other
+        self.row_ends: list[int] = []  # len(self.pieces) where each finished row ends
+        self.lengths: list[int] = [0] * b
         self.masked: list[int] = []  # per sample: leading −100 labels (its input tokens)
         self.last_label: list[int] = []  # per sample: label of its last position (EOS, or the next chunk's token)
         self.seg_lens: list[list[int]] = [[] for _ in range(b)]
@@ -111,30 +145,37 @@ class PackedBatchBuilder:
     def empty(self) -> bool:
         return not self.lines
 
-    def add(self, src: list[int], tgt: list[int], task: int, line: int, compact: bool = True,
+    def add(self, src: Sequence[int], tgt: Sequence[int], task: int, line: int, compact: bool = True,
             chunk: int = 0) -> bool:
         """``chunk``: index of this sample among the chunks of its line (a segmented line is listed once).
 
         ``tgt`` must be ``src`` shifted by one (−100 on the leading input part), as build_samples makes it:
         only its −100 count and last label are kept, the batch's targets are rebuilt from its inputs.
         """
+        tgt = list(tgt)
         masked = tgt.count(IGNORE_INDEX)
         return self.add_parts(src, masked, tgt[-1] if masked < len(tgt) else IGNORE_INDEX, task, line, compact,
                               chunk)
 
-    def add_parts(self, src: list[int], n_masked: int, last_label: int, task: int, line: int,
+    def add_parts(self, src: Sequence[int], n_masked: int, last_label: int, task: int, line: int,
                   compact: bool = True, chunk: int = 0) -> bool:
         """:meth:`add` for a ``(src, n_masked, last_label)`` sample (see build_sample_parts)."""
-        n = len(src)
+        return self.add_pieces((src,), len(src), n_masked, last_label, task, line, compact, chunk)
+
+    def add_pieces(self, pieces: Sequence[Sequence[int]], n: int, n_masked: int, last_label: int, task: int,
+                   line: int, compact: bool = True, chunk: int = 0) -> bool:
+        """:meth:`add` for a sample of :func:`sample_pieces`: ``n`` tokens in ``pieces``."""
         if n > self.max_length:
             raise ValueError(f"sample of {n} tokens > max_length {self.max_length} (apply build_samples first)")
         if self.row_closed or self.col + n > self.max_length:
             if self.row + 1 >= self.batch_size:
                 return False
+            self.lengths[self.row] = self.col
+            self.row_ends.append(len(self.pieces))
             self.row += 1
             self.col = 0
         r = self.row
-        self.src[r].extend(src)
+        self.pieces.extend(pieces)
         self.masked.append(n_masked)
         self.last_label.append(last_label)
         self.seg_lens[r].append(n)
@@ -152,23 +193,27 @@ class PackedBatchBuilder:
         """:meth:`finish` with numpy arrays: they cross process boundaries as plain bytes, cheaper than
         torch's shared-memory tensors for many small batches."""
         b, n = self.batch_size, self.max_length
-        lengths = [len(row) for row in self.src]
-        flat_src: list[int] = []
+        lengths = list(self.lengths)
+        lengths[self.row] = self.col
+        row_ends = [*self.row_ends, len(self.pieces)] + [len(self.pieces)] * (b - 1 - self.row)
+        pieces: list[Sequence[int]] = []
         segs: list[int] = []
         seg_tasks: list[int] = []
+        start = 0
         for r in range(b):
             pad = n - lengths[r]
-            flat_src += self.src[r]
+            pieces += self.pieces[start:row_ends[r]]
+            start = row_ends[r]
             segs += self.seg_lens[r]
             seg_tasks += self.seg_tasks[r]
             if pad:  # padding tail: its own segment
-                flat_src += [self.pad_id] * pad
+                pieces.append(_pad_row(self.pad_id, n)[:pad])
                 segs.append(pad)
                 seg_tasks.append(-1)
         seg_arr = np.array(segs, dtype=np.int64)
         ends = seg_arr.cumsum()  # rows are contiguous and each sums to max_length: global boundaries
         starts = ends - seg_arr
-        flat = np.fromiter(flat_src, dtype=np.int64, count=b * n)  # the one list → array conversion
+        flat = np.concatenate(pieces, dtype=np.int64)  # the one copy of the tokens
         tasks = np.array(seg_tasks, dtype=np.int64)
         task_ids = np.repeat(tasks, seg_arr)
         position_ids = np.arange(b * n, dtype=np.int64) - np.repeat(starts, seg_arr)

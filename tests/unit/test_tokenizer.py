@@ -27,3 +27,13 @@ def test_extra_special_tokens(tokenizer_path):
     assert tok.encode_batch(["<AI>x"]) == [tok.encode("<AI>x")]
     with pytest.raises(ValueError, match="not in the tokenizer"):
         Tokenizer(tokenizer_path, extra_special_tokens=["<definitely-missing>"])
+
+
+@pytest.mark.parametrize("specials", [(), ("<用户>", "<AI>")])
+def test_encode_batch_arrays_equals_encode(tokenizer_path, specials):
+    tok = Tokenizer(tokenizer_path, extra_special_tokens=specials)
+    texts = ["<用户>你好<AI>hello", "", "plain text 中文", "x" * 300]
+    arrays = tok.encode_batch_arrays(texts)
+    assert [a.dtype.name for a in arrays] == ["int32"] * len(texts)
+    assert [a.tolist() for a in arrays] == [tok.sp.encode(t) if not specials else tok.encode(t) for t in texts]
+    assert [a.tolist() for a in tok.encode_batch_arrays(texts, threads=2)] == [a.tolist() for a in arrays]
