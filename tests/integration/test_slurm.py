@@ -142,7 +142,10 @@ def test_usr1_with_requeue_resumes_from_latest(slurm, tmp_path):
     wait_for(lambda: int(job_info(job).get("Restarts", 0)) >= 1, 120, "the job to requeue itself", (log,))
     (step,) = complete_steps(run)
     assert json.loads((run / str(step) / ".log_ckpt").read_text())["reason"] == "signal"
-    # slurm holds a requeued job back for a while (BeginTime); release it now.
+    # slurm holds a requeued job back for a while (BeginTime); release it now, but not within the second of the
+    # requeue: slurmd then refuses the relaunch ("Killing non-startable batch job: Job credential revoked": the
+    # new credential is not newer than the revocation, both have one-second resolution) and the job fails.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
     wait_for(lambda: finished(job), 240, "the requeued job", (log,))
     assert_completed(job, log)
