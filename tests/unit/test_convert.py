@@ -454,14 +454,18 @@ def test_symlink_loop_in_input_tree(tmp_path):
 
 
 def test_count_per_line_paths_agree():
+    """The count accumulator is as narrow as the longest line allows (8, 16, 32 bits): counts stay exact at
+    every width's edge, with every byte a match (the worst case)."""
     from fm.data._convert_worker import _count_per_line
 
     rng = np.random.default_rng(0)
-    for mean_len in (5, 3000):  # short lines: reduceat; long lines: per-line count_nonzero
-        lengths = rng.integers(1, 2 * mean_len, size=50)
+    cases = [rng.integers(1, 10, size=50), rng.integers(1, 6000, size=50),  # random lines
+             np.array([1, 254]), np.array([255, 3]), np.array([254, 255, 256]),  # 8-bit edge (+1 for newline)
+             np.array([65534, 7]), np.array([65535]), np.array([70000, 2])]  # 16-bit edge
+    for i, lengths in enumerate(cases):
         ends = np.cumsum(lengths + 1) - 1
         starts = ends - lengths
-        mask = rng.random(int(ends[-1]) + 1) < 0.3
+        mask = rng.random(int(ends[-1]) + 1) < 0.3 if i < 2 else np.ones(int(ends[-1]) + 1, dtype=bool)
         mask[ends] = False  # newline positions never match
         want = [int(mask[s:e].sum()) for s, e in zip(starts, ends)]
-        assert _count_per_line(mask, starts, ends).tolist() == want
+        assert _count_per_line(mask, starts, ends).tolist() == want, lengths
