@@ -36,7 +36,7 @@ NON_FATAL = frozenset({"empty_line"})
 MAX_REPORTED = 20
 EXIT_ERROR = 1
 EXIT_STRICT = 2
-DEFAULT_CHUNK = 1 << 20  # a chunk, its mask and its decoded strings stay in a core's L2 cache: 1.5x faster than 16 MB
+DEFAULT_CHUNK = 1 << 20  # a chunk, its masks and its decoded strings stay in the CPU caches: 1.5x faster than 16 MB
 TOKENIZER_CHUNK = 4 << 20  # token ids of a chunk are held at once: keep it smaller
 
 
