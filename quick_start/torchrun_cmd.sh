@@ -1,8 +1,7 @@
 # Shared launch helpers for the app launchers (apps/*/*.sh) and the slurm node scripts
 # (quick_start/run_master.sh, run_slave.sh, train_multinode.sbatch). Source it:
 #   source quick_start/torchrun_cmd.sh
-#   fm_torchrun_cmd apps/fm9g_2b/pretrain_dragonfly.py --config "$TRAIN_CONFIG" "$@"
-#   printf '%q ' "${FM_TORCHRUN_CMD[@]}"; echo; exec "${FM_TORCHRUN_CMD[@]}"
+#   fm_launcher_args "$@"; TRAIN_CONFIG="${TRAIN_CONFIG:-…}"; fm_launch apps/fm9g_2b/pretrain_dragonfly.py
 # or run one subcommand:  bash quick_start/torchrun_cmd.sh run-node CMD [ARGS…]
 # shellcheck shell=bash
 
@@ -48,6 +47,55 @@ fm_torchrun_cmd() {
   FM_TORCHRUN_CMD=(torchrun --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" --node_rank="$NODE_RANK"
     --rdzv_id="${RDZV_ID:-1}" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ENDPOINT:$MASTER_PORT"
     --signals-to-handle="$signals" "$@")
+}
+
+# ------------------------------------------------------------------------------------------ app launchers
+# The app launchers (apps/*/*.sh) are: defaults, then
+#   fm_launcher_args "$@"; TRAIN_CONFIG="${TRAIN_CONFIG:-default.json}"; fm_launch apps/…/script.py
+
+# fm_is_train_config FILE: FILE is a train config JSON (it names model_unique, train_iters or dataset_config).
+fm_is_train_config() { [ -f "$1" ] && grep -qE '"(model_unique|train_iters|dataset_config)"' "$1"; }
+
+# fm_launcher_args ARGS…: an app launcher's own options, anywhere among ARGS: --dry-run sets FM_DRY_RUN=1;
+# --train_config X, or --config X where X is a train config file, sets TRAIN_CONFIG (a --config that names
+# something else, e.g. a model config, is an override); --lora with no value sets FM_LORA=1. Everything else
+# goes to the array FM_ARGS: train config overrides (--key value).
+fm_launcher_args() {
+  FM_DRY_RUN=0
+  FM_LORA=0
+  FM_ARGS=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --dry-run) FM_DRY_RUN=1 ;;
+      --lora) if [ $# -gt 1 ] && [[ "$2" != --* ]]; then FM_ARGS+=("$1" "$2"); shift; else FM_LORA=1; fi ;;
+      --config|--train_config)
+        if [ $# -gt 1 ] && { [ "$1" = --train_config ] || fm_is_train_config "$2"; }; then
+          TRAIN_CONFIG="$2"
+        else
+          FM_ARGS+=("$1" "${2:-}")
+        fi
+        [ $# -gt 1 ] && shift ;;
+      *) FM_ARGS+=("$1") ;;
+    esac
+    shift
+  done
+}
+
+# fm_launch SCRIPT: prints the torchrun command for SCRIPT --config "$TRAIN_CONFIG" FM_ARGS… (plus --lora true
+# with FM_LORA=1); then, unless FM_DRY_RUN=1, sets up the environment (quick_start/_env.sh) and runs it in
+# place of this shell. Run from the checkout root.
+fm_launch() {
+  local -a extra=()
+  if [ "${FM_LORA:-0}" = "1" ]; then extra=(--lora true); fi
+  fm_torchrun_cmd "$1" --config "$TRAIN_CONFIG" ${FM_ARGS[@]+"${FM_ARGS[@]}"} ${extra[@]+"${extra[@]}"}
+  printf '%q ' "${FM_TORCHRUN_CMD[@]}"
+  echo
+  if [ "${FM_DRY_RUN:-0}" = "1" ]; then
+    exit 0
+  fi
+  # shellcheck disable=SC1091
+  source quick_start/_env.sh
+  exec "${FM_TORCHRUN_CMD[@]}"
 }
 
 # ------------------------------------------------------------------------------------------ signals

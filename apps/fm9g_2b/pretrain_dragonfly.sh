@@ -13,25 +13,9 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
-
-dry_run=0
-if [ "${1:-}" = "--dry-run" ]; then
-  dry_run=1
-  shift
-fi
-
-TRAIN_CONFIG="${TRAIN_CONFIG:-apps/fm9g_2b/train_configs/2.4b.json}"
-
 # shellcheck source=quick_start/torchrun_cmd.sh
 source quick_start/torchrun_cmd.sh
-fm_torchrun_cmd apps/fm9g_2b/pretrain_dragonfly.py --config "$TRAIN_CONFIG" "$@"
-cmd=("${FM_TORCHRUN_CMD[@]}")
 
-printf '%q ' "${cmd[@]}"
-echo
-if [ "$dry_run" = "1" ]; then
-  exit 0
-fi
-# shellcheck disable=SC1091
-source quick_start/_env.sh
-exec "${cmd[@]}"
+fm_launcher_args "$@"
+TRAIN_CONFIG="${TRAIN_CONFIG:-apps/fm9g_2b/train_configs/2.4b.json}"
+fm_launch apps/fm9g_2b/pretrain_dragonfly.py

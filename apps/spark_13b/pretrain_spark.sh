@@ -13,33 +13,9 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
-
-dry_run=0
-args=()
-is_train_config() { [ -f "$1" ] && grep -qE '"(model_unique|train_iters|dataset_config)"' "$1"; }
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --dry-run) dry_run=1 ;;
-    --config|--train_config)
-      if [ $# -gt 1 ] && { [ "$1" = --train_config ] || is_train_config "$2"; }; then TRAIN_CONFIG="$2"; else args+=("$1" "${2:-}"); fi
-      [ $# -gt 1 ] && shift ;;
-    *) args+=("$1") ;;
-  esac
-  shift
-done
-
-TRAIN_CONFIG="${TRAIN_CONFIG:-apps/spark_13b/train_configs/13b_pretrain.json}"
-
 # shellcheck source=quick_start/torchrun_cmd.sh
 source quick_start/torchrun_cmd.sh
-fm_torchrun_cmd apps/spark_13b/pretrain_spark.py --config "$TRAIN_CONFIG" ${args[@]+"${args[@]}"}
-cmd=("${FM_TORCHRUN_CMD[@]}")
 
-printf '%q ' "${cmd[@]}"
-echo
-if [ "$dry_run" = "1" ]; then
-  exit 0
-fi
-# shellcheck disable=SC1091
-source quick_start/_env.sh
-exec "${cmd[@]}"
+fm_launcher_args "$@"
+TRAIN_CONFIG="${TRAIN_CONFIG:-apps/spark_13b/train_configs/13b_pretrain.json}"
+fm_launch apps/spark_13b/pretrain_spark.py
