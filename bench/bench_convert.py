@@ -188,15 +188,15 @@ def main() -> None:
     row("convert --workers 1", size, t1, f"= {t_copy[0] / t1[0]:.2f}x the copy")
     row("convert --workers 1 --no-fsync", size, t1n)
     row("convert --workers 2", size, t2, f"speed-up vs 1 worker: {t1[0] / t2[0]:.2f}x (median {ratio:.2f}x)")
-    # The CPU split shows what the speed-up would be with two cores to itself: this process converts part 0 and
-    # does the serial work (split, index files, fsync), the worker process part 1.
+    # The CPU split shows what the speed-up would be with two cores to itself: this process converts the pieces it
+    # takes and does the serial work (split, index files, fsync), the worker process the pieces it takes.
     clean()
     me0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     run_convert(src, out, 2)
     me1, kids1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     parent = (me1.ru_utime + me1.ru_stime) - (me0.ru_utime + me0.ru_stime)
     worker = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
-    print(f"--workers 2 CPU: this process {parent:.2f} s (part 0 + serial work), worker {worker:.2f} s; "
+    print(f"--workers 2 CPU: this process {parent:.2f} s (its pieces + serial work), worker {worker:.2f} s; "
           f"projected speed-up on 2 idle cores: {t1[1] / max(parent, worker):.2f}x")
 
     # Tokenizer: a smaller corpus, same generator.

@@ -1,6 +1,6 @@
 """The converter's per-chunk work: validate jsonl lines, count tokens, write valid bytes (``fm.data.convert``).
 
-A part (one worker's share of the input: a list of newline-aligned byte ranges) is read in large chunks
+A piece (a share of the input that one worker takes at a time: newline-aligned byte ranges) is read in large chunks
 into reused buffers. Newline positions and statistics come from numpy; one msgspec ``decode_lines`` call
 validates every line of a chunk into a typed struct; a chunk whose lines are all valid is written back in
 one call. Only a chunk that holds a bad line is re-scanned line by line to name the reason.
@@ -38,6 +38,10 @@ EXIT_ERROR = 1
 EXIT_STRICT = 2
 DEFAULT_CHUNK = 1 << 20  # a chunk, its masks and its decoded strings stay in the CPU caches: 1.5x faster than 16 MB
 TOKENIZER_CHUNK = 4 << 20  # token ids of a chunk are held at once: keep it smaller
+# With several workers the input is cut into pieces handed out one at a time (PieceQueue).
+PIECES_PER_WORKER = 16
+PIECE_MIN, PIECE_MAX = 1 << 20, 64 << 20
+MAX_PIECES = 4096  # each piece has two small temporary files (line lengths, text index lines)
 
 
 class ConvertError(Exception):
@@ -71,11 +75,21 @@ class Options:
     strict: bool = False
     overwrite: bool = False
     chunk_size: int = 0  # 0: DEFAULT_CHUNK, or TOKENIZER_CHUNK with a tokenizer
+    piece_size: int = 0  # 0: automatic (see piece_count); bytes per piece handed to a worker
     progress: bool | None = None  # None: when stderr is a TTY
     fsync: bool = True
 
     def resolved_chunk(self) -> int:
         return self.chunk_size or (TOKENIZER_CHUNK if self.tokenizer else DEFAULT_CHUNK)
+
+    def piece_count(self, total: int) -> int:
+        """How many pieces the input is cut into: one for one worker; else about PIECES_PER_WORKER per worker
+        (pieces of PIECE_MIN..PIECE_MAX bytes, at most MAX_PIECES), so the last piece is short and no worker
+        waits long for another at the end."""
+        if self.workers <= 1:
+            return 1
+        size = self.piece_size or min(max(total // (self.workers * PIECES_PER_WORKER), PIECE_MIN), PIECE_MAX)
+        return min(MAX_PIECES, max(self.workers, -(-total // size)))
 
 
 # ----------------------------------------------------------------------------------------------- counting
@@ -304,7 +318,7 @@ def iter_chunks(path: str, start: int, end: int, scratch: Scratch) -> Iterator[i
         os.close(fd)
 
 
-# ----------------------------------------------------------------------------------------------- parts
+# ----------------------------------------------------------------------------------------------- pieces
 
 @dataclass
 class Segment:
@@ -336,13 +350,21 @@ class _Writeback:
 
     def wrote(self, n: int) -> None:
         self.pos += n
-        if self._fn is not None and self.pos - self.done >= self.STEP:
+        if self.pos - self.done >= self.STEP:
+            self.finish()
+
+    def finish(self) -> None:
+        """Start the write-back of what is left."""
+        if self._fn is not None and self.pos > self.done:
             self._fn(self.fd, self.done, self.pos - self.done, self._WRITE)  # advisory: errors are ignored
             self.done = self.pos
 
 
 @dataclass
 class PartResult:
+    """What one piece produced. Its line lengths (raw int64) are ``side + ".len"`` from byte ``len_at`` on
+    (``nlines`` of them) and its text index lines ``side + ".txt"`` bytes ``txt_at:txt_end``: each worker
+    appends the pieces it converts to its own two side files."""
     nlines: int = 0
     nbytes: int = 0
     count_sum: int = 0
@@ -352,6 +374,10 @@ class PartResult:
     seg_lines: list[int] = field(default_factory=list)
     sample: bytes | None = None
     strict_error: tuple[int, int, str] | None = None
+    side: str = ""
+    len_at: int = 0
+    txt_at: int = 0
+    txt_end: int = 0
 
 
 def format_offsets(values: np.ndarray) -> bytes:
@@ -359,68 +385,119 @@ def format_offsets(values: np.ndarray) -> bytes:
     return ("%d\n" * len(values) % tuple(values.tolist())).encode()  # 2x faster than joining str()s
 
 
-def offsets_text_path(lengths_path: str) -> str:
-    """Where a part writes its text index lines (end offsets counted from the part's ``data_pos``)."""
-    return lengths_path + ".txt"
-
-
 def _bucket_counts(tokens: np.ndarray) -> np.ndarray:
     return np.bincount(np.searchsorted(BUCKET_EDGES, tokens, side="right"), minlength=len(BUCKETS))
 
 
-def convert_part(files: Sequence[str], segments: Sequence[Segment], data_path: str, data_pos: int,
-                 lengths_path: str, opts: Options, progress: Callable[[int], None] | None = None,
-                 parent_pid: int | None = None) -> PartResult:
-    """Convert ``segments`` (in order) into ``data_path`` from byte ``data_pos`` on (the file must exist),
-    their raw int64 line lengths into ``lengths_path`` and the text index lines (end offset of each line,
-    assuming the part stays at ``data_pos``) into ``offsets_text_path(lengths_path)``: formatting them here
-    runs in parallel; the parent only re-formats a part that moved because an earlier part dropped lines."""
+class PieceQueue:
+    """Hands out the pieces of the input, in order, one at a time to whichever worker asks first.
+
+    The parent and its forked workers share one counter, so a worker slowed down (a busy core, a slow disk
+    stretch) converts fewer pieces instead of making everyone wait for its fixed share. With one worker it is
+    a plain counter.
+    """
+
+    def __init__(self, n: int, ctx=None):
+        self.n = n
+        self._next = ctx.Value("q", 0) if ctx is not None else None
+        self._local = 0
+
+    def take(self) -> int | None:
+        if self._next is None:
+            k, self._local = self._local, self._local + 1
+            return k if k < self.n else None
+        with self._next.get_lock():
+            k = self._next.value
+            if k >= self.n:
+                return None
+            self._next.value = k + 1
+            return k
+
+    def stop(self) -> None:
+        """Hand out no more pieces (after a --strict error or a failure: what is left is not needed)."""
+        if self._next is None:
+            self._local = self.n
+            return
+        with self._next.get_lock():
+            self._next.value = self.n
+
+
+def convert_pieces(files: Sequence[str], pieces: Sequence[Sequence[Segment]], positions: Sequence[int],
+                   data_path: str, side: str, opts: Options, queue: PieceQueue,
+                   progress: Callable[[int], None] | None = None,
+                   parent_pid: int | None = None) -> dict[int, PartResult]:
+    """Convert the pieces ``queue`` hands out until none is left; returns their results by piece number.
+
+    Piece ``k`` (its segments, in order) goes into ``data_path`` (which must exist) from byte ``positions[k]``
+    on; its raw int64 line lengths are appended to ``side + ".len"`` and its text index lines (the end offset
+    of each line, assuming the piece stays at ``positions[k]``) to ``side + ".txt"``. Formatting them here
+    runs in parallel; the parent only re-formats a piece that moved because an earlier one dropped lines.
+    """
     # One SentencePiece thread per worker when there are several: more would only compete for the same cores.
     counter = TokenCounter(opts.language, opts.tokenizer, threads=1 if opts.workers > 1 else -1)
-    res = PartResult()
-    buckets = np.zeros(len(BUCKETS), dtype=np.int64)
     scratch = Scratch(opts.resolved_chunk())
-    with open(data_path, "r+b") as out, open(lengths_path, "wb") as lens, \
-            open(offsets_text_path(lengths_path), "wb") as txt:
-        out.seek(data_pos)
-        writeback = _Writeback(out.fileno(), data_pos) if opts.fsync else None
-        for si, seg in enumerate(segments):
-            seg_line = 0
-            for cut in iter_chunks(files[seg.file_idx], seg.start, seg.end, scratch):
-                if parent_pid is not None and os.getppid() != parent_pid:
-                    raise SystemExit("convert worker: parent process died")
-                chunk = scan_chunk(scratch.buf, cut, counter, scratch)
-                for i, reason in chunk.bad:
-                    res.skipped[reason] = res.skipped.get(reason, 0) + 1
-                    if len(res.first_bad) < MAX_REPORTED:
-                        res.first_bad.append((si, seg_line + i, reason))
-                    if opts.strict and reason not in NON_FATAL and res.strict_error is None:
-                        res.strict_error = (si, seg_line + i, reason)
-                if res.strict_error is not None:
-                    res.seg_lines.append(seg_line + chunk.nlines)
-                    return res
-                seg_line += chunk.nlines
-                if chunk.good:
-                    out.write(chunk.good)
-                    if writeback is not None:
-                        out.flush()
-                        writeback.wrote(len(chunk.good))
-                    lens.write(chunk.lengths.astype("<i8", copy=False).tobytes())
-                    txt.write(format_offsets(np.cumsum(chunk.lengths) + (data_pos + res.nbytes)))
-                    if res.sample is None:
-                        res.sample = chunk.first_line
-                    res.nlines += len(chunk.lengths)
-                    res.nbytes += len(chunk.good)
-                    res.count_sum += int(chunk.counts.sum())
-                    buckets += _bucket_counts(chunk.counts * counter.factor)
-                if progress is not None:
-                    progress(cut)
-            res.seg_lines.append(seg_line)
+    results: dict[int, PartResult] = {}
+    with open(data_path, "r+b") as out, open(side + ".len", "wb") as lens, open(side + ".txt", "wb") as txt:
+        while (k := queue.take()) is not None:
+            res = results[k] = PartResult(side=side, len_at=lens.tell(), txt_at=txt.tell())
+            convert_piece(files, pieces[k], out, positions[k], lens, txt, res, opts, counter, scratch, progress,
+                          parent_pid)
+            res.txt_end = txt.tell()
+            if res.strict_error is not None:  # later pieces cannot hold the first bad line: stop everyone
+                queue.stop()
+                break
         if opts.fsync:  # flush here, in parallel with the other workers, not serially in the parent
             out.flush()
             os.fdatasync(out.fileno())
+    if not results:  # the others took every piece: no result names these files, so nobody else removes them
+        os.unlink(side + ".len")
+        os.unlink(side + ".txt")
+    return results
+
+
+def convert_piece(files: Sequence[str], segments: Sequence[Segment], out, data_pos: int, lens, txt,
+                  res: PartResult, opts: Options, counter: TokenCounter, scratch: Scratch,
+                  progress: Callable[[int], None] | None = None, parent_pid: int | None = None) -> None:
+    """Convert one piece into the open files (see ``convert_pieces``), filling in ``res``."""
+    buckets = np.zeros(len(BUCKETS), dtype=np.int64)
+    out.seek(data_pos)
+    writeback = _Writeback(out.fileno(), data_pos) if opts.fsync else None
+    for si, seg in enumerate(segments):
+        seg_line = 0
+        for cut in iter_chunks(files[seg.file_idx], seg.start, seg.end, scratch):
+            if parent_pid is not None and os.getppid() != parent_pid:
+                raise SystemExit("convert worker: parent process died")
+            chunk = scan_chunk(scratch.buf, cut, counter, scratch)
+            for i, reason in chunk.bad:
+                res.skipped[reason] = res.skipped.get(reason, 0) + 1
+                if len(res.first_bad) < MAX_REPORTED:
+                    res.first_bad.append((si, seg_line + i, reason))
+                if opts.strict and reason not in NON_FATAL and res.strict_error is None:
+                    res.strict_error = (si, seg_line + i, reason)
+            if res.strict_error is not None:
+                res.seg_lines.append(seg_line + chunk.nlines)
+                return
+            seg_line += chunk.nlines
+            if chunk.good:
+                out.write(chunk.good)
+                if writeback is not None:
+                    out.flush()
+                    writeback.wrote(len(chunk.good))
+                lens.write(chunk.lengths.astype("<i8", copy=False).tobytes())
+                txt.write(format_offsets(np.cumsum(chunk.lengths) + (data_pos + res.nbytes)))
+                if res.sample is None:
+                    res.sample = chunk.first_line
+                res.nlines += len(chunk.lengths)
+                res.nbytes += len(chunk.good)
+                res.count_sum += int(chunk.counts.sum())
+                buckets += _bucket_counts(chunk.counts * counter.factor)
+            if progress is not None:
+                progress(cut)
+        res.seg_lines.append(seg_line)
+    out.flush()
+    if writeback is not None:
+        writeback.finish()
     res.buckets = buckets.tolist()
-    return res
 
 
 _WORKER_PROGRESS = None
@@ -432,15 +509,17 @@ def _worker_progress(n: int) -> None:
 
 
 def worker_entry(conn, progress_value, args: tuple) -> None:
-    """A worker process: convert one part, send ``(True, PartResult)`` or ``(False, error)`` back on ``conn``."""
+    """A worker process: convert pieces until none is left, send ``(True, {piece: PartResult})`` or
+    ``(False, error)`` back on ``conn``."""
     global _WORKER_PROGRESS
     _WORKER_PROGRESS = progress_value
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    files, segments, data_path, data_pos, lengths_path, opts, parent_pid = args
+    files, pieces, positions, data_path, side, opts, queue, parent_pid = args
     try:
-        result = (True, convert_part(files, segments, data_path, data_pos, lengths_path, opts, _worker_progress,
-                                     parent_pid))
+        result = (True, convert_pieces(files, pieces, positions, data_path, side, opts, queue,
+                                       _worker_progress, parent_pid))
     except BaseException as e:  # noqa: B036 - everything goes back to the parent, which raises it
+        queue.stop()  # the run fails: the other workers need not go on
         result = (False, e)
     try:
         conn.send(result)

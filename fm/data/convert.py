@@ -7,12 +7,13 @@ Output directory (see docs/data-preparation.md):
 * ``index.h5`` — the same offsets as an int64 HDF5 dataset ``index`` (contiguous, so readers memory-map it);
 * ``meta.json`` — upstream's fields plus ``format_version``, ``token_count_method`` and the skipped-line report.
 
-Speed comes from working on large byte chunks (16 MB, buffers reused): newline positions and statistics
+Speed comes from working on large byte chunks (1 MB, buffers reused): newline positions and statistics
 from numpy, one msgspec ``decode_lines`` call validating every line of the chunk into a typed struct, and
 the chunk written back in one call when all its lines are valid. Only a chunk that holds a bad line is
-re-scanned line by line to name the reason. With ``--workers N`` the input is cut into N byte ranges at
-line starts; each worker writes its part straight into data.jsonl at a reserved position (the parent closes
-the gaps left by dropped lines), so the output is byte-identical to one worker.
+re-scanned line by line to name the reason. With ``--workers N`` the input is cut at line starts into pieces
+(about 16 per worker) that the workers take one at a time, in order, as they become free; each piece is
+written straight into data.jsonl at a reserved position (the parent closes the gaps left by dropped lines),
+so the output is byte-identical to one worker.
 
 The output is built in a temporary directory next to the target and renamed into place only when complete.
 """
@@ -49,13 +50,13 @@ from fm.data._convert_worker import (  # noqa: F401 - re-exported: the converter
     ConvertError,
     Options,
     PartResult,
+    PieceQueue,
     Segment,
     StrictError,
     TokenCounter,
     classify,
-    convert_part,
+    convert_pieces,
     format_offsets,
-    offsets_text_path,
     scan_chunk,
     worker_entry,
 )
@@ -63,7 +64,7 @@ from fm.data._convert_worker import (  # noqa: F401 - re-exported: the converter
 log = logging.getLogger("fm.data.convert")
 
 def split_segments(files: Sequence[str], sizes: Sequence[int], parts: int) -> list[list[Segment]]:
-    """Cut the concatenated inputs into ``parts`` byte ranges of about equal size, at line boundaries."""
+    """Cut the concatenated inputs into ``parts`` pieces (byte ranges) of about equal size, at line boundaries."""
     total = sum(sizes)
     cuts: list[tuple[int, int]] = []  # (file_idx, byte position after a newline)
     starts = np.cumsum([0, *sizes])
@@ -177,11 +178,11 @@ def cut_sample(obj: Any, limit: int = 50) -> Any:
 
 
 def compact(path: str, positions: Sequence[int], sizes: Sequence[int]) -> int:
-    """Close the gaps left between parts that dropped lines; returns the final size."""
+    """Close the gaps left between pieces that dropped lines; returns the final size."""
     end = 0
     with open(path, "r+b") as f:
         for pos, size in zip(positions, sizes):
-            if pos != end:  # move the part down; reading ahead of writing is safe since end < pos
+            if pos != end:  # move the piece down; reading ahead of writing is safe since end < pos
                 for a in range(0, size, 1 << 24):
                     n = min(1 << 24, size - a)
                     block = os.pread(f.fileno(), n, pos + a)
@@ -191,37 +192,65 @@ def compact(path: str, positions: Sequence[int], sizes: Sequence[int]) -> int:
     return end
 
 
-def write_offsets(tmp: str, index_name: str, length_files: Sequence[str], nlines: int,
+def write_offsets(tmp: str, index_name: str, results: Sequence[PartResult], nlines: int,
                   moved: Sequence[bool]) -> None:
-    """Write the text index and index.h5 (n+1 offsets from 0) from the parts' line lengths.
+    """Write the text index and index.h5 (n+1 offsets from 0) from the pieces' line lengths, then remove the
+    workers' side files (see ``PartResult``).
 
-    The text lines of a part that stayed where it started writing (``moved[k]`` false) were formatted by its
-    worker and are copied as they are; a part that moved is re-formatted here from its lengths.
+    The text lines of a piece that stayed where it started writing (``moved[k]`` false) were formatted by its
+    worker and are copied as they are; a piece that moved is re-formatted here from its lengths.
     """
     import h5py
 
     block = 1 << 20
-    with open(os.path.join(tmp, index_name), "wb") as txt, \
-            h5py.File(os.path.join(tmp, index_name + ".h5"), "w") as h5:
-        dset = h5.create_dataset("index", shape=(nlines + 1,), dtype="<i8")  # default layout: contiguous
-        dset[0:1] = 0
-        txt.write(b"0\n")
-        base, pos = 0, 1
-        for path, part_moved in zip(length_files, moved):
-            lens = np.fromfile(path, dtype="<i8")
-            if not part_moved:
-                with open(offsets_text_path(path), "rb") as part_txt:
-                    shutil.copyfileobj(part_txt, txt, 1 << 20)
-            for a in range(0, len(lens), block):
-                offs = np.cumsum(lens[a:a + block]) + base
-                dset[pos:pos + len(offs)] = offs
-                if part_moved:
-                    txt.write(format_offsets(offs))
-                base, pos = int(offs[-1]), pos + len(offs)
-            os.unlink(path)
-            os.unlink(offsets_text_path(path))
-        if pos != nlines + 1:
-            raise ConvertError(f"internal error: wrote {pos} offsets for {nlines} lines")
+    sides = {r.side: None for r in results if r.side}
+    fds = {}
+    try:
+        for side in sides:
+            fds[side] = (os.open(side + ".len", os.O_RDONLY), os.open(side + ".txt", os.O_RDONLY))
+        with open(os.path.join(tmp, index_name), "wb") as txt, \
+                h5py.File(os.path.join(tmp, index_name + ".h5"), "w") as h5:
+            dset = h5.create_dataset("index", shape=(nlines + 1,), dtype="<i8")  # default layout: contiguous
+            pending, npending, written = [np.zeros(1, np.int64)], 1, 0  # offsets go to HDF5 in blocks
+
+            def flush() -> None:
+                nonlocal pending, npending, written
+                if npending:
+                    dset[written:written + npending] = np.concatenate(pending)
+                pending, npending, written = [], 0, written + npending
+
+            txt.write(b"0\n")
+            base, pos = 0, 1
+            for res, piece_moved in zip(results, moved):
+                if not res.nlines:
+                    continue
+                len_fd, txt_fd = fds[res.side]
+                if not piece_moved:
+                    for a in range(res.txt_at, res.txt_end, block):
+                        txt.write(os.pread(txt_fd, min(block, res.txt_end - a), a))
+                for a in range(0, res.nlines, block):
+                    n = min(block, res.nlines - a)
+                    lens = np.frombuffer(os.pread(len_fd, 8 * n, res.len_at + 8 * a), dtype="<i8")
+                    if len(lens) != n:
+                        raise ConvertError(f"internal error: {res.side}.len is shorter than its pieces")
+                    offs = np.cumsum(lens) + base
+                    pending.append(offs)
+                    npending += n
+                    if npending >= block:
+                        flush()
+                    if piece_moved:
+                        txt.write(format_offsets(offs))
+                    base, pos = int(offs[-1]), pos + n
+            flush()
+            if pos != nlines + 1 or written != nlines + 1:
+                raise ConvertError(f"internal error: wrote {pos} offsets for {nlines} lines")
+    finally:
+        for pair in fds.values():
+            for fd in pair:
+                os.close(fd)
+        for side in sides:
+            for ext in (".len", ".txt"):
+                os.unlink(side + ext)
 
 
 def _fsync_path(path: str) -> None:
@@ -249,10 +278,10 @@ def _missing_final_newline(path: str, size: int) -> bool:
 
 
 def part_positions(files: Sequence[str], sizes: Sequence[int], segments: list[list[Segment]]) -> list[int]:
-    """Where each part starts writing in data.jsonl: the most its predecessors can write.
+    """Where each piece starts writing in data.jsonl: the most its predecessors can write.
 
-    A part writes at most its input bytes plus one newline per file whose last line lacks one; when no
-    line is dropped the parts tile data.jsonl exactly and need no copying afterwards.
+    A piece writes at most its input bytes plus one newline per file whose last line lacks one; when no
+    line is dropped the pieces tile data.jsonl exactly and need no copying afterwards.
     """
     no_nl = [_missing_final_newline(f, n) for f, n in zip(files, sizes)]
     positions, pos = [], 0
@@ -263,13 +292,12 @@ def part_positions(files: Sequence[str], sizes: Sequence[int], segments: list[li
 
 
 def _run_parts(files: list[str], sizes: list[int], tmp: str,
-               opts: Options) -> tuple[list[PartResult], list[list[Segment]], list[str], list[int]]:
-    nparts = max(1, opts.workers)
-    segments = split_segments(files, sizes, nparts)
-    positions = part_positions(files, sizes, segments)
+               opts: Options) -> tuple[list[PartResult], list[list[Segment]], list[int]]:
+    pieces = split_segments(files, sizes, opts.piece_count(sum(sizes)))
+    positions = part_positions(files, sizes, pieces)
     data_path = os.path.join(tmp, DATA_FILE)
     open(data_path, "wb").close()
-    len_paths = [os.path.join(tmp, f".part-{k}.len") for k in range(nparts)]
+    side = os.path.join(tmp, ".worker-")  # + worker number: each worker's line lengths and text index lines
     show = opts.progress if opts.progress is not None else sys.stderr.isatty()
     bar = None
     if show:
@@ -277,22 +305,26 @@ def _run_parts(files: list[str], sizes: list[int], tmp: str,
 
         bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="convert", file=sys.stderr)
     try:
-        if nparts == 1:
-            results = [convert_part(files, segments[0], data_path, 0, len_paths[0], opts,
-                                    bar.update if bar is not None else None)]
+        if opts.workers <= 1:
+            done = convert_pieces(files, pieces, positions, data_path, side + "0", opts, PieceQueue(len(pieces)),
+                                  bar.update if bar is not None else None)
         else:
-            results = _run_workers(files, segments, data_path, positions, len_paths, opts, bar)
+            done = _run_workers(files, pieces, data_path, positions, side, opts, bar)
     finally:
         if bar is not None:
             bar.close()
-    return results, segments, len_paths, positions
+    if len(done) < len(pieces) and not any(r.strict_error for r in done.values()):
+        raise ConvertError(f"internal error: {len(pieces) - len(done)} of {len(pieces)} pieces were not converted")
+    # Pieces left after a --strict error were never started: they hold no line and no report.
+    return [done.get(k) or PartResult() for k in range(len(pieces))], pieces, positions
 
 
-def _run_workers(files, segments, data_path, positions, len_paths, opts, bar) -> list[PartResult]:
-    """Parts 1.. in forked worker processes, part 0 in this process meanwhile (one fork fewer, and this
-    process would otherwise only wait)."""
+def _run_workers(files, pieces, data_path, positions, side, opts, bar) -> dict[int, PartResult]:
+    """``opts.workers - 1`` forked worker processes and this one (one fork fewer, and this process would
+    otherwise only wait) convert the pieces a shared ``PieceQueue`` hands out."""
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     counter = ctx.Value("q", 0)
+    queue = PieceQueue(len(pieces), ctx)
     shown = 0
 
     def show(n: int = 0) -> None:  # this process's bytes (n) plus what the workers reported
@@ -306,14 +338,18 @@ def _run_workers(files, segments, data_path, positions, len_paths, opts, bar) ->
 
     procs = []
     try:
-        for k in range(1, len(segments)):
+        for w in range(1, opts.workers):
             recv, send = ctx.Pipe(duplex=False)
-            job = (files, segments[k], data_path, positions[k], len_paths[k], opts, os.getpid())
+            job = (files, pieces, positions, data_path, f"{side}{w}", opts, queue, os.getpid())
             proc = ctx.Process(target=worker_entry, args=(send, counter, job), daemon=True)
             proc.start()
             send.close()
             procs.append((proc, recv))
-        results = [convert_part(files, segments[0], data_path, positions[0], len_paths[0], opts, show)]
+        try:
+            results = convert_pieces(files, pieces, positions, data_path, side + "0", opts, queue, show)
+        except BaseException:
+            queue.stop()
+            raise
         for proc, recv in procs:
             while not recv.poll(0.2):  # also true when the worker exits: its end of the pipe closes
                 show()
@@ -322,10 +358,10 @@ def _run_workers(files, segments, data_path, positions, len_paths, opts, bar) ->
             except EOFError:
                 proc.join()
                 raise ConvertError(f"convert worker (pid {proc.pid}) died with exit code {proc.exitcode} "
-                                   "before finishing its part; nothing was written to --output") from None
+                                   "before finishing its pieces; nothing was written to --output") from None
             if not ok:
                 raise value
-            results.append(value)
+            results.update(value)
         show()
         return results
     finally:
@@ -337,7 +373,7 @@ def _run_workers(files, segments, data_path, positions, len_paths, opts, bar) ->
 
 
 def _locate(files, segments_per_part, results) -> Callable[[int, int, int], tuple[str, int]]:
-    """Map (part, segment, line in segment) to (file, 1-based line number in that file)."""
+    """Map (piece, segment, line in segment) to (file, 1-based line number in that file)."""
     first_line: dict[tuple[int, int], int] = {}
     lines_before = [0] * len(files)
     for p, (segs, res) in enumerate(zip(segments_per_part, results)):
@@ -384,7 +420,7 @@ def convert(path: str, output: str, opts: Options) -> dict:
 
 def _convert_into(files: list[str], sizes: list[int], tmp: str, opts: Options) -> dict:
     t0 = time.perf_counter()
-    results, segments, len_paths, positions = _run_parts(files, sizes, tmp, opts)
+    results, segments, positions = _run_parts(files, sizes, tmp, opts)
     locate = _locate(files, segments, results)
     for p, res in enumerate(results):
         if res.strict_error is not None:
@@ -402,7 +438,7 @@ def _convert_into(files: list[str], sizes: list[int], tmp: str, opts: Options) -
     nbytes = [r.nbytes for r in results]
     compact(data_path, positions, nbytes)
     starts = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).tolist()
-    write_offsets(tmp, opts.index_name, len_paths, nlines, [s != p for s, p in zip(starts, positions)])
+    write_offsets(tmp, opts.index_name, results, nlines, [s != p for s, p in zip(starts, positions)])
     counter = TokenCounter(opts.language, None) if not opts.tokenizer else None
     factor = counter.factor if counter else 1.0
     buckets = np.sum([r.buckets for r in results], axis=0).tolist()

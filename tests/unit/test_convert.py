@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from fm.data.convert import BUCKETS, Options, convert, main
+from fm.data.convert import BUCKETS, Options, StrictError, convert, main
 from fm.data.indexed import IndexedDataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -293,8 +293,8 @@ def test_upstream_style_index_of_our_data(tmp_path, corpus):
     assert ds.upstream_format and len(ds) == len(lines) and ds[0] == lines[0][:-1]
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_workers_byte_identical(tmp_path, workers):
+@pytest.mark.parametrize("workers,piece_size", [(2, 0), (3, 0), (2, 1000), (3, 700)])
+def test_workers_byte_identical(tmp_path, workers, piece_size):
     lines, _ = _mixed_lines()
     good = [_line(r) for r in _records(200, 3)]
     _write(tmp_path / "in" / "a.jsonl", good[:90] + lines + good[90:120])
@@ -303,15 +303,16 @@ def test_workers_byte_identical(tmp_path, workers):
     outs = {}
     for w in (1, workers):
         out = tmp_path / f"out{w}"
-        convert(str(tmp_path / "in"), str(out), Options(language="en", workers=w, chunk_size=512, progress=False,
-                                                        fsync=False))
+        convert(str(tmp_path / "in"), str(out), Options(language="en", workers=w, chunk_size=512, piece_size=piece_size,
+                                                        progress=False, fsync=False))
         outs[w] = out
     for name in ("data.jsonl", "index", "index.h5", "meta.json"):
         assert (outs[1] / name).read_bytes() == (outs[workers] / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("piece_size", [0, 1500])
 @pytest.mark.parametrize("bad_at", ["nowhere", "first", "last", "both"])
-def test_workers_index_matches_line_starts(tmp_path, bad_at):
+def test_workers_index_matches_line_starts(tmp_path, bad_at, piece_size):
     """Parts format their own text index lines; a part that moved (an earlier one dropped lines) is re-formatted.
     Either way every offset is the start of a line of data.jsonl, for both index files."""
     good = [_line(r) for r in _records(300, 5)]
@@ -319,8 +320,8 @@ def test_workers_index_matches_line_starts(tmp_path, bad_at):
     lines = (bad if bad_at in ("first", "both") else []) + good + (bad if bad_at in ("last", "both") else [])
     _write(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out"
-    convert(str(tmp_path / "in.jsonl"), str(out), Options(language="en", workers=3, chunk_size=512, progress=False,
-                                                           fsync=False))
+    convert(str(tmp_path / "in.jsonl"), str(out), Options(language="en", workers=3, chunk_size=512,
+                                                           piece_size=piece_size, progress=False, fsync=False))
     data = (out / "data.jsonl").read_bytes()
     expected = [0] + [i + 1 for i, b in enumerate(data) if b == 10]
     assert [int(x) for x in (out / "index").read_text().split("\n")[:-1]] == expected
@@ -335,21 +336,73 @@ def test_worker_failure_is_reported_and_cleaned_up(tmp_path, monkeypatch, failur
     """An error in a worker process reaches the caller; a worker that dies is detected instead of waited for."""
     import fm.data._convert_worker as worker
 
-    real = worker.convert_part
+    real = worker.convert_piece
+    me = os.getpid()
 
-    def failing(files, segments, data_path, data_pos, *rest):
-        if data_pos > 0:  # a forked worker (part 0 runs in the calling process)
-            if failure == "dies":
-                os._exit(3)
-            raise worker.ConvertError("boom in a worker")
-        return real(files, segments, data_path, data_pos, *rest)
+    def failing(*args):
+        if os.getpid() == me:  # this process: slow, so the forked worker takes the other piece
+            time.sleep(0.3)
+            return real(*args)
+        if failure == "dies":
+            os._exit(3)
+        raise worker.ConvertError("boom in a worker")
 
-    monkeypatch.setattr(worker, "convert_part", failing)
+    monkeypatch.setattr(worker, "convert_piece", failing)
     _write(tmp_path / "in.jsonl", [_line(r) for r in _records(200, 6)])
     with pytest.raises(worker.ConvertError, match="boom in a worker" if failure == "raises" else "exit code 3"):
         convert(str(tmp_path / "in.jsonl"), str(tmp_path / "out"),
                 Options(language="en", workers=2, chunk_size=512, progress=False, fsync=False))
     assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+def test_idle_workers_take_the_remaining_pieces(tmp_path, monkeypatch):
+    """Pieces go to whichever worker is free: a worker slowed down converts fewer of them, the output is the same."""
+    import fm.data._convert_worker as worker
+
+    real = worker.convert_piece
+    me = os.getpid()
+    log = tmp_path / "who"
+
+    def logged(*args):
+        if os.getpid() == me:
+            time.sleep(0.2)  # this process is slow (a busy core)
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(*args)
+
+    good = [_line(r) for r in _records(400, 8)]
+    src = _write(tmp_path / "in.jsonl", good)
+    convert(str(src), str(tmp_path / "one"), Options(language="en", progress=False, fsync=False))
+    monkeypatch.setattr(worker, "convert_piece", logged)
+    opts = Options(language="en", workers=2, chunk_size=512, piece_size=len(b"".join(good)) // 12 + 1,
+                   progress=False, fsync=False)
+    convert(str(src), str(tmp_path / "two"), opts)
+    who = log.read_text().split()
+    assert len(who) == 12
+    assert who.count(str(me)) < len(who) // 2, who
+    for name in ("data.jsonl", "index", "index.h5", "meta.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_more_workers_than_lines_leaves_no_side_files(tmp_path):
+    """Workers that find every piece taken (or an empty one) leave nothing behind in the output."""
+    src = _write(tmp_path / "in.jsonl", [b'{"output": "only line"}\n'])
+    convert(str(src), str(tmp_path / "out"), Options(language="en", workers=4, progress=False, fsync=False))
+    assert sorted(os.listdir(tmp_path / "out")) == ["data.jsonl", "index", "index.h5", "meta.json"]
+    assert IndexedDataset(str(tmp_path / "out")).record(0) == {"output": "only line"}
+
+
+def test_strict_with_many_pieces_names_the_first_bad_line(tmp_path, capsys):
+    good = [_line(r) for r in _records(400, 9)]
+    lines = good[:50] + [b"[1]\n"] + good[50:300] + [b"bad\n"] + good[300:]
+    src = _write(tmp_path / "in.jsonl", lines)
+    for workers in (1, 2, 3):
+        opts = Options(language="en", workers=workers, chunk_size=512, piece_size=2000, strict=True,
+                       progress=False, fsync=False)
+        with pytest.raises(StrictError, match=f"{src}:51: not_object"):
+            convert(str(src), str(tmp_path / f"out{workers}"), opts)
+        assert not (tmp_path / f"out{workers}").exists()
+    assert Options(language="en", workers=2, piece_size=2000).piece_count(len(b"".join(lines))) > 20
 
 
 def test_workers_cli_and_strict(tmp_path, capsys):
