@@ -338,11 +338,13 @@ def test_worker_failure_is_reported_and_cleaned_up(tmp_path, monkeypatch, failur
 
     real = worker.convert_piece
     me = os.getpid()
+    started = tmp_path / "worker-started"
 
     def failing(*args):
-        if os.getpid() == me:  # this process: slow, so the forked worker takes the other piece
-            time.sleep(0.3)
+        if os.getpid() == me:  # this process waits until the forked worker has taken the other piece
+            _wait_for(started)
             return real(*args)
+        started.touch()
         if failure == "dies":
             os._exit(3)
         raise worker.ConvertError("boom in a worker")
@@ -352,7 +354,14 @@ def test_worker_failure_is_reported_and_cleaned_up(tmp_path, monkeypatch, failur
     with pytest.raises(worker.ConvertError, match="boom in a worker" if failure == "raises" else "exit code 3"):
         convert(str(tmp_path / "in.jsonl"), str(tmp_path / "out"),
                 Options(language="en", workers=2, chunk_size=512, progress=False, fsync=False))
-    assert os.listdir(tmp_path) == ["in.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "worker-started"]
+
+
+def _wait_for(path, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
 
 
 def test_idle_workers_take_the_remaining_pieces(tmp_path, monkeypatch):
@@ -364,8 +373,9 @@ def test_idle_workers_take_the_remaining_pieces(tmp_path, monkeypatch):
     log = tmp_path / "who"
 
     def logged(*args):
-        if os.getpid() == me:
-            time.sleep(0.2)  # this process is slow (a busy core)
+        if os.getpid() == me:  # this process is slow (a busy core); the worker has started
+            _wait_for(log)
+            time.sleep(0.2)
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         return real(*args)
