@@ -41,7 +41,7 @@ TOKENIZER_CHUNK = 4 << 20  # token ids of a chunk are held at once: keep it smal
 # With several workers the input is cut into pieces handed out one at a time (PieceQueue).
 PIECES_PER_WORKER = 16
 PIECE_MIN, PIECE_MAX = 1 << 20, 64 << 20
-MAX_PIECES = 4096  # each piece has two small temporary files (line lengths, text index lines)
+MAX_PIECES = 4096  # each piece is one cut found by reading the input, and one result sent back to the parent
 
 
 class ConvertError(Exception):
