@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fm.dist import build_engine  # noqa: E402
+from fm.distributed import build_engine  # noqa: E402
 from fm.models.registry import build_model, load_model_config  # noqa: E402
 from fm.train.checkpoint import CheckpointManager, standard_parts  # noqa: E402
 

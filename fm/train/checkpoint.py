@@ -43,7 +43,7 @@ import torch
 from fm.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
-    from fm.dist.base import Engine
+    from fm.distributed.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class SnapshotPart:
-    """A part holding an engine :class:`~fm.dist.base.Snapshot`: ``prepare()`` takes its CPU copy (the
+    """A part holding an engine :class:`~fm.distributed.base.Snapshot`: ``prepare()`` takes its CPU copy (the
     manager runs every part's ``prepare`` before writing anything), the call writes it, then the
     engine's staging buffers are released."""
 

@@ -45,7 +45,7 @@ from torch import nn
 if TYPE_CHECKING:
     from peft import LoraConfig
 
-    from fm.dist.base import Engine
+    from fm.distributed.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def load_base_weights(engine: Engine, path: str | Path) -> None:
 
     With adapters the base weights land on ``….base_layer.*``; every non-adapter parameter must be in
     the file (and nothing else), else ``KeyError`` names the differences."""
-    from fm.dist.fsdp import check_keys
+    from fm.distributed.fsdp import check_keys
 
     sd = _read_state(path)
     model = engine.model
@@ -381,7 +381,7 @@ def load_adapter_into(engine: Engine, directory: str | Path) -> None:
     _, state = load_adapter(directory)
     own = {canonical_name(k) for k in engine.model.state_dict() if is_lora_name(k)}
     mapped = {peft_key_to_model(k): v for k, v in state.items()}
-    from fm.dist.fsdp import check_keys
+    from fm.distributed.fsdp import check_keys
 
     check_keys(own, set(mapped), f"adapter {directory}")
     engine.load_model(mapped, strict=False)

@@ -139,7 +139,7 @@ class Trainer:
     # ------------------------------------------------------------------ build
     def setup_engine(self) -> None:
         if self.engine is None:
-            from fm.dist import build_engine
+            from fm.distributed import build_engine
 
             self.engine = build_engine(self.cfg.engine, seed=self.cfg.seed)
             self.engine.init()

@@ -161,7 +161,7 @@ def make_fake_bmt(calls: list[str]):
 
 
 def test_every_bmt_symbol_used_exists():
-    src = Path(__file__).resolve().parents[2] / "fm" / "dist" / "bmtrain.py"
+    src = Path(__file__).resolve().parents[2] / "fm" / "distributed" / "bmtrain.py"
     import re
 
     used = set(re.findall(r"\bbmt\.([A-Za-z_][\w.]*)", src.read_text()))
@@ -174,7 +174,7 @@ def test_every_bmt_symbol_used_exists():
 
 @pytest.fixture
 def fake_engine(tmp_path):
-    from fm.dist.bmtrain import BMTrainEngine
+    from fm.distributed.bmtrain import BMTrainEngine
 
     calls: list[str] = []
     engine = BMTrainEngine(seed=1, bmt=make_fake_bmt(calls), device="cpu")
@@ -231,7 +231,7 @@ def test_optimizer_world_size_mismatch_message(fake_engine, tmp_path):
 
 
 def test_gathered_format_needs_offload(tmp_path):
-    from fm.dist.bmtrain import BMTrainEngine
+    from fm.distributed.bmtrain import BMTrainEngine
 
     engine = BMTrainEngine(bmt=make_fake_bmt([]), device="cpu", optimizer_format="gathered")
     engine.init()
@@ -245,7 +245,7 @@ def test_gathered_format_needs_offload(tmp_path):
 
 
 def test_auto_picks_fsdp_without_cuda():
-    from fm.dist import build_engine, resolve_engine_name
+    from fm.distributed import build_engine, resolve_engine_name
 
     if not torch.cuda.is_available():
         assert resolve_engine_name("auto") == "fsdp"
@@ -257,7 +257,7 @@ def test_auto_picks_fsdp_without_cuda():
 # ---------------------------------------------------------------- the real BMTrain (GPU hosts)
 def _gpu_worker(rank: int, port: int, tmp: str) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from fm.dist import build_engine
+    from fm.distributed import build_engine
 
     engine = build_engine("bmtrain", seed=1)
     engine.init()

@@ -143,7 +143,7 @@ def reference_run(init_sd: dict, batches) -> tuple[list[tuple[float, float]], li
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from fm.dist import build_engine
+    from fm.distributed import build_engine
 
     tmpdir = Path(tmp)
     engine = build_engine("fsdp", seed=1)
@@ -239,7 +239,7 @@ def test_full_state_dict_loads_into_plain_model(two_rank_run):
 
 def test_optimizer_reshards_two_to_one(two_rank_run):
     """Resume the 2-rank step-1 checkpoint in ONE process; step 2 equals the uninterrupted run."""
-    from fm.dist import build_engine
+    from fm.distributed import build_engine
 
     tmp, init_sd, res = two_rank_run
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -266,7 +266,7 @@ def test_optimizer_reshards_two_to_one(two_rank_run):
 def test_real_dragonfly_model_shards_layer_by_layer():
     """The MODELS helper's tiny dragonfly (tied head, GQA): sharded logits, loss and clip norm equal plain ones."""
     registry = pytest.importorskip("fm.models.registry")
-    from fm.dist import build_engine
+    from fm.distributed import build_engine
 
     cfg = registry.load_model_config(str(Path(__file__).resolve().parents[2] / "apps/fm9g_2b/model_configs/tiny.json"))
     torch.manual_seed(0)

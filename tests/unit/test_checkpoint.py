@@ -225,7 +225,7 @@ def test_rng_state_roundtrip():
 
 def test_fsdp_engine_standard_parts_async(tmp_path, tokenizer_path):
     """World-1 FSDP engine: the full upstream layout, written asynchronously, loads back."""
-    from fm.dist import build_engine
+    from fm.distributed import build_engine
     from tests.distributed.test_fsdp_engine import TinyLM, make_meta_model, param_groups
 
     engine = build_engine("fsdp", seed=0)
@@ -265,7 +265,7 @@ def test_fsdp_engine_standard_parts_async(tmp_path, tokenizer_path):
 
 
 def test_staging_buffers_reused_only_after_release():
-    from fm.dist.base import StagingBuffers
+    from fm.distributed.base import StagingBuffers
 
     pool = StagingBuffers()
     a = {"w": torch.ones(3), "s": [torch.zeros(2), 5]}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fm.dist.base import Engine
+from fm.distributed.base import Engine
 
 ENGINE_NAMES = ("auto", "bmtrain", "fsdp")
 
@@ -38,10 +38,10 @@ def build_engine(name: str = "auto", **opts: Any) -> Engine:
     """Engine by name. ``opts`` go to the engine's constructor (e.g. ``seed``, ``backend``, ``loss_scale``)."""
     key = resolve_engine_name(name)
     if key == "bmtrain":
-        from fm.dist.bmtrain import BMTrainEngine
+        from fm.distributed.bmtrain import BMTrainEngine
 
         return BMTrainEngine(**opts)
-    from fm.dist.fsdp import FSDPEngine
+    from fm.distributed.fsdp import FSDPEngine
 
     return FSDPEngine(**opts)
 

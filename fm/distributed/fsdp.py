@@ -32,7 +32,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from fm.dist.base import Engine, ModelOrFactory, ReduceOp, Snapshot, StagingBuffers, copy_tree
+from fm.distributed.base import Engine, ModelOrFactory, ReduceOp, Snapshot, StagingBuffers, copy_tree
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fm.dist.base import Engine, ModelOrFactory, ReduceOp, Snapshot, StagingBuffers
-from fm.dist.fsdp import _group, cast_parameters, check_keys, load_full_state_dict, materialise
+from fm.distributed.base import Engine, ModelOrFactory, ReduceOp, Snapshot, StagingBuffers
+from fm.distributed.fsdp import _group, cast_parameters, check_keys, load_full_state_dict, materialise
 
 log = logging.getLogger(__name__)
 

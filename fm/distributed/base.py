@@ -1,7 +1,7 @@
 """The engine interface: one object that owns the process group, the sharded model and its optimizer.
 
-Two implementations: ``fm.dist.bmtrain.BMTrainEngine`` (BMTrain ZeRO-3, CUDA only) and
-``fm.dist.fsdp.FSDPEngine`` (torch FSDP2; CPU/gloo or GPU/nccl). The trainer only talks to this
+Two implementations: ``fm.distributed.bmtrain.BMTrainEngine`` (BMTrain ZeRO-3, CUDA only) and
+``fm.distributed.fsdp.FSDPEngine`` (torch FSDP2; CPU/gloo or GPU/nccl). The trainer only talks to this
 interface, so the same loop runs on one CPU, under FSDP2 and under BMTrain.
 
 Typical use (the trainer's view)::
@@ -47,7 +47,7 @@ ModelOrFactory = nn.Module | Callable[[], nn.Module]
 
 
 class Engine(abc.ABC):
-    """Distributed engine. Create with ``fm.dist.build_engine``, then call :meth:`init` once."""
+    """Distributed engine. Create with ``fm.distributed.build_engine``, then call :meth:`init` once."""
 
     name: str = "base"
     model: nn.Module | None = None
