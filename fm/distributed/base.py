@@ -1,6 +1,7 @@
 """The engine interface: one object that owns the process group, the sharded model and its optimizer.
 
-Two implementations: ``fm.distributed.bmtrain.BMTrainEngine`` (BMTrain ZeRO-3, CUDA only) and
+Two implementations: ``fm.distributed.bmtrain.BMTrainEngine`` (BMTrain ZeRO-3 on CUDA; tested on CPU through
+BMTrain's own code, ``fm.distributed.bmtrain_cpu``) and
 ``fm.distributed.fsdp.FSDPEngine`` (torch FSDP2; CPU/gloo or GPU/nccl). The trainer only talks to this
 interface, so the same loop runs on one CPU, under FSDP2 and under BMTrain.
 
@@ -118,6 +119,11 @@ class Engine(abc.ABC):
         """
         return dict(getattr(self, "_param_shapes", {}))
 
+    @property
+    def state_dict_keys(self) -> set[str]:
+        """The keys of the full model state dict, recorded by :meth:`shard` (reading them costs no gather)."""
+        return set(getattr(self, "_state_keys", set()))
+
     @abc.abstractmethod
     def build_optimizer(
         self,
@@ -168,6 +174,12 @@ class Engine(abc.ABC):
         """Current loss scale (1.0 unless fp16 loss scaling is on); logged as ``Optimizer/scale``."""
         return 1.0
 
+    @property
+    def scales_loss(self) -> bool:
+        """True under dynamic loss scaling: non-finite gradients are then an overflow that
+        :meth:`optimizer_step` handles (it skips the update and lowers the scale), not a failed step."""
+        return False
+
     # ------------------------------------------------------------------ collectives
     @abc.abstractmethod
     def all_reduce(self, value: float | torch.Tensor, op: ReduceOp = "sum") -> float | torch.Tensor:
@@ -187,11 +199,11 @@ class Engine(abc.ABC):
 
     # ------------------------------------------------------------------ checkpoints
     @abc.abstractmethod
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
+    def model_state_dict(self, keys: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
         """Full (unsharded) state dict on CPU, keys exactly the model's own; ``{}`` on ranks other than 0.
 
-        Collective: every rank must call it. Used by :meth:`save_model` and by async checkpointing
-        (snapshot now, write later).
+        ``keys`` keeps only the names it accepts (e.g. LoRA adapters). Collective: every rank must call it.
+        Used by :meth:`save_model` and by async checkpointing (snapshot now, write later).
         """
 
     def snapshot_model(self) -> Snapshot:
@@ -245,8 +257,8 @@ class Engine(abc.ABC):
     def save_optimizer(self, directory: str | Path) -> None:
         """Write the optimizer state under ``directory`` (collective; all ranks write their part).
 
-        fsdp: a ``torch.distributed.checkpoint`` directory, reshardable to any world size.
-        bmtrain: one file per rank (``optimizer.rank-{r}.pt``); resume needs the same world size.
+        fsdp: a ``torch.distributed.checkpoint`` directory; bmtrain: one file per rank
+        (``rank-<r>-of-<W>.pt``). Both load into any world size.
         """
 
     @abc.abstractmethod

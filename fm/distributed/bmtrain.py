@@ -10,19 +10,26 @@ of ``DistributedModule`` classes (gathered on access, so the tied head keeps wor
 
 Optimizer: ``bmt.optim.AdamOffloadOptimizer`` (``offload=True``) or ``AdamOptimizer`` under an
 ``OptimManager`` built with ``grad_scale=1`` so gradients are summed over ranks (the contract in
-``base.py``); loss scaling only when ``loss_scale`` is given (fp16).
+``base.py``). fp16 parameters get dynamic loss scaling (from 2**20, halved on overflow, doubled after
+1024 clean steps); other dtypes none.
 
-Optimizer checkpoints: one file per rank (``optimizer/rank-<r>-of-<W>.pt``), which needs the same
-world size on resume; with ``optimizer_format="gathered"`` (AdamOffloadOptimizer only) rank 0
-writes one whole-state file (``optimizer/gathered.pt``) that loads into any world size.
+Optimizer checkpoints: one file per rank (``optimizer/rank-<r>-of-<W>.pt``) holding the rank's
+slice of every parameter's state and where that slice lies in the full parameter. Resuming with the
+same world size loads the rank's own file; with another world size every rank memory-maps the saved
+files and copies out only the elements of its new slices, so no rank ever holds the whole state.
+
+Without a GPU the engine runs on BMTrain's real code through the CPU backend
+(``fm.distributed.bmtrain_cpu``) when ``FM_BMTRAIN_CPU=1`` is set: for tests and debugging.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,8 +39,8 @@ from fm.distributed.fsdp import _group, cast_parameters, check_keys, load_full_s
 
 log = logging.getLogger(__name__)
 
-GATHERED_FILE = "gathered.pt"
 RANK_FILE = "rank-{rank}-of-{world}.pt"
+FP16_LOSS_SCALE = 2.0**20  # BMTrain's examples and upstream fp16 runs start dynamic scaling here
 
 
 def distribute_parameters(module: nn.Module, bmt: Any, memo: dict[int, nn.Parameter] | None = None) -> None:
@@ -80,53 +87,65 @@ def model_state_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def local_range(p: torch.Tensor) -> tuple[int, int]:
+    """Where this rank's slice of a DistributedParameter lies in the flattened full parameter."""
+    start = getattr(p, "_start_partition", None)
+    return (0, 0) if start is None or p.numel() == 0 else (int(start), int(start) + p.numel())
+
+
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU in a storage of its own. A block's gathered parameters are views of one buffer; copied
+    from a GPU they come apart, but on the CPU ``.cpu()`` would keep the views (and save the whole buffer)."""
+    t = t.detach().cpu()
+    return t if t.untyped_storage().nbytes() == t.nbytes and t.storage_offset() == 0 else t.clone()
+
+
+def _use_cpu_backend() -> bool:
+    if torch.cuda.is_available():
+        return False
+    if os.environ.get("FM_BMTRAIN_CPU") != "1":
+        raise RuntimeError("engine 'bmtrain' needs CUDA (BMTrain uses NCCL): use engine 'fsdp' on this machine "
+                           "(or set FM_BMTRAIN_CPU=1 to run BMTrain's own code on the CPU, for tests and debugging)")
+    from fm.distributed import bmtrain_cpu
+
+    bmtrain_cpu.install()
+    return True
+
+
 class BMTrainEngine(Engine):
-    """Options: ``seed``, ``loss_scale`` (None: no scaling, for bf16; a number: dynamic fp16 scaling),
-    ``zero_level`` (3 or 2), ``optimizer_format`` (``"per_rank"`` or ``"gathered"``), ``bmt`` (a module
-    standing in for ``bmtrain``, for tests)."""
+    """Options: ``seed``, ``loss_scale`` (initial dynamic loss scale for fp16; default 2**20; only fp16 scales),
+    ``zero_level`` (3, or 2 to keep gathered parameters from forward to backward)."""
 
     name = "bmtrain"
 
-    def __init__(
-        self,
-        seed: int = 0,
-        loss_scale: float | None = None,
-        zero_level: int = 3,
-        optimizer_format: Literal["per_rank", "gathered"] = "per_rank",
-        bmt: Any = None,
-        device: str | None = None,
-    ) -> None:
-        if optimizer_format not in ("per_rank", "gathered"):
-            raise ValueError(f"optimizer_format {optimizer_format!r}: use 'per_rank' or 'gathered'")
+    def __init__(self, seed: int = 0, loss_scale: float | None = None, zero_level: int = 3) -> None:
+        if zero_level not in (2, 3):
+            raise ValueError(f"zero_level {zero_level}: BMTrain supports 2 or 3")
         self.seed = seed
         self.loss_scale_init = loss_scale
         self.zero_level = zero_level
-        self.optimizer_format = optimizer_format
-        self._bmt = bmt
-        self._device = torch.device(device) if device is not None else None  # tests: a fake bmt on CPU
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.optim_manager: Any = None
-        self._keys: set[str] = set()
+        self._device: torch.device | None = None
+        self._dtype = torch.float32
         self._ce: Any = None
         self._staging = StagingBuffers()
 
     # ------------------------------------------------------------------ process group
     @property
     def bmt(self) -> Any:
-        if self._bmt is None:
-            import bmtrain
+        import bmtrain
 
-            self._bmt = bmtrain
-        return self._bmt
+        return bmtrain
 
     def init(self) -> None:
-        if self._bmt is None and not torch.cuda.is_available():
-            raise RuntimeError("engine 'bmtrain' needs CUDA (BMTrain uses NCCL): use engine 'fsdp' on this machine")
+        cpu = _use_cpu_backend()
         bmt = self.bmt
         # Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (defaults: one process, localhost:10010),
-        # sets the CUDA device and seeds torch/random/numpy.
+        # sets the CUDA device, pins each local rank to its share of the CPU cores and seeds torch/random/numpy.
         bmt.init_distributed(seed=self.seed)
+        self._device = torch.device("cpu") if cpu else torch.device("cuda", self.local_rank)
         self._ce = bmt.loss.FusedCrossEntropy(ignore_index=-100, reduction="sum")
 
     @property
@@ -143,7 +162,8 @@ class BMTrainEngine(Engine):
 
     @property
     def device(self) -> torch.device:
-        return self._device if self._device is not None else torch.device("cuda", self.local_rank)
+        assert self._device is not None, "call init() first"
+        return self._device
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -163,11 +183,11 @@ class BMTrainEngine(Engine):
             with torch.device("meta"):
                 model = model()
         self._param_shapes = {n: p.shape for n, p in model.named_parameters()}
-        self._keys = model_state_keys(model)
+        self._state_keys = model_state_keys(model)
         sd = load_full_state_dict(state_dict) if state_dict is not None else None
         if sd is not None:
-            check_keys(self._keys, set(sd), "shard(state_dict=...)")
-        dtype = dtype or torch.float32
+            check_keys(self._state_keys, set(sd), "shard(state_dict=...)")
+        self._dtype = dtype = dtype or torch.float32
         device = self.device
         blocks = []
         for i, layer in enumerate(model.encoder.layers):
@@ -199,13 +219,24 @@ class BMTrainEngine(Engine):
         offload: bool = False,
     ) -> torch.optim.Optimizer:
         bmt = self.bmt
-        if self.optimizer_format == "gathered" and not offload:
-            raise ValueError("optimizer_format 'gathered' needs offload=True (bmt AdamOffloadOptimizer)")
         groups = [_group(g, lr, weight_decay) for g in param_groups]
+        if self._dtype == torch.float32:
+            # BMTrain's fp32 path is torch's Adam, which adds the decay to the gradient (L2); its fp16/bf16
+            # kernels decay the weights (AdamW). The engine decays fp32 weights itself (optimizer_step), so
+            # every dtype is AdamW, as the Engine contract says.
+            for g in groups:
+                g["decoupled_weight_decay"], g["weight_decay"] = g["weight_decay"], 0.0
         cls = bmt.optim.AdamOffloadOptimizer if offload else bmt.optim.AdamOptimizer
         self.optimizer = cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.optimizer._fm_offload = offload  # type: ignore[attr-defined]
+        loss_scale = self.loss_scale_init
+        if self._dtype != torch.float16:
+            if loss_scale is not None:
+                raise ValueError(f"loss_scale is for fp16 parameters; the model is {self._dtype}")
+        elif loss_scale is None:
+            loss_scale = FP16_LOSS_SCALE
         # grad_scale=1: keep bmt's summed gradients (its default divides the loss by the world size).
-        self.optim_manager = bmt.optim.OptimManager(loss_scale=self.loss_scale_init, grad_scale=1)
+        self.optim_manager = bmt.optim.OptimManager(loss_scale=loss_scale, grad_scale=1)
         self.optim_manager.add_optimizer(self.optimizer)
         return self.optimizer
 
@@ -227,10 +258,31 @@ class BMTrainEngine(Engine):
         norm = self.optim_manager.clip_grad_norm(self.optimizer.param_groups, limit, norm_type=2)
         return float(norm)
 
+    @property
+    def scales_loss(self) -> bool:
+        return bool(self.optim_manager is not None and self.optim_manager.loss_scale_enabled)
+
     def optimizer_step(self) -> None:
+        """One step; under fp16 loss scaling an overflow (inf/nan gradients) skips it and halves the scale."""
         assert self.optim_manager is not None, "call build_optimizer() first"
         self.settle_snapshots()
+        self._decay_fp32_weights()
         self.optim_manager.step()
+
+    @torch.no_grad()
+    def _decay_fp32_weights(self) -> None:
+        offload = getattr(self.optimizer, "_fm_offload", False)
+        for g in self.optimizer.param_groups:
+            wd = g.get("decoupled_weight_decay", 0.0)
+            if not wd:
+                continue
+            for p in g["params"]:
+                if p.grad is None or not p.requires_grad:
+                    continue  # bmt steps only parameters with a gradient; decay what it steps
+                state = self.optimizer.state.get(p)
+                # The offload optimizer's master copy is state["_param_fp32"] (copied onto p after the step).
+                target = state["_param_fp32"] if offload and state else p
+                target.mul_(1.0 - g["lr"] * wd)
 
     def zero_grad(self) -> None:
         if self.optim_manager is not None:
@@ -262,10 +314,14 @@ class BMTrainEngine(Engine):
         self.bmt.synchronize()
 
     # ------------------------------------------------------------------ checkpoints
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Gathered unit by unit (root, then each block) so rank 0 holds at most one layer on the GPU."""
+    def model_state_dict(self, keys: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+        """Gathered unit by unit (root, then each block) so rank 0 holds at most one layer on the GPU.
+
+        ``keys``: keep only the names it accepts (e.g. LoRA adapters); every unit is still gathered, since a
+        parameter inside a ``bmt.Block`` exists whole only while its block is gathered."""
         assert self.model is not None, "call shard() first"
         save_to_rank0 = self.bmt.store._save_to_rank0  # what bmt.save uses; returns the dict instead of writing
+        keep = keys or (lambda _: True)
         self._sync()
         out: dict[str, torch.Tensor] = {}
         blocks = self.model.encoder.layers
@@ -275,11 +331,11 @@ class BMTrainEngine(Engine):
         finally:
             self.model.encoder._modules["layers"] = blocks
         if self.is_main:
-            out.update({k: v.detach().cpu() for k, v in root.items()})
+            out.update({k: _own_copy(v) for k, v in root.items() if keep(k)})
         for i, block in enumerate(blocks):
             part = save_to_rank0(block, prefix=f"encoder.layers.{i}.")
             if self.is_main:
-                out.update({k: v.detach().cpu() for k, v in part.items()})
+                out.update({k: _own_copy(v) for k, v in part.items() if keep(k)})
         return out
 
     def load_model(self, path_or_state: str | Path | Mapping[str, torch.Tensor], strict: bool = True) -> None:
@@ -288,21 +344,24 @@ class BMTrainEngine(Engine):
         self.settle_snapshots()
         sd = dict(load_full_state_dict(path_or_state))
         if strict:
-            check_keys(self._keys, set(sd), "load_model")
+            check_keys(self._state_keys, set(sd), "load_model")
         result = self.model.load_state_dict(sd, strict=strict)
         self._sync()
         if strict and (result.missing_keys or result.unexpected_keys):
             raise KeyError(f"load_model: missing {result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}")
 
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
     def snapshot_optimizer(self) -> Snapshot:
         assert self.optimizer is not None, "call build_optimizer() first"
         self._sync()
         om = self.optim_manager
-        meta = {"format": self.optimizer_format, "world_size": self.world_size, "rank": self.rank,
-                "loss_scale": om.loss_scale, "loss_scale_enabled": om.loss_scale_enabled}
-        if self.optimizer_format == "gathered":
-            state = self.optimizer.state_dict(True)  # collective all-gather of every rank's slices (is_whole)
-            return Snapshot.ready({**meta, "optimizer": state} if self.is_main else {})
+        params = self._params()
+        meta = {"format": "per_rank", "world_size": self.world_size, "rank": self.rank,
+                "loss_scale": om.loss_scale, "loss_scale_enabled": om.loss_scale_enabled,
+                "ranges": [list(local_range(p)) for p in params],
+                "numels": [math.prod(getattr(p, "_original_shape", p.shape)) for p in params]}
         # live state tensors: copied to CPU later (before the next step at the latest)
         return self._defer(self.optimizer.state_dict(),
                            lambda st: {**meta, "optimizer": self._staging.stage("optimizer", st)})
@@ -313,15 +372,10 @@ class BMTrainEngine(Engine):
     def write_optimizer(self, snapshot: Snapshot, directory: str | Path) -> None:
         from fm.io import atomic_torch_save
 
-        snapshot = snapshot.get()
-        if not snapshot:
-            return
+        state = snapshot.get()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if snapshot["format"] == "gathered":
-            atomic_torch_save(snapshot, directory / GATHERED_FILE)
-        else:
-            atomic_torch_save(snapshot, directory / RANK_FILE.format(rank=self.rank, world=self.world_size))
+        atomic_torch_save(state, directory / RANK_FILE.format(rank=self.rank, world=self.world_size))
 
     def save_optimizer(self, directory: str | Path) -> None:
         try:
@@ -331,29 +385,81 @@ class BMTrainEngine(Engine):
         self.barrier()
 
     def load_optimizer(self, directory: str | Path) -> None:
+        """This rank's state from a directory of per-rank files saved by any number of ranks."""
         assert self.optimizer is not None, "call build_optimizer() first"
         directory = Path(directory)
-        gathered = directory / GATHERED_FILE
         mine = directory / RANK_FILE.format(rank=self.rank, world=self.world_size)
-        if gathered.is_file():
-            path = gathered
-            if not isinstance(self.optimizer, self.bmt.optim.AdamOffloadOptimizer):  # only it slices whole state
-                raise ValueError(f"{gathered} is a gathered optimizer state: it loads with offload=True only")
-        elif mine.is_file():
-            path = mine
-        else:
-            saved = sorted(p.name for p in directory.glob("rank-*-of-*.pt")) if directory.is_dir() else []
-            raise FileNotFoundError(
-                f"no optimizer state for rank {self.rank} of {self.world_size} in {directory} (found {saved[:4]}): "
-                "bmtrain per-rank optimizer state resumes only with the same world size; resume with the saved "
-                "world size, or load the model only (only_load_model) and restart the optimizer"
-            )
         self.settle_snapshots()
-        snap = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        self.optimizer.load_state_dict(snap["optimizer"])
+        if mine.is_file():
+            snap = _load(mine)
+            state = snap["optimizer"]
+        else:
+            snaps = _saved_rank_files(directory, self.world_size)
+            snap = snaps[0]
+            state = reshard_optimizer_state(snaps, self._params())
+            log.info("optimizer state of %d ranks resharded to %d ranks from %s", len(snaps), self.world_size,
+                     directory)
+        self.optimizer.load_state_dict(state)
         self.optim_manager.loss_scale = snap["loss_scale"]
         self.optim_manager.loss_scale_enabled = snap["loss_scale_enabled"]
 
     def shutdown(self) -> None:
         # BMTrain 1.0.1 has no teardown call; its NCCL communicators live until the process exits.
         pass
+
+
+# ---------------------------------------------------------------------------------------- resharding
+def _load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def _saved_rank_files(directory: Path, world_size: int) -> list[dict[str, Any]]:
+    """Every rank file of a save by another world size (memory-mapped), in rank order."""
+    names = sorted(p.name for p in directory.glob("rank-*-of-*.pt")) if directory.is_dir() else []
+    worlds = {int(n.rsplit("-of-", 1)[1][:-3]) for n in names}
+    if len(worlds) != 1:
+        raise FileNotFoundError(f"no bmtrain optimizer state for rank files in {directory} (found {names[:4]}): "
+                                "resume with only_load_model (weights only) or resume_no_optimze")
+    saved = worlds.pop()
+    files = [directory / RANK_FILE.format(rank=r, world=saved) for r in range(saved)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: the optimizer state saved by {saved} ranks lacks {missing[:4]}; "
+                                f"this run has {world_size} ranks and needs all {saved} files to reshard")
+    return [_load(f) for f in files]
+
+
+def reshard_optimizer_state(snaps: list[dict[str, Any]], params: list[torch.Tensor]) -> dict[str, Any]:
+    """The optimizer state dict for this rank's slices, cut from the per-rank files of another world size."""
+    first = snaps[0]
+    numels = [math.prod(getattr(p, "_original_shape", p.shape)) for p in params]
+    if first["numels"] != numels:
+        raise ValueError(f"the saved optimizer state is for {len(first['numels'])} parameters of other sizes than this "
+                         f"model's {len(numels)}: resume with only_load_model (weights only)")
+    state: dict[int, dict[str, Any]] = {}
+    for i, p in enumerate(params):
+        start, end = local_range(p)
+        if end <= start:
+            continue
+        pieces: dict[str, list[torch.Tensor]] = {}
+        step = None
+        for snap in snaps:
+            s0, s1 = snap["ranges"][i]
+            lo, hi = max(start, s0), min(end, s1)
+            st = snap["optimizer"]["state"].get(i)
+            if hi <= lo or st is None:
+                continue
+            step = st["step"]
+            for key in ("exp_avg", "exp_avg_sq", "_param_fp32"):
+                if key in st:
+                    pieces.setdefault(key, []).append(st[key][lo - s0:hi - s0])
+        if step is None:
+            continue  # never stepped
+        entry: dict[str, Any] = {"step": step}
+        for key, parts in pieces.items():
+            entry[key] = torch.cat(parts)
+            if entry[key].numel() != end - start:
+                raise ValueError(f"optimizer state {key!r} of parameter {i} covers {entry[key].numel()} of the "
+                                 f"{end - start} elements this rank needs: the saved files are incomplete")
+        state[i] = entry
+    return {"state": state, "param_groups": first["optimizer"]["param_groups"], "is_whole": False}

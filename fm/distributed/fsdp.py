@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,9 @@ class FSDPEngine(Engine):
         if self._device.type == "cpu":
             log.warning("fsdp on CPU computes in fp32 (asked for %s)", dtype)
             return MixedPrecisionPolicy()
+        if dtype == torch.float16:
+            raise ValueError("engine fsdp does not scale the loss, and fp16 gradients underflow without it: use "
+                             "dtype bf16, or engine bmtrain (dynamic fp16 loss scaling)")
         return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
     def shard(
@@ -183,9 +186,9 @@ class FSDPEngine(Engine):
             with torch.device("meta"):
                 model = model()
         sd = load_full_state_dict(state_dict) if state_dict is not None else None
+        self._state_keys = set(model.state_dict())
         if sd is not None:
-            own = {k for k in model.state_dict()}
-            check_keys(own, set(sd), "shard(state_dict=...)")
+            check_keys(self._state_keys, set(sd), "shard(state_dict=...)")
         kw: dict[str, Any] = {"mesh": self.mesh, "mp_policy": self._mp_policy(dtype)}
         if self.cpu_offload:
             kw["offload_policy"] = CPUOffloadPolicy()
@@ -302,11 +305,24 @@ class FSDPEngine(Engine):
         # With one rank the "gathered" tensors can be the live parameters themselves.
         return sd, any(v.data_ptr() in live for v in sd.values())
 
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
+    def model_state_dict(self, keys: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+        if keys is not None:
+            return self._selected_parameters(keys)
         sd, aliased = self._full_state_dict()
         if not self.is_main:
             return {}
         return copy_tree(sd) if aliased else sd
+
+    def _selected_parameters(self, keys: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        """The chosen parameters only, each gathered on its own (every rank, in the same order)."""
+        assert self.model is not None, "call shard() first"
+        out = {}
+        for name, p in self.model.named_parameters():
+            if keys(name):
+                full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+                if self.is_main:
+                    out[name] = full.detach().to("cpu", copy=True)
+        return out
 
     def snapshot_model(self) -> Snapshot:
         sd, aliased = self._full_state_dict()
@@ -325,7 +341,7 @@ class FSDPEngine(Engine):
         sd = dict(load_full_state_dict(path_or_state))
         if strict:
             where = "load_model(dict)" if isinstance(path_or_state, Mapping) else f"load_model({path_or_state})"
-            check_keys(set(self.model.state_dict()), set(sd), where)
+            check_keys(self._state_keys, set(sd), where)
         set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True, strict=strict))
 
     def snapshot_optimizer(self) -> Snapshot:

@@ -227,27 +227,24 @@ def base_key(name: str) -> str:
     return canonical_name(name).replace(".base_layer.", ".")
 
 
-def _full_tensor(p: torch.Tensor) -> torch.Tensor:
-    """The whole parameter on every rank (collective for sharded ones)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(p, DTensor):
-        return p.full_tensor()
-    if hasattr(p, "_original_shape") and hasattr(p, "gather"):  # bmtrain DistributedParameter
-        return p.gather()
-    return p.detach()
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-format adapter state (fp32, CPU). Collective under an engine: every rank must call it."""
-    out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        if is_lora_name(name):
-            # a copy: with one rank the "full" tensor can be the live parameter (async saves write it later)
-            out[model_key_to_peft(name)] = _full_tensor(p).detach().to("cpu", torch.float32, copy=True).contiguous()
-    if not out:
+    """PEFT-format adapter state (fp32, CPU) of a plain (unsharded) model."""
+    return _peft_state({n: p.detach() for n, p in model.named_parameters() if is_lora_name(n)})
+
+
+def gather_adapter_state(engine: Engine) -> dict[str, torch.Tensor]:
+    """PEFT-format adapter state (fp32, CPU) of the engine's sharded model, gathered the way the engine
+    gathers the whole model (under bmtrain an adapter inside a ``bmt.Block`` exists whole only while its
+    block is gathered). Collective; ``{}`` on ranks other than 0."""
+    state = engine.model_state_dict(keys=is_lora_name)
+    return _peft_state(state) if engine.is_main else {}
+
+
+def _peft_state(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not named:
         raise LoraError("the model has no LoRA adapter parameters (was fm.train.lora.inject called?)")
-    return out
+    # a copy: the tensors can be the live parameters (async saves write them later)
+    return {model_key_to_peft(k): v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in named.items()}
 
 
 # ----------------------------------------------------------------------------- files
@@ -366,8 +363,7 @@ def load_base_weights(engine: Engine, path: str | Path) -> None:
     from fm.distributed.fsdp import check_keys
 
     sd = _read_state(path)
-    model = engine.model
-    own = [canonical_name(k) for k in model.state_dict()]
+    own = [canonical_name(k) for k in engine.state_dict_keys]  # names only: reading state_dict() would gather
     base_names = {base_key(k): k for k in own if not is_lora_name(k)}
     check_keys(set(base_names), set(sd), f"load_model({path})")
     mapped = {base_names[k]: v for k, v in sd.items()}
@@ -379,7 +375,7 @@ def load_base_weights(engine: Engine, path: str | Path) -> None:
 def load_adapter_into(engine: Engine, directory: str | Path) -> None:
     """Load a PEFT adapter directory (a LoRA checkpoint) into the engine's injected model."""
     _, state = load_adapter(directory)
-    own = {canonical_name(k) for k in engine.model.state_dict() if is_lora_name(k)}
+    own = {canonical_name(k) for k in engine.state_dict_keys if is_lora_name(k)}
     mapped = {peft_key_to_model(k): v for k, v in state.items()}
     from fm.distributed.fsdp import check_keys
 
@@ -397,7 +393,7 @@ def adapter_parts(engine: Engine, step: int, *, lora_config: Any, log_ckpt: dict
 
     from fm.train import checkpoint as ck
 
-    state = adapter_state_dict(engine.model)
+    state = gather_adapter_state(engine)
     base = (config or {}).get("load_model") or None
     parts = []
     if engine.is_main:

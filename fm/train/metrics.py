@@ -194,28 +194,31 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def inspect_stats(model: nn.Module, all_reduce, shapes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def inspect_stats(model: nn.Module, all_reduce, shapes: dict[str, Any] | None = None,
+                  to_host=None) -> list[dict[str, Any]]:
     """Per-parameter statistics over the FULL (all-ranks) tensor, from local shards + two all-reduces.
 
     ``all_reduce(tensor, op)`` is the engine's; ``shapes`` the full shapes by name (``Engine.param_shapes``).
-    Collective: every rank must call it."""
+    Everything stays on the parameters' device until the one copy of the two reduced tables to the host
+    (``to_host``, default ``Tensor.cpu``). Collective: every rank must call it."""
     shapes = shapes or {}
     rows, sums, maxes = [], [], []
     for name, p in model.named_parameters():
         x = _local(p.detach()).float()
         g = _local(p.grad.detach()).float() if p.grad is not None else None
-        sums.append(torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel())),
-                                 g.sum() if g is not None else torch.tensor(0.0),
-                                 (g * g).sum() if g is not None else torch.tensor(0.0)]).cpu())
-        maxes.append(torch.stack([x.abs().max() if x.numel() else torch.tensor(0.0),
-                                  g.abs().max() if g is not None and g.numel() else torch.tensor(0.0)]).cpu())
+        zero = x.new_zeros(())  # constants on the parameter's device: a CPU tensor cannot join a device stack
+        sums.append(torch.stack([x.sum(), (x * x).sum(), x.new_tensor(float(x.numel())),
+                                 g.sum() if g is not None else zero, (g * g).sum() if g is not None else zero]))
+        maxes.append(torch.stack([x.abs().max() if x.numel() else zero,
+                                  g.abs().max() if g is not None and g.numel() else zero]))
         rows.append({"name": name, "shape": tuple(shapes.get(name) or getattr(p, "_original_shape", None) or p.shape),
                      "has_grad": g is not None})
     if not rows:
         return []
-    S = all_reduce(torch.stack(sums), "sum")
-    M = all_reduce(torch.stack(maxes), "max")
-    for r, s, m in zip(rows, S.tolist(), M.tolist()):
+    to_host = to_host or (lambda t: t.cpu())
+    S = to_host(all_reduce(torch.stack(sums), "sum")).tolist()
+    M = to_host(all_reduce(torch.stack(maxes), "max")).tolist()
+    for r, s, m in zip(rows, S, M):
         n = max(1.0, s[2])
         mean = s[0] / n
         r["mean"] = mean

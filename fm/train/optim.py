@@ -9,6 +9,7 @@ norms and the (tied) embedding are decayed too; we keep that by default for pari
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -33,10 +34,13 @@ def _canonical(name: str) -> str:
 
 
 def mup_param_groups(model: nn.Module, *, weight_decay: float, scale_width: float | None = None,
-                     decay_norms_and_embeddings: bool = True, scaled_names: set[str] | None = None
-                     ) -> list[dict[str, Any]]:
+                     decay_norms_and_embeddings: bool = True, scaled_names: set[str] | None = None,
+                     shapes: Mapping[str, Sequence[int]] | None = None) -> list[dict[str, Any]]:
     """Param groups for ``Engine.build_optimizer``. ``scaled_names`` defaults to the registry's answer for
-    ``model`` (pass it explicitly when ``model`` is a sharded wrapper whose names gained prefixes)."""
+    ``model`` (pass it explicitly when ``model`` is a sharded wrapper whose names gained prefixes).
+
+    ``shapes``: the full shape of each parameter by name (``Engine.param_shapes``). Pass it for a sharded
+    model: a shard's own shape says nothing (BMTrain keeps every shard as a flat 1-D slice)."""
     if scale_width is None:
         scale_width = float(getattr(getattr(model, "config", None), "scale_width", 1.0) or 1.0)
     if scaled_names is None:
@@ -48,7 +52,8 @@ def mup_param_groups(model: nn.Module, *, weight_decay: float, scale_width: floa
             continue
         cname = _canonical(name)
         scale = 1.0 / scale_width if cname in scaled_names else 1.0
-        is_vector_or_emb = p.dim() < 2 or "embedding" in cname or "lm_head" in cname
+        ndim = len(shapes[name]) if shapes is not None and name in shapes else p.dim()
+        is_vector_or_emb = ndim < 2 or "embedding" in cname or "lm_head" in cname
         wd = weight_decay if (decay_norms_and_embeddings or not is_vector_or_emb) else 0.0
         groups.setdefault((scale, wd), []).append(p)
     return [{"params": ps, "lr_scale": s, "weight_decay": wd}

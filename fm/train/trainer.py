@@ -227,7 +227,7 @@ class Trainer:
         self.dtype = _dtype(cfg, e.device)
         self.model = e.shard(meta, dtype=self.dtype, activation_checkpointing=cfg.use_checkpoint)
         groups = mup_param_groups(self.model, weight_decay=cfg.weight_decay, scale_width=scale_width,
-                                  scaled_names=scaled)
+                                  scaled_names=scaled, shapes=e.param_shapes)
         self.optimizer = e.build_optimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=cfg.eps,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -419,6 +419,9 @@ class Trainer:
                                          float(self._stop_signal), float(num_tokens)], dtype=torch.float64),
                            task_sum, task_cnt])
         stats = e.all_reduce(stats, "sum")
+        # Under dynamic loss scaling (fp16) non-finite gradients are an overflow: the engine skips the update
+        # and lowers the scale, which is not a failure and does not count towards max_skipped_steps.
+        overflow = not math.isfinite(grad_norm) and e.scales_loss
         bad = stats[1].item() > 0 or not math.isfinite(grad_norm)
         self._stop_agreed = stats[2].item() > 0
         lr = self.scheduler.current_lr()
@@ -428,7 +431,10 @@ class Trainer:
                 log.info("parameter statistics at iteration %d:\n%s", self.iteration + 1, format_inspect_table(rows))
         if bad:
             self.skipped_total += 1
-            self.skipped_consecutive += 1
+            if overflow and stats[1].item() == 0:
+                e.optimizer_step()  # sees the overflow: skips the update, halves the loss scale
+            else:
+                self.skipped_consecutive += 1
         else:
             e.optimizer_step()
             self.scheduler.step()

@@ -95,6 +95,26 @@ def test_inspect_stats_match_torch():
     assert "0.weight" in table and "grad std" in table and len(table.splitlines()) == 2 + 4
 
 
+def test_inspect_stats_never_mix_host_tensors_into_device_work():
+    # On a GPU every shipped config ran inspect_stats at iteration 100, and torch.stack refused the CPU
+    # constants beside the device statistics. The meta device stands in for the accelerator.
+    with torch.device("meta"):
+        m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    for p in m.parameters():
+        p.grad = torch.empty_like(p)
+    m[1].bias.grad = None  # a parameter without a gradient takes the constant path
+    seen = []
+
+    def all_reduce(t, op):
+        seen.append((t.device.type, op))
+        return t
+
+    rows = inspect_stats(m, all_reduce, to_host=lambda t: torch.ones(t.shape))
+    assert seen == [("meta", "sum"), ("meta", "max")]
+    assert [r["name"] for r in rows] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert rows[3]["has_grad"] is False and rows[0]["max_abs"] == 1.0
+
+
 def test_metrics_cli(tmp_path):
     from fm.train.metrics import main
 

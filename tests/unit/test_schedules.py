@@ -98,3 +98,16 @@ def test_mup_groups():
     groups = mup_param_groups(m, weight_decay=0.1, scale_width=9.0, scaled_names={"proj.weight"},
                               decay_norms_and_embeddings=False)
     assert sorted(len(g["params"]) for g in groups if g["weight_decay"] == 0.0) == [2]
+
+
+def test_mup_groups_of_flat_shards_use_the_full_shapes():
+    # Under bmtrain every local shard is 1-D: the rule must read the full shapes (Engine.param_shapes).
+    m = _Tiny()
+    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    for mod, name in ((m.input_embedding, "weight"), (m.proj, "weight")):
+        flat = getattr(mod, name).detach().reshape(-1)[:3].clone()
+        setattr(mod, name, torch.nn.Parameter(flat))
+    groups = mup_param_groups(m, weight_decay=0.1, scale_width=9.0, scaled_names={"proj.weight"},
+                              decay_norms_and_embeddings=False, shapes=shapes)
+    decayed = [p for g in groups if g["weight_decay"] == 0.1 for p in g["params"]]
+    assert [p is m.proj.weight for p in decayed] == [True]  # the matrix, not the norm or the embedding
