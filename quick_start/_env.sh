@@ -11,12 +11,15 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   source "$fm_root/.venv/bin/activate"
 fi
 fm_stamp="$VIRTUAL_ENV/.fm-install-stamp"
-fm_want="$(cat "$fm_root/requirements.txt" "$fm_root/requirements-dev.txt" "$fm_root/setup.py" | sha256sum | cut -d' ' -f1)"
+fm_want="$(cat "$fm_root/requirements.txt" "$fm_root/requirements-dev.txt" "$fm_root/requirements-bmtrain.txt" \
+  "$fm_root/setup.py" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$fm_stamp" ] || [ "$(cat "$fm_stamp")" != "$fm_want" ] || ! python -c "import fm" 2>/dev/null; then
   echo "[fm] installing requirements into $VIRTUAL_ENV (once)" >&2
   # torch first and pinned, so nothing pulls a CUDA build of a newer torch.
   python -m pip install -q "$(grep '^torch==' "$fm_root/requirements.txt")"
   python -m pip install -q -r "$fm_root/requirements.txt" -r "$fm_root/requirements-dev.txt"
+  # Without its dependencies: bmtrain's nvidia-nccl-cu11 would overwrite the NCCL of a CUDA 12 torch.
+  python -m pip install -q --no-deps -r "$fm_root/requirements-bmtrain.txt"
   python -m pip install -q --no-deps -e "$fm_root"
   echo "$fm_want" > "$fm_stamp"
 fi
