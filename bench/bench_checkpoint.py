@@ -58,8 +58,7 @@ def one_model(engine, name: str, config, out: Path, repeats: int, seq: int) -> d
     ids = torch.randint(0, cfg.vocab_size, (1, seq))
 
     def train_step() -> None:
-        loss_sum, n = engine.loss(model(ids), ids)
-        engine.backward(loss_sum / n)
+        engine.backward(engine.loss(model(ids), ids).mean())
         engine.optimizer_step()  # waits for a deferred snapshot copy, if any is left
         engine.zero_grad()
 

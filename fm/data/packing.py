@@ -248,6 +248,7 @@ class PackedBatchBuilder:
             "max_seqlen": max(segs),
             "lengths": np.asarray(lengths, dtype=np.int64),
             "num_tokens": int(sum(lengths)),
+            "num_targets": int(np.count_nonzero(targets != IGNORE_INDEX)),  # a host number: no device sync to count
             "task_names": list(self.task_names),
             "indexes": indexes,
         }

@@ -14,10 +14,10 @@ Typical use (the trainer's view)::
     opt = engine.build_optimizer(param_groups(model), lr=1e-2, eps=1e-8, weight_decay=0.1)
     for micro in batches:                              # grad accumulation: several backward per step
         logits = model(micro["inputs"], micro["position_ids"], micro["cu_seqlens"], micro["max_seqlen"])
-        loss_sum, count = engine.loss(logits, micro["targets"])
-        engine.backward(loss_sum / global_token_count)  # count all-reduced by the trainer beforehand
-    norm = engine.clip_grad_norm(1.0)
-    if math.isfinite(norm):
+        per_token = engine.loss(logits, micro["targets"])   # [N] fp32, 0 where the target is -100
+        engine.backward(per_token.sum() / global_token_count)  # count all-reduced by the trainer beforehand
+    norm = engine.clip_grad_norm(1.0)                  # a 0-dim device tensor: no host sync
+    if math.isfinite(norm.item()):                     # (the trainer reads it with its other step sums)
         engine.optimizer_step()
     engine.zero_grad()
 
@@ -143,11 +143,12 @@ class Engine(abc.ABC):
         """
 
     @abc.abstractmethod
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token cross-entropy: ``(loss_sum, token_count)`` over this rank's targets != -100.
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy ``[B*S]`` in fp32, 0 where the target is -100 (ignored).
 
-        ``logits`` [B, S, V] (any float dtype; computed in fp32), ``targets`` [B, S]. Both results
-        are 0-dim tensors on ``device``; ``loss_sum`` carries the graph. Local to this rank.
+        ``logits`` [B, S, V] (any float dtype), ``targets`` [B, S], both on ``device``. The result carries
+        the graph; its sum is this rank's loss sum, and slices of it give per-task sums without a second
+        pass over the logits. Local to this rank; no host sync.
         """
 
     @abc.abstractmethod
@@ -155,10 +156,11 @@ class Engine(abc.ABC):
         """Backpropagate (applies the loss scale when fp16 is used). Gradients accumulate and are summed over ranks."""
 
     @abc.abstractmethod
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip to ``max_norm`` and return the global L2 norm before clipping (inf/nan returned as is).
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip to ``max_norm`` and return the global L2 norm before clipping, a 0-dim fp32 tensor on ``device``.
 
-        ``max_norm <= 0`` only measures. Every rank returns the same value.
+        Computed and applied on the device (no host sync). A non-finite norm is returned as is and leaves the
+        gradients unscaled; ``max_norm <= 0`` only measures. Every rank returns the same value.
         """
 
     @abc.abstractmethod

@@ -35,7 +35,14 @@ import torch
 from torch import nn
 
 from fm.distributed.base import Engine, ModelOrFactory, ReduceOp, Snapshot, StagingBuffers
-from fm.distributed.fsdp import _group, cast_parameters, check_keys, load_full_state_dict, materialise
+from fm.distributed.fsdp import (
+    _group,
+    cast_parameters,
+    check_keys,
+    clip_coefficient,
+    load_full_state_dict,
+    materialise,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +153,7 @@ class BMTrainEngine(Engine):
         # sets the CUDA device, pins each local rank to its share of the CPU cores and seeds torch/random/numpy.
         bmt.init_distributed(seed=self.seed)
         self._device = torch.device("cpu") if cpu else torch.device("cuda", self.local_rank)
-        self._ce = bmt.loss.FusedCrossEntropy(ignore_index=-100, reduction="sum")
+        self._ce = bmt.loss.FusedCrossEntropy(ignore_index=-100, reduction="none")
 
     @property
     def rank(self) -> int:
@@ -240,10 +247,8 @@ class BMTrainEngine(Engine):
         self.optim_manager.add_optimizer(self.optimizer)
         return self.optimizer
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = targets.reshape(-1).to(logits.device)
-        loss_sum = self._ce(logits.reshape(-1, logits.shape[-1]), flat).float()
-        return loss_sum, (flat != -100).sum()
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self._ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).float()
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.optim_manager is None:
@@ -251,12 +256,21 @@ class BMTrainEngine(Engine):
         else:
             self.optim_manager.backward(loss)
 
-    def clip_grad_norm(self, max_norm: float) -> float:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """``OptimManager.clip_grad_norm``'s math (the norm of the loss-scaled gradients over every rank's slices,
+        ``coef = max_norm·scale / (norm + 1e-6)``), applied on the device: BMTrain's own version tests
+        ``coef < 1`` on the host, a sync per step."""
         assert self.optimizer is not None, "call build_optimizer() first"
-        # bmt clips whenever max_norm/(norm+eps) < 1, so max_norm <= 0 would zero the grads: measure only.
-        limit = max_norm if max_norm > 0 else float("inf")
-        norm = self.optim_manager.clip_grad_norm(self.optimizer.param_groups, limit, norm_type=2)
-        return float(norm)
+        bmt, scale = self.bmt, self.optim_manager.loss_scale
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        total = torch.zeros(1, dtype=torch.float32, device=self.device)
+        if grads:
+            total += torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square().sum()
+        bmt.nccl.allReduce(total.storage(), total.storage(), "sum", bmt.config["comm"])
+        norm = total[0].sqrt()
+        if max_norm > 0 and grads:
+            torch._foreach_mul_(grads, clip_coefficient(norm, max_norm * scale))
+        return norm / scale
 
     @property
     def scales_loss(self) -> bool:
@@ -336,6 +350,7 @@ class BMTrainEngine(Engine):
             part = save_to_rank0(block, prefix=f"encoder.layers.{i}.")
             if self.is_main:
                 out.update({k: _own_copy(v) for k, v in part.items() if keep(k)})
+            del part  # else two gathered layers are alive while the next one is gathered
         return out
 
     def load_model(self, path_or_state: str | Path | Mapping[str, torch.Tensor], strict: bool = True) -> None:
@@ -358,8 +373,9 @@ class BMTrainEngine(Engine):
         self._sync()
         om = self.optim_manager
         params = self._params()
-        meta = {"format": "per_rank", "world_size": self.world_size, "rank": self.rank,
+        meta = {"format": "per_rank", "world_size": self.world_size, "rank": self.rank, **self._optimizer_kind(),
                 "loss_scale": om.loss_scale, "loss_scale_enabled": om.loss_scale_enabled,
+                "steps_since_last_scale": om.steps_since_last_scale,
                 "ranges": [list(local_range(p)) for p in params],
                 "numels": [math.prod(getattr(p, "_original_shape", p.shape)) for p in params]}
         # live state tensors: copied to CPU later (before the next step at the latest)
@@ -390,18 +406,31 @@ class BMTrainEngine(Engine):
         directory = Path(directory)
         mine = directory / RANK_FILE.format(rank=self.rank, world=self.world_size)
         self.settle_snapshots()
+        params = self._params()
         if mine.is_file():
             snap = _load(mine)
+            _check_saved_state(snap, self._optimizer_kind(), params, mine)
+            if snap["ranges"] != [list(local_range(p)) for p in params]:
+                raise ValueError(f"{mine}: the saved slices differ from this rank's: the model changed since the save; "
+                                 "resume with only_load_model (weights only)")
             state = snap["optimizer"]
         else:
             snaps = _saved_rank_files(directory, self.world_size)
             snap = snaps[0]
-            state = reshard_optimizer_state(snaps, self._params())
+            _check_saved_state(snap, self._optimizer_kind(), params, directory)
+            state = reshard_optimizer_state(snaps, params)
             log.info("optimizer state of %d ranks resharded to %d ranks from %s", len(snaps), self.world_size,
                      directory)
         self.optimizer.load_state_dict(state)
-        self.optim_manager.loss_scale = snap["loss_scale"]
-        self.optim_manager.loss_scale_enabled = snap["loss_scale_enabled"]
+        om = self.optim_manager
+        om.loss_scale, om.loss_scale_enabled = snap["loss_scale"], snap["loss_scale_enabled"]
+        om.steps_since_last_scale = snap.get("steps_since_last_scale", 0)
+
+    def _optimizer_kind(self) -> dict[str, Any]:
+        """What the saved state's layout depends on: fp16 moments carry the loss scale, the offload optimizer
+        keeps fp32 copies on the host, and fp32 groups carry the engine's decoupled weight decay."""
+        return {"dtype": str(self._dtype).removeprefix("torch."),
+                "offload": bool(getattr(self.optimizer, "_fm_offload", False))}
 
     def shutdown(self) -> None:
         # BMTrain 1.0.1 has no teardown call; its NCCL communicators live until the process exits.
@@ -429,13 +458,23 @@ def _saved_rank_files(directory: Path, world_size: int) -> list[dict[str, Any]]:
     return [_load(f) for f in files]
 
 
+def _check_saved_state(snap: dict[str, Any], kind: dict[str, Any], params: list[torch.Tensor], where: Path) -> None:
+    """Refuse optimizer state whose layout or numbers mean something else in this run (nothing would fail:
+    the moments would just be wrong)."""
+    saved = {k: snap.get(k) for k in kind}
+    if saved != kind:
+        raise ValueError(f"{where}: the optimizer state was saved with {saved}, this run uses {kind}; the moments "
+                         "do not carry over between dtypes or offload settings: resume with resume_no_optimze "
+                         "(fresh optimizer, lr re-warm) or only_load_model")
+    numels = [math.prod(getattr(p, "_original_shape", p.shape)) for p in params]
+    if snap["numels"] != numels:
+        raise ValueError(f"{where}: the saved optimizer state is for {len(snap['numels'])} parameters of other sizes "
+                         f"than this model's {len(numels)}: resume with only_load_model (weights only)")
+
+
 def reshard_optimizer_state(snaps: list[dict[str, Any]], params: list[torch.Tensor]) -> dict[str, Any]:
     """The optimizer state dict for this rank's slices, cut from the per-rank files of another world size."""
     first = snaps[0]
-    numels = [math.prod(getattr(p, "_original_shape", p.shape)) for p in params]
-    if first["numels"] != numels:
-        raise ValueError(f"the saved optimizer state is for {len(first['numels'])} parameters of other sizes than this "
-                         f"model's {len(numels)}: resume with only_load_model (weights only)")
     state: dict[int, dict[str, Any]] = {}
     for i, p in enumerate(params):
         start, end = local_range(p)

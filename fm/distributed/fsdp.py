@@ -232,11 +232,9 @@ class FSDPEngine(Engine):
                                            foreach=True)
         return self.optimizer
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = targets.reshape(-1).to(logits.device)
-        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=-100,
-                                   reduction="sum")
-        return loss_sum, (flat != -100).sum()
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
+                               reduction="none")
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -246,20 +244,17 @@ class FSDPEngine(Engine):
         params = [p for p in self.model.parameters() if p.grad is not None]
         return params, [p.grad for p in params]  # type: ignore[misc]
 
-    def clip_grad_norm(self, max_norm: float) -> float:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         _, grads = self._grads()
         if not grads:
-            return 0.0
-        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True)
+            return torch.zeros((), device=self._device)
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=None)
         if isinstance(total, DTensor):
             total = total.full_tensor()  # sums squares over shards: the global norm
-        norm = float(total)
         if max_norm > 0:
-            coef = max_norm / (norm + 1e-6)
-            if coef < 1.0:  # nan/inf fail the comparison: grads stay as they are, the trainer skips the step
-                for g in grads:
-                    g.mul_(coef)
-        return norm
+            torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], clip_coefficient(
+                total, max_norm))
+        return total.float()
 
     def optimizer_step(self) -> None:
         assert self.optimizer is not None, "call build_optimizer() first"
@@ -376,6 +371,13 @@ class FSDPEngine(Engine):
                 self._ckpt_group = None
             dist.destroy_process_group()
         self._owns_pg = False
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+    """``min(1, max_norm / (norm + eps))`` on the device; 1 when the norm is not finite (the gradients stay as
+    they are: the trainer skips such a step, and under loss scaling the engine sees the overflow)."""
+    coef = torch.clamp(max_norm / (norm.float() + eps), max=1.0)
+    return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
 
 
 def _group(g: dict[str, Any], lr: float, weight_decay: float) -> dict[str, Any]:

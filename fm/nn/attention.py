@@ -15,6 +15,8 @@ loader's padding tail is its own segment), so the per-row mask is exact.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
 
 DRAGONFLY_NAMES = ("project_q", "project_k", "project_v", "attention_out")
+log = logging.getLogger(__name__)
 
 
 def flash_available(t: torch.Tensor) -> bool:
@@ -40,17 +43,29 @@ def flash_available(t: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def segment_ids(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
-    """Segment index of every token, ``[B, S]``; rejects samples that cross a row boundary."""
-    cu = cu_seqlens.to(torch.long)
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> None:
+    """Raise unless ``cu_seqlens`` starts at 0, ends at ``B*S`` and starts a segment at every row start.
+
+    Checked only when ``cu_seqlens`` is on the host (as the train loader hands it over): reading a device
+    copy would wait for the device."""
+    if cu_seqlens.device.type != "cpu":
+        return
+    cu = cu_seqlens.numpy()
     total = batch * seqlen
-    if int(cu[-1]) != total or int(cu[0]) != 0:
-        raise ValueError(f"cu_seqlens must start at 0 and end at B*S={total}, got {cu[0].item()}..{cu[-1].item()}")
-    idx = torch.arange(total, device=cu.device)
-    seg = torch.searchsorted(cu[1:], idx, right=True).view(batch, seqlen)
-    if batch > 1 and bool((seg[1:, 0] == seg[:-1, -1]).any()):
+    if cu.size == 0 or cu[-1] != total or cu[0] != 0:
+        got = f"{cu[0]}..{cu[-1]}" if cu.size else "nothing"
+        raise ValueError(f"cu_seqlens must start at 0 and end at B*S={total}, got {got}")
+    if not set(range(0, total, seqlen)) <= set(cu.tolist()):
         raise ValueError("cu_seqlens: a sample crosses a row boundary; every row must start a new segment")
-    return seg
+
+
+def segment_ids(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Segment index of every token, ``[B, S]``, on ``cu_seqlens``' device; rejects samples that cross a row
+    boundary (when ``cu_seqlens`` is on the host, see :func:`check_cu_seqlens`)."""
+    check_cu_seqlens(cu_seqlens, batch, seqlen)
+    cu = cu_seqlens.to(torch.long)
+    idx = torch.arange(batch * seqlen, device=cu.device)
+    return torch.searchsorted(cu[1:], idx, right=True).view(batch, seqlen)
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
@@ -97,21 +112,41 @@ def prepare_attention(
     a mask ``[B or 1, 1, S, S]`` (boolean "may attend", or additive 0/-inf in ``dtype`` when a
     dtype is given), or ``None`` meaning plain causal attention per row.
     """
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, batch, seqlen)  # on the host, before it moves
     if use_flash:
         if cu_seqlens is None:
             cu_seqlens = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * seqlen
             max_seqlen = seqlen
-        elif max_seqlen is None:
+        elif max_seqlen is None:  # the train loader passes it: computing it here would read the device
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        return None, cu_seqlens.to(device=device, dtype=torch.int32), int(max_seqlen)
+        return None, cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True), int(max_seqlen)
     if cu_seqlens is None and window is None:
         return None, None, None
-    segments = segment_ids(cu_seqlens.to(device), batch, seqlen) if cu_seqlens is not None else None
+    _warn_if_mask_is_large(batch if cu_seqlens is not None else 1, seqlen, device, dtype)
+    cu = cu_seqlens.to(device, non_blocking=True) if cu_seqlens is not None else None
+    segments = segment_ids(cu, batch, seqlen) if cu is not None else None
     allowed = causal_mask(seqlen, segments=segments, window=window, device=device)
     if dtype is None:
         return allowed, None, None
     # additive form, built once per forward: SDPA would otherwise convert a boolean mask in every layer
     return torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(~allowed, float("-inf")), None, None
+
+
+MASK_WARN_BYTES = 256 * 1024**2
+_warned: set[tuple[int, int]] = set()
+
+
+def _warn_if_mask_is_large(rows: int, seqlen: int, device: torch.device, dtype: torch.dtype | None) -> None:
+    """SDPA needs a materialised ``[B, 1, S, S]`` mask for packed or windowed attention (2 GiB per bf16 row at
+    32k tokens); flash-attn needs none. Say so once per shape on a GPU, where it is avoidable."""
+    size = rows * seqlen * seqlen * (torch.empty((), dtype=dtype).element_size() if dtype is not None else 1)
+    if device.type != "cuda" or size < MASK_WARN_BYTES or (rows, seqlen) in _warned:
+        return
+    _warned.add((rows, seqlen))
+    log.warning("attention without flash-attn: SDPA with a %d x 1 x %d x %d mask (%.1f GiB per forward, and a "
+                "quadratic kernel); install flash-attn (requirements-gpu.txt) for varlen attention without a mask",
+                rows, seqlen, seqlen, size / 1024**3)
 
 
 def attention(

@@ -2,22 +2,30 @@
 
 One optimizer step ("iteration") = ``grad_accum`` micro-batches of ``batch_size`` packed rows per rank.
 The loss is normalised by the GLOBAL number of target tokens of the step (over micro-batches and
-ranks, all-reduced before the forward), so the update equals one big batch's mean token loss
-whatever the split; the engines sum gradients over ranks.
+ranks), so the update equals one big batch's mean token loss whatever the split; the engines sum
+gradients over ranks.
 
-Per step every rank agrees, through one all-reduce, on: the loss, whether any rank saw a non-finite
-loss (or the grad norm is non-finite), whether any rank got a stop signal (SIGTERM/SIGUSR1), and the
-per-task losses. A non-finite step is skipped everywhere (gradients dropped, schedule not advanced);
-``max_skipped_steps`` consecutive ones stop training with an error after saving the last good state.
+A step reads as::
+
+    sums = forward_backward(micro-batches)       # device work only: per-token losses, per-task sums
+    norm = engine.clip_grad_norm(clip_grad)      # on the device
+    take the next step's micro-batches           # host work while the device computes
+    agreed = agree(sums, norm, ...)              # ONE all-reduce and ONE copy to the host (fm.train.step)
+    update(agreed)                               # apply or skip the optimizer step, advance the schedule
+    log(agreed)
+
+Through that agreement every rank learns the same things: the loss, whether any rank saw a non-finite
+loss (or the grad norm is non-finite), whether any rank got a stop signal (SIGTERM/SIGUSR1), the
+per-task losses, and the next step's global target count and whether every rank still has data. A
+non-finite step is skipped everywhere (gradients dropped, schedule not advanced); ``max_skipped_steps``
+consecutive ones stop training with an error after saving the last good state.
 
 Validation (``eval_interval`` > 0): the fixed batches of ``eval_dataset_config`` (built once, see
 ``fm.eval.validation``) are evaluated every ``eval_interval`` steps and once more at the end of training
 (``train_iters`` reached, or the data ran out), not after a stop signal or the non-finite limit.
 
-Test hook (read only here): ``FM_TEST_NAN_STEPS="rank:iter,rank:iter"`` turns the loss of the given
-rank at the given (1-based) iteration into NaN before the backward. ``FM_TEST_DIE_AFTER=iter`` kills
-the process with SIGKILL right after that iteration (to test resume after a crash).
-``FM_TEST_RECORD_INDEXES=DIR`` appends each step's batch ``indexes`` to ``DIR/rank-<r>.jsonl``.
+Fault injection for tests: a :class:`fm.train.hooks.FaultHooks` object (``run`` builds it from the
+``FM_TEST_*`` variables once).
 """
 
 from __future__ import annotations
@@ -26,9 +34,9 @@ import functools
 import json
 import logging
 import math
-import os
 import signal
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,7 @@ import torch
 
 from fm.train import checkpoint as ckpt_lib
 from fm.train.config import TrainConfig, log_no_ops
+from fm.train.hooks import FaultHooks
 from fm.train.metrics import (
     MetricsWriter,
     count_non_embedding_params,
@@ -47,6 +56,7 @@ from fm.train.metrics import (
 )
 from fm.train.optim import mup_param_groups
 from fm.train.schedules import build_scheduler
+from fm.train.step import Agreement, StepSums, agree, host_counts, micro_to_device, to_host
 
 log = logging.getLogger("fm.train")
 
@@ -73,16 +83,6 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     if p.is_file():
         return p
     return ckpt_lib.resolve_checkpoint(run_dir(cfg), spec)
-
-
-def _nan_steps(rank: int) -> set[int]:
-    spec = os.environ.get("FM_TEST_NAN_STEPS", "").strip()
-    out = set()
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        r, _, it = item.partition(":")
-        if int(r) == rank:
-            out.add(int(it))
-    return out
 
 
 def _resolve_model_config(name: str) -> str:
@@ -114,27 +114,54 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("fm").setLevel(level)
 
 
+@dataclass
+class TrainerState:
+    """The trainer's resumable counters; a checkpoint's ``.log_ckpt`` holds them (upstream key names)."""
+
+    iteration: int = 0  # optimizer steps attempted (taken + skipped)
+    skipped_total: int = 0
+    consumed_tokens: int = 0  # non-padding tokens consumed, all ranks
+    task_tokens: dict[str, int] = field(default_factory=dict)  # target tokens per task, all ranks
+
+
 # --------------------------------------------------------------------------------------- trainer
 class Trainer:
-    def __init__(self, cfg: TrainConfig, engine=None):
+    """Builds a run from its config (:meth:`setup`) and trains it (:meth:`train`). ``engine``: an initialised
+    engine to use instead of building one; ``hooks``: fault injection for tests."""
+
+    def __init__(self, cfg: TrainConfig, engine=None, hooks: FaultHooks | None = None):
         self.cfg = cfg
         self.engine = engine
-        self.iteration = 0  # optimizer steps attempted (taken + skipped)
-        self.skipped_total = 0
+        self.hooks = hooks or FaultHooks()
+        self.state = TrainerState()
         self.skipped_consecutive = 0
-        self.tokens_total = 0  # non-padding tokens consumed, all ranks
-        self.task_tokens: dict[str, int] = {}
+        self.to_host = to_host  # the step's one device-to-host copy (tests with a stand-in device replace it)
         self._stop_signal = 0
         self.ckpt: ckpt_lib.CheckpointManager | None = None
         self._last_saved = -1
         self.loader_state: dict | None = None  # this rank's loader state after the last finished step
-        self._record = None  # test hook FM_TEST_RECORD_INDEXES
         self.model = None
         self.loader = None
         self.metrics: MetricsWriter | None = None
         self.val_batches: list[dict] = []  # fixed validation batches of this rank (same count on every rank)
         self.val_tasks: list[str] = []
         self._last_eval = -1  # iteration of the last validation
+        self._batches: Any = None  # the loader's iterator
+        self._micros: list[dict] = []  # the next step's micro-batches (taken during the previous step)
+        self._agreed: Agreement | None = None  # the last agreement: the next step's target count, data left
+
+    # ------------------------------------------------------------------ resumable state
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self.state)
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.state = TrainerState(iteration=int(d["iteration"]), skipped_total=int(d.get("skipped_total", 0)),
+                                  consumed_tokens=int(d.get("consumed_tokens", 0)),
+                                  task_tokens={k: int(v) for k, v in d.get("task_tokens", {}).items()})
+
+    @property
+    def iteration(self) -> int:
+        return self.state.iteration
 
     # ------------------------------------------------------------------ build
     def setup_engine(self) -> None:
@@ -252,7 +279,11 @@ class Trainer:
             self.metrics.log_text("config", "```\n" + cfg.dumps() + "\n```", 0)
 
     def setup(self) -> None:
+        """Everything a run needs, in order; with ``only_run_dataloader`` just the engine and the loader."""
         self.setup_engine()
+        if self.cfg.only_run_dataloader:
+            self.build_loader()
+            return
         self.build_model()
         self.build_loader()
         self.build_validation()
@@ -293,11 +324,7 @@ class Trainer:
         elif e.is_main:
             log.warning("data loader state not restored (load_dataloader_ckpt=%s, %s exists: %s): data starts "
                         "from the beginning", cfg.load_dataloader_ckpt, data_file, data_file.is_file())
-        st = ckpt_lib.read_log_ckpt(ckpt)
-        self.iteration = int(st["iteration"])
-        self.skipped_total = int(st.get("skipped_total", 0))
-        self.tokens_total = int(st.get("consumed_tokens", 0))
-        self.task_tokens = dict(st.get("task_tokens", {}))
+        self.load_state_dict(ckpt_lib.read_log_ckpt(ckpt))
         self.scheduler.load_state_dict(torch.load(ckpt / ckpt_lib.SCHEDULER_FILE, weights_only=False))
         if cfg.resume_no_optimze > 0:
             log.info("resume_no_optimze=%d: optimizer state not loaded; lr re-warms over %d steps",
@@ -311,7 +338,7 @@ class Trainer:
             ckpt_lib.set_rng_state(torch.load(rng, weights_only=False))
         self._last_saved = self.iteration
         log.info("resumed at iteration %d (%d optimizer steps taken, %d skipped)",
-                 self.iteration, self.scheduler.num_iters, self.skipped_total)
+                 self.iteration, self.scheduler.num_iters, self.state.skipped_total)
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(self, reason: str = "save_iters") -> Path:
@@ -329,9 +356,8 @@ class Trainer:
             from fm.data.loader import merge_states
 
             merged = merge_states(loader_states)
-        log_ckpt = {"iteration": step, "consumed_tokens": self.tokens_total, "task_tokens": self.task_tokens,
-                    "skipped_total": self.skipped_total, "optimizer_steps": self.scheduler.num_iters,
-                    "world_size": e.world_size, "reason": reason, "time": time.time()}
+        log_ckpt = {**self.state_dict(), "optimizer_steps": self.scheduler.num_iters, "world_size": e.world_size,
+                    "reason": reason, "time": time.time()}
         tok = Path(cfg.tokenizer_path)
         make_parts = ckpt_lib.standard_parts
         if cfg.lora:  # adapter files instead of the full model
@@ -360,169 +386,141 @@ class Trainer:
             signal.signal(sig, self._on_signal)
 
     # ------------------------------------------------------------------ step
-    def _next_micro_batches(self, it) -> list[dict] | None:
+    def _take(self) -> list[dict]:
+        """The next step's ``grad_accum`` micro-batches, or ``[]`` when this rank's data ended."""
+        if self._batches is None:  # run_step: the caller brings the batches
+            return []
         out = []
         for _ in range(self.cfg.grad_accum):
             try:
-                out.append(next(it))
+                out.append(next(self._batches))
             except StopIteration:
-                return None
+                return []
         return out
 
-    def _to_device(self, b: dict) -> dict:
-        dev = self.engine.device
-        return {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-
-    def train_step(self, micros: list[dict] | None, nan_steps: set[int]) -> dict[str, Any] | None:
-        """One optimizer step. Returns the step stats, or None when some rank ran out of data."""
-        e, cfg = self.engine, self.cfg
-        t0 = time.perf_counter()
-        tasks = self.loader.task_names
-        T = len(tasks)
-        local_tokens = sum(int((m["targets"] != -100).sum()) for m in micros) if micros else 0
-        head = e.all_reduce(torch.tensor([float(local_tokens), 0.0 if micros else 1.0]), "sum")
-        if head[1].item() > 0:
-            return None
-        total_targets = max(1.0, head[0].item())
-        loss_sum_local = torch.zeros((), dtype=torch.float64)
-        task_sum = torch.zeros(T, dtype=torch.float64)
-        task_cnt = torch.zeros(T, dtype=torch.float64)
-        num_tokens = 0
-        poison = (self.iteration + 1) in nan_steps
+    def forward_backward(self, micros: list[dict], total_targets: int) -> StepSums:
+        """Forward and backward of a step's micro-batches, the loss divided by the step's global target count.
+        Device work only: the sums it returns stay on the device."""
+        e = self.engine
+        sums = StepSums.zeros(len(self.loader.task_names), e.device)
+        poison = self.hooks.poisons(e.rank, self.iteration + 1)
         for m in micros:
-            m = self._to_device(m)
-            logits = self.model(m["inputs"], position_ids=m["position_ids"], cu_seqlens=m["cu_seqlens"],
+            d = micro_to_device(m, e.device)
+            logits = self.model(d["inputs"], position_ids=d["position_ids"], cu_seqlens=m["cu_seqlens"],
                                 max_seqlen=m["max_seqlen"])
-            per_tok = None
-            if e.name == "fsdp":
-                # Same math as FSDPEngine.loss (fp32 CE summed over targets != -100), kept per token so the
-                # per-task losses cost no second cross-entropy pass.
-                per_tok = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]).float(), m["targets"].reshape(-1), ignore_index=-100,
-                    reduction="none")
-                loss_sum = per_tok.sum()
-            else:
-                loss_sum, _ = e.loss(logits, m["targets"])
+            per_token = e.loss(logits, d["targets"])
             if poison:
-                loss_sum = loss_sum * float("nan")
-            e.backward(loss_sum / total_targets)
-            ls = loss_sum.detach().double().cpu()
-            loss_sum_local += ls
-            self._task_losses(logits, m, ls, task_sum, task_cnt, None if per_tok is None else per_tok.detach())
-            num_tokens += int(m["num_tokens"])
-            if self._record is not None:
-                self._record.write(json.dumps({"iter": self.iteration + 1, "indexes": m.get("indexes", {})}) + "\n")
-            del logits, loss_sum
-        grad_norm = e.clip_grad_norm(cfg.clip_grad)
-        bad_local = 0.0 if math.isfinite(loss_sum_local.item()) else 1.0
-        stats = torch.cat([torch.tensor([loss_sum_local.item() if bad_local == 0 else 0.0, bad_local,
-                                         float(self._stop_signal), float(num_tokens)], dtype=torch.float64),
-                           task_sum, task_cnt])
-        stats = e.all_reduce(stats, "sum")
-        # Under dynamic loss scaling (fp16) non-finite gradients are an overflow: the engine skips the update
-        # and lowers the scale, which is not a failure and does not count towards max_skipped_steps.
-        overflow = not math.isfinite(grad_norm) and e.scales_loss
-        bad = stats[1].item() > 0 or not math.isfinite(grad_norm)
-        self._stop_agreed = stats[2].item() > 0
-        lr = self.scheduler.current_lr()
-        if self.cfg.inspect_iters and (self.iteration + 1) % self.cfg.inspect_iters == 0:
-            rows = inspect_stats(self.model, e.all_reduce, e.param_shapes)
-            if e.is_main:
-                log.info("parameter statistics at iteration %d:\n%s", self.iteration + 1, format_inspect_table(rows))
-        if bad:
-            self.skipped_total += 1
-            if overflow and stats[1].item() == 0:
-                e.optimizer_step()  # sees the overflow: skips the update, halves the loss scale
-            else:
-                self.skipped_consecutive += 1
-        else:
+                per_token = per_token * float("nan")
+            e.backward(per_token.sum() / total_targets)
+            sums.add(per_token, d["targets"], d["task_ids"])
+            self.hooks.record(e.rank, self.iteration + 1, m)
+            del logits, per_token
+        return sums
+
+    def update(self, agreed: Agreement) -> bool:
+        """Apply the step, or skip it everywhere (non-finite loss or gradient norm on any rank). True when taken.
+
+        Under dynamic loss scaling (fp16) non-finite gradients with finite losses are an overflow: the engine
+        skips the update itself and lowers the scale; that is no failure and not counted towards
+        ``max_skipped_steps``."""
+        e = self.engine
+        overflow = not math.isfinite(agreed.grad_norm)
+        taken = not (agreed.nonfinite_loss or overflow)
+        if taken:
             e.optimizer_step()
             self.scheduler.step()
             self.skipped_consecutive = 0
+        else:
+            self.state.skipped_total += 1
+            if overflow and not agreed.nonfinite_loss and e.scales_loss:
+                e.optimizer_step()
+            else:
+                self.skipped_consecutive += 1
         e.zero_grad()
-        self.iteration += 1
-        step_tokens = int(stats[3].item())
-        self.tokens_total += step_tokens
+        return taken
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step on the micro-batches taken during the previous step; returns its logged stats."""
+        e, cfg = self.engine, self.cfg
+        t0 = time.perf_counter()
+        lr = self.scheduler.current_lr()
+        total_targets = max(1, self._agreed.next_targets)
+        micros = self._micros
+        sums = self.forward_backward(micros, total_targets)
+        grad_norm = e.clip_grad_norm(cfg.clip_grad)
+        last = self.iteration + 1 >= cfg.train_iters or self._batches is None
+        if self._batches is not None:
+            self.loader_state = self.loader.state_dict()  # the data position after this step's batches
+        self._micros = [] if last else self._take()
+        next_targets, _ = host_counts(self._micros)
+        agreed = agree(e, sums, grad_norm, stop=bool(self._stop_signal), tokens=host_counts(micros)[1],
+                       next_targets=next_targets, next_missing=not self._micros and not last, host=self.to_host)
+        self._agreed = agreed
+        if cfg.inspect_iters and (self.iteration + 1) % cfg.inspect_iters == 0:
+            rows = inspect_stats(self.model, e.all_reduce, e.param_shapes)
+            if e.is_main:
+                log.info("parameter statistics at iteration %d:\n%s", self.iteration + 1, format_inspect_table(rows))
+        taken = self.update(agreed)
+        self.state.iteration += 1
+        self.state.consumed_tokens += agreed.tokens
         task_loss = {}
-        for i, name in enumerate(tasks):
-            c = stats[4 + T + i].item()
-            if c > 0:
-                if not bad:
-                    task_loss[name] = stats[4 + i].item() / c
-                self.task_tokens[name] = self.task_tokens.get(name, 0) + int(c)
+        for name, loss_sum, count in zip(self.loader.task_names, agreed.task_loss_sum, agreed.task_targets):
+            if count > 0:
+                if not agreed.nonfinite_loss:
+                    task_loss[name] = loss_sum / count
+                self.state.task_tokens[name] = self.state.task_tokens.get(name, 0) + count
         dt = time.perf_counter() - t0
-        tps = step_tokens / dt if dt > 0 else 0.0
+        tps = agreed.tokens / dt if dt > 0 else 0.0
         return {
             "iter": self.iteration, "train_iters": cfg.train_iters,
-            "loss": stats[0].item() / total_targets if not bad else float("nan"),
-            "lr": lr, "grad_norm": grad_norm, "loss_scale": e.loss_scale, "skipped": bad,
-            "skipped_steps": self.skipped_total, "tokens": step_tokens, "target_tokens": int(total_targets),
-            "tokens_total": self.tokens_total, "tokens_per_sec": tps, "step_time": dt,
+            "loss": agreed.loss_sum / total_targets if not agreed.nonfinite_loss else float("nan"),
+            "lr": lr, "grad_norm": agreed.grad_norm, "loss_scale": e.loss_scale, "skipped": not taken,
+            "skipped_steps": self.state.skipped_total, "tokens": agreed.tokens, "target_tokens": total_targets,
+            "tokens_total": self.state.consumed_tokens, "tokens_per_sec": tps, "step_time": dt,
             "mfu": (tps * self.flops_per_token / (self.peak_flops * e.world_size)) if self.peak_flops else None,
             "memory": e.memory_stats(), "task_loss": task_loss, "world_size": e.world_size,
         }
 
-    @staticmethod
-    def _task_losses(logits: torch.Tensor, m: dict, loss_sum: torch.Tensor, task_sum: torch.Tensor,
-                     task_cnt: torch.Tensor, per_tok: torch.Tensor | None = None) -> None:
-        """Per-task loss sums: from the per-token losses when the loss kept them; free when the micro-batch
-        holds one task; otherwise a chunked no-grad cross-entropy (bmtrain's fused loss only gives the sum)."""
-        tgt, tid = m["targets"], m["task_ids"]
-        valid = tgt != -100
-        if per_tok is not None:
-            v = valid.reshape(-1)
-            k = tid.reshape(-1)[v].cpu()
-            task_sum.index_add_(0, k, per_tok[v].double().cpu())
-            task_cnt.index_add_(0, k, torch.ones(k.numel(), dtype=torch.float64))
-            return
-        ids = torch.unique(tid[valid]).tolist()
-        if not ids:
-            return
-        if len(ids) == 1:
-            task_sum[ids[0]] += loss_sum.item()
-            task_cnt[ids[0]] += int(valid.sum())
-            return
-        with torch.no_grad():
-            flat = logits.detach().reshape(-1, logits.shape[-1])
-            t, k = tgt.reshape(-1), tid.reshape(-1)
-            for s in range(0, flat.shape[0], 2048):
-                ce = torch.nn.functional.cross_entropy(flat[s:s + 2048].float(), t[s:s + 2048], ignore_index=-100,
-                                                       reduction="none")
-                kk = k[s:s + 2048]
-                v = t[s:s + 2048] != -100
-                task_sum.index_add_(0, kk[v].cpu(), ce[v].double().cpu())
-                task_cnt.index_add_(0, kk[v].cpu(), torch.ones(int(v.sum()), dtype=torch.float64))
+    def start(self) -> None:
+        """Take the first step's micro-batches and agree on them (one collective, before the first step)."""
+        self._batches = iter(self.loader)
+        if self.loader_state is None:
+            self.loader_state = self.loader.state_dict()
+        self._agree_on(self._take())
+
+    def run_step(self, micros: list[dict]) -> dict[str, Any]:
+        """One step on the given micro-batches instead of the loader's (tests, benchmarks). Collective."""
+        self._batches = None
+        self._agree_on(micros)
+        return self.train_step()
+
+    def _agree_on(self, micros: list[dict]) -> None:
+        e = self.engine
+        self._micros = micros
+        zeros = StepSums.zeros(len(self.loader.task_names), e.device)
+        self._agreed = agree(e, zeros, torch.zeros((), device=e.device), stop=False, tokens=0,
+                             next_targets=host_counts(micros)[0], next_missing=not micros, host=self.to_host)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> int:
-        cfg, e = self.cfg, self.engine
+        cfg = self.cfg
         self.install_signal_handlers()
-        nan_steps = _nan_steps(e.rank)
-        die_after = int(os.environ.get("FM_TEST_DIE_AFTER", "0") or 0)
-        if os.environ.get("FM_TEST_RECORD_INDEXES"):
-            rec = Path(os.environ["FM_TEST_RECORD_INDEXES"])
-            rec.mkdir(parents=True, exist_ok=True)
-            self._record = open(rec / f"rank-{e.rank}.jsonl", "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-        if self.loader_state is None:
-            self.loader_state = self.loader.state_dict()
-        it = iter(self.loader)
+        self.start()
         code = EXIT_OK
         data_ended = False
-        self._stop_agreed = False
+        stop = False
         while self.iteration < cfg.train_iters:
-            micros = self._next_micro_batches(it)
-            s = self.train_step(micros, nan_steps)
-            if s is None:
+            if self._agreed.next_missing:
                 reason = getattr(self.loader, "stop_reason", None) or "a rank's loader ended"
                 log.info("data exhausted at iteration %d: %s; ending training", self.iteration, reason)
                 data_ended = True
                 break
-            self.loader_state = self.loader.state_dict()
+            s = self.train_step()
             self.metrics.log_step(s)
-            if self._eval_due() and not self._stop_agreed:  # a stop signal wants the checkpoint now
+            stop = self._agreed.stop
+            if self._eval_due() and not stop:  # a stop signal wants the checkpoint now
                 self.validate()
-            if die_after and self.iteration == die_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            self.hooks.after_step(self.iteration)
             if self.skipped_consecutive and self.skipped_consecutive >= max(1, cfg.max_skipped_steps):
                 log.error("%d consecutive non-finite steps (max_skipped_steps=%d): stopping; the last good "
                           "weights are saved at iteration %d", self.skipped_consecutive, cfg.max_skipped_steps,
@@ -530,28 +528,31 @@ class Trainer:
                 self.save_checkpoint("non-finite")
                 code = EXIT_NONFINITE
                 break
-            if self._stop_agreed:
+            if stop:
                 log.info("stop signal received: saving at iteration %d and exiting", self.iteration)
                 self.save_checkpoint("signal")
                 break
             if cfg.save_iters and self.iteration % cfg.save_iters == 0:
                 self.save_checkpoint()
-        if code == EXIT_OK and self._last_saved != self.iteration and (cfg.save_iters or data_ended):
-            self.save_checkpoint("end of data" if data_ended else "end")
-        if code == EXIT_OK and not self._stop_agreed and self.val_batches and self._last_eval != self.iteration:
-            self.validate()  # end of training (data ran out, or resumed at train_iters): the final weights
-        self.wait_for_save()
-        e.barrier()
-        if self._record is not None:
-            self._record.close()
-        self.finish()
-        # Rank 0 has just rendered the loss curve: let the ranks tear down their gloo groups together (a rank
-        # that exits while a peer is still busy was seen to abort the peer's gloo threads).
-        e.barrier()
+        self._finish_training(code, data_ended, stop)
         if code == EXIT_NONFINITE:
             raise NonFiniteError(f"{self.skipped_consecutive} consecutive non-finite steps; checkpoint of the last "
                                  f"good weights at {run_dir(cfg) / str(self.iteration)}")
         return code
+
+    def _finish_training(self, code: int, data_ended: bool, stopped: bool) -> None:
+        cfg, e = self.cfg, self.engine
+        if code == EXIT_OK and self._last_saved != self.iteration and (cfg.save_iters or data_ended):
+            self.save_checkpoint("end of data" if data_ended else "end")
+        if code == EXIT_OK and not stopped and self.val_batches and self._last_eval != self.iteration:
+            self.validate()  # end of training (data ran out, or resumed at train_iters): the final weights
+        self.wait_for_save()
+        e.barrier()
+        self.hooks.close()
+        self.finish()
+        # Rank 0 has just rendered the loss curve: let the ranks tear down their gloo groups together (a rank
+        # that exits while a peer is still busy was seen to abort the peer's gloo threads).
+        e.barrier()
 
     def finish(self) -> None:
         if self.metrics is not None:
@@ -566,7 +567,7 @@ class Trainer:
     def run_dataloader_only(self) -> dict[str, float]:
         """``only_run_dataloader``: iterate the loader for ``train_iters × grad_accum`` batches, report speed."""
         e, cfg = self.engine, self.cfg
-        loader = self.build_loader()
+        loader = self.loader if self.loader is not None else self.build_loader()
         n = 0
         tokens = 0
         t0 = time.perf_counter()
@@ -586,23 +587,20 @@ class Trainer:
         return out
 
 
-def run(cfg: TrainConfig, engine=None) -> int:
+def run(cfg: TrainConfig, engine=None, hooks: FaultHooks | None = None) -> int:
     """Build everything from ``cfg`` and train; returns the process exit code (0, or 3 after the
-    non-finite limit — that case also raises ``NonFiniteError`` to the caller's log)."""
-    tr = Trainer(cfg, engine)
+    non-finite limit — that case also raises ``NonFiniteError`` to the caller's log). ``hooks`` default to
+    the ``FM_TEST_*`` fault injections of this process's environment (none in normal runs)."""
+    tr = Trainer(cfg, engine, hooks if hooks is not None else FaultHooks.from_env())
     # Before the setup, which takes minutes for a large model: slurm's early warning (SIGUSR1) or a SIGTERM
     # arriving then would otherwise kill the process (default action) instead of stopping at the first step.
     tr.install_signal_handlers()
-    tr.setup_engine()
     try:
+        tr.setup()
         if cfg.only_run_dataloader:
             tr.run_dataloader_only()
             return EXIT_OK
-        tr.build_model()
-        tr.build_loader()
-        tr.build_validation()
-        tr.setup_outputs()
-        tr.resume()
         return tr.train()
     finally:
-        tr.engine.shutdown()
+        if tr.engine is not None:
+            tr.engine.shutdown()

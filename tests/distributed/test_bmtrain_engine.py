@@ -157,6 +157,29 @@ def test_incomplete_optimizer_state_names_both_world_sizes(tmp_path):
     assert "saved by 3 ranks" in msg and "this run has 2 ranks" in msg and "rank-1-of-3.pt" in msg
 
 
+def _other_kind_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    _env(rank, world, port)
+    engine = _engine()
+    model = engine.shard(make_meta_model(), state_dict=Path(tmp) / "init.pt")
+    engine.build_optimizer(param_groups(model, engine.param_shapes), lr=LR)
+    engine_step(engine, model, rank_slice(make_batches(1, batch=4)[0], rank, world))
+    engine.save_optimizer(Path(tmp) / "optimizer")
+    engine.build_optimizer(param_groups(model, engine.param_shapes), lr=LR, offload=True)
+    try:
+        engine.load_optimizer(Path(tmp) / "optimizer")
+    except ValueError as exc:
+        (Path(tmp) / f"error-{rank}.txt").write_text(str(exc))
+    engine.barrier()
+
+
+def test_optimizer_state_of_another_kind_is_refused(tmp_path):
+    torch.manual_seed(0)
+    torch.save(TinyLM().state_dict(), tmp_path / "init.pt")
+    _spawn(_other_kind_worker, 2, str(tmp_path))
+    msg = (tmp_path / "error-1.txt").read_text()
+    assert "'offload': False" in msg and "'offload': True" in msg and "resume_no_optimze" in msg
+
+
 # ---------------------------------------------------------------------------------------- fp16
 def _fp16_worker(rank: int, world: int, port: int, tmp: str) -> None:
     _env(rank, world, port)
@@ -167,8 +190,8 @@ def _fp16_worker(rank: int, world: int, port: int, tmp: str) -> None:
     for b in make_batches(8, batch=4):
         before = engine.model_state_dict()
         b = rank_slice(b, rank, world)
-        loss_sum, count = engine.loss(model(b["inputs"], b["position_ids"]), b["targets"])
-        engine.backward(loss_sum / engine.all_reduce(count))
+        per_token = engine.loss(model(b["inputs"], b["position_ids"]), b["targets"])
+        engine.backward(per_token.sum() / engine.all_reduce(float((b["targets"] != -100).sum())))
         engine.clip_grad_norm(1.0)
         engine.optimizer_step()
         engine.zero_grad()

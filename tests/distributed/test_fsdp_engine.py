@@ -166,10 +166,11 @@ def test_real_dragonfly_model_shards_layer_by_layer():
         engine.build_optimizer([{"params": list(model.parameters())}], lr=1e-3)
         out = model(ids, pos)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        loss_sum, n = engine.loss(out, ids)
-        engine.backward(loss_sum / n)
-        assert loss_sum.item() / n.item() == pytest.approx(ref_loss.item(), rel=1e-6)
-        assert engine.clip_grad_norm(0.0) == pytest.approx(ref_norm.item(), rel=1e-5)
+        per_token = engine.loss(out, ids)
+        engine.backward(per_token.mean())
+        assert per_token.shape == (ids.numel(),) and per_token.dtype == torch.float32
+        assert per_token.mean().item() == pytest.approx(ref_loss.item(), rel=1e-6)
+        assert engine.clip_grad_norm(0.0).item() == pytest.approx(ref_norm.item(), rel=1e-5)
         assert sorted(engine.model_state_dict()) == sorted(sd)
         assert registry.mup_scaled_param_names(model) == registry.mup_scaled_param_names(plain)
     finally:

@@ -108,14 +108,14 @@ def free_port() -> int:
 
 def engine_step(engine, model, batch) -> tuple[float, float]:
     logits = model(batch["inputs"], batch["position_ids"])
-    loss_sum, count = engine.loss(logits, batch["targets"])
-    total = engine.all_reduce(count)
-    engine.backward(loss_sum / total)
-    loss = engine.all_reduce(loss_sum.item()) / total
+    per_token = engine.loss(logits, batch["targets"])
+    total = engine.all_reduce(float((batch["targets"] != -100).sum()))
+    engine.backward(per_token.sum() / total)
+    loss = engine.all_reduce(per_token.sum().item()) / total
     norm = engine.clip_grad_norm(MAX_NORM)
     engine.optimizer_step()
     engine.zero_grad()
-    return float(loss), norm
+    return float(loss), float(norm)
 
 
 def reference_run(init_sd: dict, batches) -> tuple[list[tuple[float, float]], list[dict]]:

@@ -226,7 +226,7 @@ def test_rng_state_roundtrip():
 def test_fsdp_engine_standard_parts_async(tmp_path, tokenizer_path):
     """World-1 FSDP engine: the full upstream layout, written asynchronously, loads back."""
     from fm.distributed import build_engine
-    from tests.distributed.test_fsdp_engine import TinyLM, make_meta_model, param_groups
+    from tests.distributed.tinylm import TinyLM, make_meta_model, param_groups
 
     engine = build_engine("fsdp", seed=0)
     engine.init()
@@ -234,8 +234,7 @@ def test_fsdp_engine_standard_parts_async(tmp_path, tokenizer_path):
         model = engine.shard(make_meta_model())
         engine.build_optimizer(param_groups(model), lr=1e-3)
         logits = model(torch.randint(0, 64, (2, 8)))
-        loss, n = engine.loss(logits, torch.randint(0, 64, (2, 8)))
-        engine.backward(loss / n)
+        engine.backward(engine.loss(logits, torch.randint(0, 64, (2, 8))).mean())
         engine.optimizer_step()
         m = CheckpointManager(tmp_path / "run", async_save=True, comm=engine)
         before = engine.model_state_dict()

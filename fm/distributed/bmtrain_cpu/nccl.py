@@ -149,10 +149,10 @@ def _reduce(parts: list[torch.Tensor], op: str) -> torch.Tensor:
             acc = acc + p if acc.dtype != torch.bool else acc | p
         elif op == "prod":
             acc = acc * p if acc.dtype != torch.bool else acc & p
-        elif op == "max":
-            acc = torch.maximum(acc, p)
+        elif op == "max":  # NCCL's fmaxf/fminf: a NaN loses to a number
+            acc = torch.fmax(acc, p) if acc.is_floating_point() else torch.maximum(acc, p)
         elif op == "min":
-            acc = torch.minimum(acc, p)
+            acc = torch.fmin(acc, p) if acc.is_floating_point() else torch.minimum(acc, p)
     if op == "avg":
         acc = acc / len(parts)
     return acc.to(parts[0].dtype)

@@ -1,7 +1,8 @@
 """``bmtrain.optim._function`` on the CPU backend: BMTrain 1.0.1's Adam kernels as torch ops.
 
 Same signatures and argument checks as ``bmtrain/optim/_function.py``; each body computes what the
-kernel it replaces computes, element by element in fp32 and in the kernel's order of operations:
+kernel it replaces computes, element by element in fp32, in the order of operations of the kernel's
+plain (scalar) form:
 
 * ``adam_fp16`` / ``adam_bf16``: ``adam_fp32_accum`` / ``adam_fp32_accum_bf16`` of
   ``csrc/cuda/adam_cuda.cu`` (fp16 keeps ``m`` in fp16 and ``v`` pre-multiplied by the loss scale;
@@ -12,8 +13,8 @@ kernel it replaces computes, element by element in fp32 and in the kernel's orde
 * ``fp16_from_fp32`` / ``bf16_from_fp32``: the CPU casts of ``adam_cpu.hpp``.
 
 Weight decay is decoupled in every kernel: ``p -= lr * (m̂ / (√v̂ + eps)) + lr * wd * p``, with the
-decay applied to the parameter before the update.  (The kernels are compiled with FMA contraction on
-the GPU; fp32 results can differ from these in the last bit.)
+decay applied to the parameter before the update.  (nvcc contracts the GPU kernels into FMAs, and the
+offload kernel's AVX forms use FMAs too, so real fp32 results can differ from these in the last bit.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ CHECK_INPUT = lambda x: x.is_contiguous() and x.device.type == "cpu"  # noqa: E7
 def _f32(x: float) -> float:
     """A scalar as the kernel receives it (a C ``float``)."""
     return float(np.float32(x))
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    # sqrtf is correctly rounded; torch's fp32 sqrt on CPU is not always (1 ulp off for <1% of inputs).
+    # A double sqrt rounded to fp32 is correctly rounded.
+    return torch.sqrt(x.double()).float()
 
 
 def _f32_sub(a: float, b: float) -> float:
@@ -55,7 +62,7 @@ def _adam_update(p, m, v, g, beta1, beta2, eps, lr, weight_decay, bias_correctio
     b1, b2 = _f32(beta1), _f32(beta2)
     m_new = b1 * m + _f32_sub(1, beta1) * g
     v_new = b2 * v + _f32_sub(1, beta2) * g * g
-    step = _f32(lr) * m_new / _f32(bias_correction1) / (torch.sqrt(v_new / _f32(bias_correction2)) + _f32(eps))
+    step = _f32(lr) * m_new / _f32(bias_correction1) / (_sqrt(v_new / _f32(bias_correction2)) + _f32(eps))
     p_new = p - step - _f32_mul(lr, weight_decay) * p
     return p_new, m_new, v_new
 
@@ -93,7 +100,7 @@ def adam_cpu(param_fp32: torch.Tensor, param_fp16: torch.Tensor, delta_info: tor
     p_new, m_new, v_new = _adam_update(p, m_fp32, v_fp32, g, beta1, beta2, eps, lr, weight_decay,
                                        bias_correction1, bias_correction2)
     if delta_info is not None and n:
-        delta = (m_new / _f32(bias_correction1) / (torch.sqrt(v_new / _f32(bias_correction2)) + _f32(eps))
+        delta = (m_new / _f32(bias_correction1) / (_sqrt(v_new / _f32(bias_correction2)) + _f32(eps))
                  + _f32(weight_decay) * p)
         s, sq = delta.sum(), (delta * delta).sum()
         delta_info.copy_(torch.stack([s / n, sq / n - s * s / (n * n), s, sq]))
@@ -134,7 +141,7 @@ def adam_fp16(param_fp32: torch.Tensor, param_fp16: torch.Tensor, g_fp16: torch.
     m = _f32(beta1) * m_fp16.float() + _f32_sub(1, beta1) * g
     v = _f32(beta2) * v_fp32 + _f32_sub(1, beta2) * g * g / s
     p = param_fp32
-    step_ = _f32(lr) * m / _f32(bias_correction1) / (torch.sqrt(v * s / _f32(bias_correction2)) + _f32_mul(eps, s))
+    step_ = _f32(lr) * m / _f32(bias_correction1) / (_sqrt(v * s / _f32(bias_correction2)) + _f32_mul(eps, s))
     p_new = p - step_ - _f32_mul(lr, weight_decay) * p
     param_fp16.copy_(p_new.to(torch.float16))
     param_fp32.copy_(p_new)
