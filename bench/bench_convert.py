@@ -1,6 +1,7 @@
 """Converter throughput vs references measured in the same run (prints figures; no assertions).
 
     python bench/bench_convert.py [--mb 200] [--dir /tmp/fm_bench_convert] [--tokenizer-mb 20]
+    python bench/bench_convert.py --scaling 1,2,4,8 [--json out.json]    # many-core hosts: a scaling table
 
 Figures:
 * references: read+write copy of the file, msgspec decode of every line (MB/s);
@@ -148,6 +149,27 @@ def run_convert(src: str, out: str, workers: int, tokenizer: str | None = None, 
     convert(src, out, Options(language="en", workers=workers, tokenizer=tokenizer, progress=False, fsync=fsync))
 
 
+def scaling(src: str, out: str, size: float, workers: list[int], repeat: int, json_path: str | None) -> None:
+    """Best-of-``repeat`` throughput for each worker count and the speed-up over the first count."""
+    def clean() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+
+    rows = []
+    for w in workers:
+        t = best_of(repeat, lambda w=w: run_convert(src, out, w), clean)
+        rows.append({"workers": w, "seconds": t[0], "mb_per_s": size / t[0]})
+    for r in rows:
+        r["speedup"] = rows[0]["seconds"] / r["seconds"]
+        print(f"convert --workers {r['workers']:<3d} {r['mb_per_s']:8.1f} MB/s   speed-up vs {workers[0]}: "
+              f"{r['speedup']:.2f}x")
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump({"corpus_mb": size, "cpus": os.cpu_count(), "repeat": repeat, "rows": rows}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=200)
@@ -155,6 +177,8 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/fm_bench_convert")
     ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--scaling", help="only a scaling table over these worker counts, e.g. 1,2,4,8 (many-core hosts)")
+    ap.add_argument("--json", help="with --scaling: also write the table to this JSON file")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     src = os.path.join(args.dir, f"corpus_{args.mb:g}mb.jsonl")
@@ -162,6 +186,9 @@ def main() -> None:
     size = os.path.getsize(src) / 1e6
     out = os.path.join(args.dir, "out")
     print(f"corpus: {src} ({size:.0f} MB), cpus: {os.cpu_count()}")
+    if args.scaling:
+        scaling(src, out, size, [int(w) for w in args.scaling.split(",")], args.repeat, args.json)
+        return
 
     print(f"load average before: {os.getloadavg()}")
 
