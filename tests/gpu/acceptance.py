@@ -56,7 +56,7 @@ def part_env(args) -> dict:
         info["nvcc"] = version.splitlines()[-1] if version else "?"
     for mod in ("flash_attn", "bmtrain"):
         try:
-            info[mod] = __import__(mod).__version__ if mod == "flash_attn" else "importable"
+            info[mod] = getattr(__import__(mod), "__version__", "importable")
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             info[mod] = f"not importable: {type(exc).__name__}: {str(exc)[:120]}"
     return info

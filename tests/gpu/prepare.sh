@@ -31,6 +31,6 @@ index = urllib.request.urlopen(f"https://pypi.org/simple/{name}/").read().decode
 url = next(u for u in re.findall(r'href="([^"]+)"', index) if f"{name}-{version}.tar.gz" in u)
 Path(dest, f"{name}-{version}.tar.gz").write_bytes(urllib.request.urlopen(url.split("#")[0]).read())
 PY
-ls "$dest"/*.whl | sed 's#.*/##; s/-[0-9].*//' | sort -u > "$dest/packages.txt"
+for w in "$dest"/*.whl; do w="${w##*/}"; echo "${w%%-[0-9]*}"; done | sort -u > "$dest/packages.txt"
 du -sh "$dest"
 echo "carry $dest to the GPU machine and run: bash tests/gpu/run.sh"

@@ -8,7 +8,7 @@
 # attention against a reference in bf16, tiny dragonfly 30 steps on bmtrain and fsdp, the 2.4B shape's
 # tokens/s and MFU on each engine, converter scaling over 1/2/4/8 workers.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
 site="${FM_GPU_SITE:-/tmp/fm-gpu-site}"  # packages carried in .gpu_wheels, installed beside the image's own
