@@ -415,7 +415,9 @@ def _load_model(args: Any) -> torch.nn.Module:
     dtype = resolve_dtype(args.dtype) if args.dtype else None
     model = build_model(config, device=args.device, dtype=dtype)
     if pt is not None:
-        state = extract_state_dict(torch.load(pt, map_location=args.device, weights_only=True), str(pt))
+        from fm.io import load_torch
+
+        state = extract_state_dict(load_torch(pt, map_location=args.device), str(pt))
         model.load_state_dict(state, strict=True)
     else:
         logging.getLogger("fm.generate").warning("no --checkpoint: generating with random weights")

@@ -25,6 +25,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import sys
@@ -403,19 +404,49 @@ def convert(path: str, output: str, opts: Options) -> dict:
     output = os.path.abspath(output)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    stale = [n for n in os.listdir(parent) if n.startswith(f".{os.path.basename(output)}.tmp-")]
-    if stale:
-        log.warning("found %s in %s: left by an interrupted run (delete them)", ", ".join(stale), parent)
+    _remove_stale(parent, os.path.basename(output))
     # mkdir (not mkdtemp) so the result gets the usual umask permissions, not 0700.
     tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    os.mkdir(tmp)
     try:
+        os.mkdir(tmp)
         meta = _convert_into(files, sizes, tmp, opts)
         _install(tmp, output, opts.fsync)
+    except OSError as e:  # a full disk, a lost mount, a permission: one line naming the path and the cause
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = e.filename or tmp
+        raise ConvertError(f"converting {path} into {output}: {where}: {e.strerror or e}; nothing was written to "
+                           "--output and the partial files were removed") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _remove_stale(parent: str, name: str) -> None:
+    """Remove what killed conversions into ``name`` left: temp dirs whose pid is gone, and the moved-aside old
+    output of an install that finished (one that did not is left for the user: it may be the only copy)."""
+    for n in os.listdir(parent):
+        full = os.path.join(parent, n)
+        tmp = re.fullmatch(rf"\.{re.escape(name)}\.tmp-(\d+)-[0-9a-f]+", n)
+        old = n.startswith(f".{name}.old-")
+        if tmp and int(tmp.group(1)) != os.getpid() and _pid_alive(int(tmp.group(1))):
+            log.warning("%s: a running conversion (pid %s) is writing it; leaving it alone", full, tmp.group(1))
+        elif tmp or (old and os.path.isdir(os.path.join(parent, name))):
+            shutil.rmtree(full, ignore_errors=True)
+            log.warning("removed %s, left by an interrupted conversion", full)
+        elif old:
+            log.warning("%s holds the previous %s of an interrupted conversion, and %s is missing: move it back or "
+                        "delete it", full, name, os.path.join(parent, name))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _convert_into(files: list[str], sizes: list[int], tmp: str, opts: Options) -> dict:

@@ -75,6 +75,14 @@ def index_name(path: str, meta: dict) -> str:
 
 
 def _open_h5_offsets(h5_path: str) -> tuple[np.ndarray, str]:
+    try:
+        return _read_h5_offsets(h5_path)
+    except OSError as e:  # h5py's messages ("truncated file: eof = ...") do not name the file
+        raise ValueError(f"{h5_path}: not a readable HDF5 index ({e}); the file is truncated or damaged: rebuild the "
+                         "index with convert_json2index.py") from e
+
+
+def _read_h5_offsets(h5_path: str) -> tuple[np.ndarray, str]:
     import h5py
 
     with h5py.File(h5_path, "r") as f:
@@ -91,6 +99,8 @@ def _open_h5_offsets(h5_path: str) -> tuple[np.ndarray, str]:
             return np.zeros(0, dtype=np.int64), "h5"
         if offset is not None:
             # Contiguous: the raw values sit at a fixed byte offset, so map them (O(1) open).
+            if offset + n * dset.dtype.itemsize > os.path.getsize(h5_path):
+                raise OSError(f"its {n} offsets end past the end of the file")
             return np.memmap(h5_path, dtype=dset.dtype, mode="r", offset=offset, shape=(n,)), "h5-mmap"
         return dset[:].astype(np.int64, copy=False), "h5-read"
 

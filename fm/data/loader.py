@@ -349,7 +349,9 @@ class _Source:
                     result = transform(record, root, r)
                 except Exception as e:
                     raise TransformError(f"task {self.spec.task_name!r}: transform {self.spec.transforms} raised "
-                                         f"{type(e).__name__}: {e} on line {line} {_short(record)}") from e
+                                         f"{type(e).__name__}: {e} on line {line + 1} of "
+                                         f"{getattr(self.ds, 'data_path', self.spec.path)} "
+                                         f"{_short(record)}") from e
                 if type(result) is dict and type(result.get("input")) is str and type(result.get("output")) is str:
                     inp, out = result["input"], result["output"]  # check_transformed's common case, inlined
                 else:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -268,8 +269,9 @@ class Engine(abc.ABC):
         """This rank's optimizer state for :meth:`write_optimizer` (collective; the CPU copy may be deferred)."""
 
     @abc.abstractmethod
-    def write_optimizer(self, snapshot: Snapshot, directory: str | Path) -> None:
-        """Write a :meth:`snapshot_optimizer` result under ``directory`` in the :meth:`save_optimizer` format.
+    def write_optimizer(self, snapshot: Snapshot, directory: str | Path) -> list[str]:
+        """Write a :meth:`snapshot_optimizer` result under ``directory`` in the :meth:`save_optimizer` format;
+        return the names of the files this rank wrote (relative to ``directory``; the checkpoint manifest).
 
         Safe to call from a background thread (async checkpointing): it never uses the training
         process group. Every rank calls it.
@@ -281,20 +283,28 @@ class Engine(abc.ABC):
 
     # ------------------------------------------------------------------ misc
     def memory_stats(self) -> dict[str, float]:
-        """GiB figures for the step log: ``allocated``/``max_allocated``/``reserved`` on CUDA, ``rss`` on CPU."""
+        """GiB figures for the step log: ``allocated``/``max_allocated``/``reserved`` on CUDA; on CPU ``rss`` (now)
+        and ``max_rss`` (the high-water mark, which never falls: it is not a measure of growth)."""
+        g = 1024**3
         if self.device.type == "cuda":
-            g = 1024**3
             return {
                 "allocated": torch.cuda.memory_allocated(self.device) / g,
                 "max_allocated": torch.cuda.max_memory_allocated(self.device) / g,
                 "reserved": torch.cuda.memory_reserved(self.device) / g,
             }
+        out = {}
+        try:
+            with open("/proc/self/statm") as f:
+                out["rss"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / g
+        except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+            pass
         try:
             import resource
 
-            return {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+            out["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
         except ImportError:  # pragma: no cover - non-POSIX
-            return {}
+            pass
+        return out
 
     @abc.abstractmethod
     def shutdown(self) -> None:

@@ -385,13 +385,15 @@ class BMTrainEngine(Engine):
     def release_snapshot(self, kind: str) -> None:
         self._staging.release(kind)
 
-    def write_optimizer(self, snapshot: Snapshot, directory: str | Path) -> None:
+    def write_optimizer(self, snapshot: Snapshot, directory: str | Path) -> list[str]:
         from fm.io import atomic_torch_save
 
         state = snapshot.get()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(state, directory / RANK_FILE.format(rank=self.rank, world=self.world_size))
+        name = RANK_FILE.format(rank=self.rank, world=self.world_size)
+        atomic_torch_save(state, directory / name)
+        return [name]
 
     def save_optimizer(self, directory: str | Path) -> None:
         try:
@@ -439,7 +441,9 @@ class BMTrainEngine(Engine):
 
 # ---------------------------------------------------------------------------------------- resharding
 def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    from fm.io import load_torch
+
+    return load_torch(path, mmap=True)
 
 
 def _saved_rank_files(directory: Path, world_size: int) -> list[dict[str, Any]]:

@@ -9,8 +9,10 @@ with ``torch.distributed.checkpoint`` and reshards to any world size on load.
 from __future__ import annotations
 
 import datetime
+import io
 import logging
 import os
+import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -43,10 +47,12 @@ def load_full_state_dict(src: Mapping[str, torch.Tensor] | str | Path) -> Mappin
     """A full state dict from a mapping or a ``.pt`` path (memory-mapped: pages load on use, shared between ranks)."""
     if isinstance(src, Mapping):
         return src
+    from fm.io import load_torch
+
     path = Path(src)
     if not path.is_file():
         raise FileNotFoundError(f"model checkpoint {path} does not exist: pass the fm9g_live_checkpoint-<step>.pt file")
-    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    sd = load_torch(path, mmap=True)
     if not isinstance(sd, Mapping):
         raise TypeError(f"{path} holds a {type(sd).__name__}, not a state dict")
     return sd
@@ -347,9 +353,13 @@ class FSDPEngine(Engine):
         assert self.model is not None and self.optimizer is not None, "call shard() and build_optimizer() first"
         return get_optimizer_state_dict(self.model, self.optimizer)
 
-    def write_optimizer(self, snapshot: Snapshot, directory: str | Path) -> None:
+    def write_optimizer(self, snapshot: Snapshot, directory: str | Path) -> list[str]:
         """Write a :meth:`snapshot_optimizer` result as a DCP directory; may run in a background thread."""
-        dcp.save(snapshot.get(), checkpoint_id=str(directory), process_group=self._ckpt_group)
+        metadata = dcp.save(snapshot.get(), checkpoint_id=str(directory), process_group=self._ckpt_group)
+        # DCP's writer names each rank's data files __<rank>_<n>.distcp; the coordinator writes .metadata.
+        mine = {str(info.relative_path) for info in metadata.storage_data.values()
+                if str(info.relative_path).startswith(f"__{self._rank}_")}
+        return sorted(mine) + ([".metadata"] if self._rank == 0 else [])
 
     def save_optimizer(self, directory: str | Path) -> None:
         dcp.save({"optimizer": self._optim_sd()}, checkpoint_id=str(directory))
@@ -361,7 +371,7 @@ class FSDPEngine(Engine):
                                     "fsdp optimizer state is saved by FSDPEngine.save_optimizer")
         self.settle_snapshots()
         state = {"optimizer": self._optim_sd()}  # template with this world size's shards: DCP reshards into it
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=SafeDCPReader(path), planner=SafeLoadPlanner(path))
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
 
     def shutdown(self) -> None:
@@ -371,6 +381,57 @@ class FSDPEngine(Engine):
                 self._ckpt_group = None
             dist.destroy_process_group()
         self._owns_pg = False
+
+
+# What torch.distributed.checkpoint's .metadata pickle holds (checked on the files torch 2.13 writes).
+_DCP_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("pathlib", "PosixPath"),
+    ("torch.serialization", "_get_layout"),
+    *(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)),
+}  # fmt: skip
+
+
+class SafeDCPReader(dcp.FileSystemReader):
+    """A torch.distributed.checkpoint directory whose ``.metadata`` pickle may build only checkpoint metadata
+    (torch's own reader unpickles it without restriction)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        from fm.io import load_pickle
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        metadata = load_pickle(path, _DCP_METADATA_GLOBALS)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor values (optimizer ``param_groups``, steps) read as plain data: torch's planner unpickles them
+    without restriction."""
+
+    def __init__(self, where: str | Path) -> None:
+        super().__init__()
+        self.where = where
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        from fm.io import UnsafeFileError
+
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeFileError(f"{self.where}: the value of {fqn!r} was refused for safety: loading it would run "
+                                  "code or build objects an optimizer state does not hold") from exc
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float, eps: float = 1e-6) -> torch.Tensor:

@@ -146,7 +146,9 @@ def load_pt_model(source: ModelSource, *, family: str | None, device: torch.devi
     from fm.models.registry import build_model
 
     config, where = find_model_config(source, family)
-    state = _unwrap_state_dict(torch.load(source.path, map_location="cpu", weights_only=True), source.path)
+    from fm.io import load_torch
+
+    state = _unwrap_state_dict(load_torch(source.path), source.path)
     model = build_model(config, device="cpu", dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from fm.io import atomic_write
+from fm.io import atomic_write, load_torch
 
 log = logging.getLogger("fm.export.hf")
 
@@ -323,7 +323,7 @@ def load_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     if bins:
         state = {}
         for b in bins:
-            state.update(torch.load(b, map_location="cpu", weights_only=True))
+            state.update(load_torch(b))
         return state
     raise FileNotFoundError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
 
@@ -444,10 +444,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLike 
 
 
 def _load_pt(path: Path) -> Any:
-    try:  # memory-mapped: tensors are read as they are converted
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files in torch's legacy (non-zip) format cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_torch(path, mmap=True)  # memory-mapped: tensors are read as they are converted
 
 
 def _parse_dtype(name: str | None) -> torch.dtype | None:
@@ -600,14 +597,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["export", *argv]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "export":
-        out = export_checkpoint(args.checkpoint, args.output, config=args.config, tokenizer=args.tokenizer,
-                                dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-        print(out)
-    else:
-        pt, cfg = import_hf(args.hf_dir, args.output, config_output=args.config_output, dtype=args.dtype)
-        print(pt)
-        print(cfg)
+    try:
+        if args.command == "export":
+            print(export_checkpoint(args.checkpoint, args.output, config=args.config, tokenizer=args.tokenizer,
+                                    dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite))
+        else:
+            pt, cfg = import_hf(args.hf_dir, args.output, config_output=args.config_output, dtype=args.dtype)
+            print(pt)
+            print(cfg)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:  # bad input: the message says how
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a permission: nothing half-written is left under the output's name
+        print(f"error: {args.output}: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}; nothing was "
+              "written under that name", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -109,11 +109,13 @@ def find_shards(megatron_dir: str | os.PathLike) -> list[Path]:
 
 
 def _load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # DeepSpeed also pickles its args (argparse.Namespace) and more
-        log.info("%s: not loadable with weights_only (%s); loading it as a trusted pickle", path, type(exc).__name__)
-        return torch.load(path, map_location="cpu", weights_only=False)
+    """A shard with tensors and plain data only, plus what Megatron-DeepSpeed pickles beside the weights: its
+    ``args`` (an ``argparse.Namespace``) and numpy RNG states. Anything else is refused, never unpickled."""
+    import argparse
+
+    from fm.io import load_torch, numpy_array_globals
+
+    return load_torch(path, allow=[argparse.Namespace, *numpy_array_globals()], mmap=True)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:

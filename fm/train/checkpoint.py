@@ -10,17 +10,23 @@ Layout (``root`` is ``<save>/<model_unique>``, as upstream)::
     <root>/<step>/tokenizer.model                   copy of the tokenizer
     <root>/<step>/scheduler.pt                      lr scheduler state
     <root>/<step>/rng/rank<r>.pt                    per-rank RNG states
-    <root>/<step>/COMPLETE                          written last inside the dir (JSON: step, world size)
+    <root>/<step>/COMPLETE                          written last inside the dir (JSON: step, world size, and
+                                                    every file's size and CRC32)
     <root>/latest                                   the step, written after the dir is in place
     <root>/.tmp-<step>-<hex>/                       a save in progress (never read; removed by the next save)
 
 Commit protocol: every rank writes its parts into the same temp dir (rank 0 creates it and
-broadcasts its name), then drops ``.done-rank<r>``. Rank 0 waits for all markers, writes
-``COMPLETE``, renames the temp dir to ``<root>/<step>`` (atomic) and replaces ``latest`` (atomic),
-then deletes the oldest complete checkpoints beyond ``keep_last_n``. A crash at any point leaves
-either a temp dir or a dir without ``COMPLETE``: :func:`find_latest` ignores both. The markers are
-files rather than a barrier so that the whole write + commit can run in a background thread
-(``async_save``) without touching the training process group.
+broadcasts its name), hashes the files it wrote (size and CRC32, in the writer thread, so an async
+save overlaps it with training) and drops ``.done-rank<r>`` holding that manifest. Rank 0 waits for
+all markers, writes ``COMPLETE`` with the merged manifest, renames the temp dir to ``<root>/<step>``
+(atomic) and replaces ``latest`` (atomic), then deletes the oldest complete checkpoints beyond
+``keep_last_n``. A crash at any point leaves either a temp dir or a dir without ``COMPLETE``:
+:func:`find_latest` ignores both, and the next start removes the temp dirs. A save that fails removes
+its temp dir. The markers are files rather than a barrier so that the whole write + commit can run in a
+background thread (``async_save``) without touching the training process group.
+
+Resume verifies a checkpoint against its manifest (:func:`verify_checkpoint`: every file there, of its
+size and checksum) before reading anything from it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import secrets
 import shutil
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,30 +67,53 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
-Part = Callable[[Path], None]
-"""Writes one piece of a checkpoint into the given (temp) directory. Holds an already-taken snapshot."""
+Part = Callable[[Path], list[str]]
+"""Writes one piece of a checkpoint into the given (temp) directory and returns the paths it wrote, relative
+to that directory (they go into the manifest). Holds an already-taken snapshot."""
 
 
 def torch_part(relpath: str, obj: Any) -> Part:
     """``torch.save(obj)`` at ``relpath``. ``obj`` must not change afterwards (pass a snapshot)."""
-    return lambda d: atomic_torch_save(obj, d / relpath)
+
+    def write(d: Path) -> list[str]:
+        atomic_torch_save(obj, d / relpath)
+        return [relpath]
+
+    return write
+
+
+def bytes_part(relpath: str, data: bytes) -> Part:
+    def write(d: Path) -> list[str]:
+        atomic_write_bytes(data, d / relpath)
+        return [relpath]
+
+    return write
 
 
 def json_part(relpath: str, obj: Any) -> Part:
     """JSON file; serialised NOW, so later changes to ``obj`` do not leak into the checkpoint."""
-    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
-    return lambda d: atomic_write_bytes(data, d / relpath)
+    return bytes_part(relpath, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def copy_part(relpath: str, src: str | Path) -> Part:
     """Copy of a file that does not change during training (e.g. the tokenizer)."""
     src = Path(src)
 
-    def write(d: Path) -> None:
+    def write(d: Path) -> list[str]:
         (d / relpath).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, d / relpath)
+        return [relpath]
 
     return write
+
+
+def file_digest(path: str | Path) -> list:
+    """``[size, crc32 hex]`` of a file (CRC32: a fast check against truncation and damage, not a signature)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return [os.path.getsize(path), f"{crc:08x}"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -98,6 +128,19 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def read_rng_state(path: str | Path) -> dict[str, Any]:
+    """An ``rng/rank<r>.pt`` file: tensors, Python's state (tuples of ints) and numpy's (an array), nothing else."""
+    from fm.io import load_torch, numpy_array_globals
+
+    return load_torch(path, allow=numpy_array_globals())
+
+
+def read_scheduler_state(ckpt: str | Path) -> dict[str, Any]:
+    from fm.io import load_torch
+
+    return load_torch(Path(ckpt) / SCHEDULER_FILE)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -122,9 +165,9 @@ class SnapshotPart:
     def prepare(self) -> None:
         self.snapshot.get()
 
-    def __call__(self, d: Path) -> None:
+    def __call__(self, d: Path) -> list[str]:
         try:
-            self.write(d, self.snapshot.get())
+            return self.write(d, self.snapshot.get())
         finally:
             self.release()
 
@@ -133,9 +176,11 @@ def model_part(engine: Engine, step: int) -> Part:
     """Full model state dict from rank 0 (collective snapshot now; the file is written by rank 0 later)."""
     name = MODEL_FILE.format(step=step)
 
-    def write(d: Path, sd: Any) -> None:
-        if engine.is_main:
-            atomic_torch_save(sd, d / name)
+    def write(d: Path, sd: Any) -> list[str]:
+        if not engine.is_main:
+            return []
+        atomic_torch_save(sd, d / name)
+        return [name]
 
     return SnapshotPart(engine.snapshot_model(), write, lambda: engine.release_snapshot("model"))
 
@@ -143,8 +188,11 @@ def model_part(engine: Engine, step: int) -> Part:
 def optimizer_part(engine: Engine) -> Part:
     """This rank's optimizer shard (collective snapshot now; every rank writes its part later)."""
     snap = engine.snapshot_optimizer()
-    return SnapshotPart(snap, lambda d, _: engine.write_optimizer(snap, d / OPTIMIZER_DIR),
-                        lambda: engine.release_snapshot("optimizer"))
+
+    def write(d: Path, _: Any) -> list[str]:
+        return [f"{OPTIMIZER_DIR}/{name}" for name in engine.write_optimizer(snap, d / OPTIMIZER_DIR)]
+
+    return SnapshotPart(snap, write, lambda: engine.release_snapshot("optimizer"))
 
 
 def standard_parts(
@@ -157,9 +205,11 @@ def standard_parts(
     tokenizer_path: str | Path | None = None,
     scheduler_state: Any = None,
     save_optimizer: bool = True,
+    model: Part | None = None,
 ) -> list[Part]:
-    """Everything of the upstream layout. Collective: call on every rank at the same step."""
-    parts = [model_part(engine, step)]
+    """Everything of the upstream layout. Collective: call on every rank at the same step. ``model``: the part
+    written instead of the full model (a LoRA run's adapter files)."""
+    parts = [model if model is not None else model_part(engine, step)]
     if save_optimizer:
         parts.append(optimizer_part(engine))
     parts.append(torch_part(RNG_FILE.format(rank=engine.rank), rng_state()))
@@ -173,8 +223,8 @@ def standard_parts(
             parts.append(copy_part(TOKENIZER_FILE, tokenizer_path))
         if scheduler_state is not None:
             buf = io.BytesIO()
-            torch.save(scheduler_state, buf)
-            parts.append(lambda d, b=buf.getvalue(): atomic_write_bytes(b, d / SCHEDULER_FILE))
+            torch.save(scheduler_state, buf)  # serialised now, as the JSON parts
+            parts.append(bytes_part(SCHEDULER_FILE, buf.getvalue()))
     return parts
 
 
@@ -271,6 +321,7 @@ class CheckpointManager:
         self.world_size = comm.world_size if comm is not None else 1
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._tmp: Path | None = None
         self.last_saved: Path | None = None
 
     # -------------------------------------------------------------- public
@@ -288,6 +339,7 @@ class CheckpointManager:
         tmp = self.root / str(tmp_name)
         final = self.root / str(step)
         self.last_saved = final
+        self._tmp = tmp
         if self.async_save:
             self._thread = threading.Thread(target=self._run, args=(step, tmp, list(parts)),
                                             name=f"checkpoint-{step}", daemon=False)
@@ -298,18 +350,23 @@ class CheckpointManager:
         return final
 
     def wait(self) -> None:
-        """Join the background save; raise on every rank if any rank failed. Collective."""
+        """Join the background save; raise on every rank if any rank failed (the save's temp dir is then
+        removed: nothing half-written is left). Collective."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         err, self._error = self._error, None
-        failed = [err is not None]
+        failed = [_describe(err) if err is not None else None]
         if self.comm is not None and self.world_size > 1:
-            failed = self.comm.all_gather_object(err is not None)
+            failed = self.comm.all_gather_object(failed[0])
             self.comm.barrier()  # the commit by rank 0 is visible to everyone past this point
         if any(failed):
+            if self.rank == 0 and self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            first = next(f for f in failed if f)
             ranks = [r for r, f in enumerate(failed) if f]
-            raise RuntimeError(f"checkpoint save failed on rank(s) {ranks} under {self.root}") from err
+            raise CheckpointError(f"checkpoint {self.last_saved} was not saved (rank(s) {ranks}): {first}; nothing "
+                                  "was committed and the partial files were removed") from err
 
     def close(self) -> None:
         self.wait()
@@ -321,11 +378,16 @@ class CheckpointManager:
                 prepare = getattr(part, "prepare", None)
                 if prepare is not None:
                     prepare()
+            written: list[str] = []
             for part in parts:
-                part(tmp)
-            atomic_write_bytes(b"", tmp / f".done-rank{self.rank}")
+                written += part(tmp)
+            manifest = {rel: file_digest(tmp / rel) for rel in written}
+            atomic_write_json({"files": manifest}, tmp / f".done-rank{self.rank}")
             if self.rank == 0:
                 self._commit(step, tmp)
+        except OSError as e:  # a full disk, a lost mount: one line that names the file and the cause
+            log.error("checkpoint %d: rank %d could not write: %s", step, self.rank, _describe(e))
+            self._error = e
         except BaseException as e:  # recorded; raised on every rank by wait()
             log.exception("checkpoint %d: rank %d failed", step, self.rank)
             self._error = e
@@ -351,9 +413,13 @@ class CheckpointManager:
 
     def _commit(self, step: int, tmp: Path) -> None:
         self._wait_for_ranks(tmp)
+        files: dict[str, list] = {}
         for r in range(self.world_size):
-            (tmp / f".done-rank{r}").unlink()
-        atomic_write_json({"step": step, "world_size": self.world_size, "time": time.time()}, tmp / COMPLETE)
+            marker = tmp / f".done-rank{r}"
+            files.update(json.loads(marker.read_text())["files"])
+            marker.unlink()
+        atomic_write_json({"step": step, "world_size": self.world_size, "time": time.time(), "files": files},
+                          tmp / COMPLETE)
         _fsync_dir(tmp)
         final = self.root / str(step)
         old = None
@@ -376,10 +442,55 @@ class CheckpointManager:
                 shutil.rmtree(self.root / str(s), ignore_errors=True)
 
     def _remove_stale_tmp(self) -> None:
-        # Only one save is in flight (save() waits for the previous one), so any temp dir is from a crash.
-        for p in self.root.iterdir():
+        remove_stale_tmp(self.root)
+
+
+def remove_stale_tmp(root: str | Path) -> list[str]:
+    """Remove the temp dirs of saves that never committed (a crash or a kill). Only one save of a run is in flight
+    and a run directory has one writer (its lock), so outside a save every temp dir is left over."""
+    root = Path(root)
+    gone = []
+    if root.is_dir():
+        for p in root.iterdir():
             if p.name.startswith(TMP_PREFIX) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+                gone.append(p.name)
+    return gone
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved, or does not verify; the message names the file and the cause."""
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename or getattr(e, "fm_path", None)
+        return f"{where}: {e.strerror}" if where else e.strerror
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+# ---------------------------------------------------------------- verifying checkpoints
+def verify_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Problems with the files of checkpoint ``path`` against the manifest in its ``COMPLETE`` (missing, of
+    another size, another checksum); ``[]`` when it verifies. Checkpoints of older fm versions have no manifest
+    and verify trivially. With ``world_size`` > 1 each rank checks its share (every ``world_size``-th file)."""
+    path = Path(path)
+    try:
+        marker = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError) as e:
+        return [f"{path / COMPLETE}: unreadable ({e})"]
+    problems = []
+    for i, (rel, (size, crc)) in enumerate(sorted(marker.get("files", {}).items())):
+        if i % world_size != rank:
+            continue
+        p = path / rel
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif p.stat().st_size != size:
+            problems.append(f"{p}: {p.stat().st_size} bytes, {size} when saved (truncated or overwritten)")
+        elif file_digest(p)[1] != crc:
+            problems.append(f"{p}: its contents changed since the save (CRC32 {file_digest(p)[1]}, saved {crc})")
+    return problems
 
 
 def _fsync_dir(path: Path) -> None:

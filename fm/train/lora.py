@@ -259,8 +259,9 @@ def _config_json(cfg: LoraConfig | Mapping[str, Any], base_model: str | None) ->
 
 
 def write_adapter_files(directory: str | Path, state: Mapping[str, torch.Tensor], cfg: LoraConfig | Mapping[str, Any],
-                        base_model: str | None = None) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory`` (each file atomically)."""
+                        base_model: str | None = None) -> list[str]:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory`` (each file atomically);
+    returns their names."""
     from safetensors.torch import save as st_save
 
     from fm.io import atomic_write_bytes
@@ -269,6 +270,7 @@ def write_adapter_files(directory: str | Path, state: Mapping[str, torch.Tensor]
     d.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(st_save(dict(state), metadata={"format": "pt"}), d / ADAPTER_WEIGHTS)
     atomic_write_bytes(_config_json(cfg, base_model), d / ADAPTER_CONFIG)
+    return [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
 
 
 def save_adapter(directory: str | Path, state: Mapping[str, torch.Tensor], cfg: LoraConfig | Mapping[str, Any],
@@ -352,7 +354,9 @@ def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
         p = model_file(p)
     if not p.is_file():
         raise FileNotFoundError(f"load_model: {p} does not exist (give a .pt state dict or a checkpoint directory)")
-    return dict(extract_state_dict(torch.load(p, map_location="cpu", mmap=True, weights_only=True), str(p)))
+    from fm.io import load_torch
+
+    return dict(extract_state_dict(load_torch(p, mmap=True), str(p)))
 
 
 def load_base_weights(engine: Engine, path: str | Path) -> None:
@@ -389,31 +393,17 @@ def adapter_parts(engine: Engine, step: int, *, lora_config: Any, log_ckpt: dict
                   save_optimizer: bool = True) -> list:
     """Checkpoint parts of a LoRA run: :func:`fm.train.checkpoint.standard_parts` with the adapter files
     (PEFT format, in the step directory itself) instead of the full model. Collective."""
-    import io
-
     from fm.train import checkpoint as ck
 
     state = gather_adapter_state(engine)
     base = (config or {}).get("load_model") or None
-    parts = []
-    if engine.is_main:
-        parts.append(lambda d: write_adapter_files(d, state, lora_config, base))
-    if save_optimizer:
-        parts.append(ck.optimizer_part(engine))
-    parts.append(ck.torch_part(ck.RNG_FILE.format(rank=engine.rank), ck.rng_state()))
-    if engine.is_main:
-        parts.append(ck.json_part(ck.LOG_CKPT, log_ckpt))
-        if dataset_state is not None:
-            parts.append(ck.json_part(ck.DATASET_FILE, dataset_state))
-        if config is not None:
-            parts.append(ck.json_part(ck.CONFIG_FILE, config))
-        if tokenizer_path is not None:
-            parts.append(ck.copy_part(ck.TOKENIZER_FILE, tokenizer_path))
-        if scheduler_state is not None:
-            buf = io.BytesIO()
-            torch.save(scheduler_state, buf)
-            parts.append(lambda d, b=buf.getvalue(): ck.atomic_write_bytes(b, d / ck.SCHEDULER_FILE))
-    return parts
+
+    def write_adapter(d: Path) -> list[str]:
+        return write_adapter_files(d, state, lora_config, base) if engine.is_main else []
+
+    return ck.standard_parts(engine, step, log_ckpt=log_ckpt, dataset_state=dataset_state, config=config,
+                             tokenizer_path=tokenizer_path, scheduler_state=scheduler_state,
+                             save_optimizer=save_optimizer, model=write_adapter)
 
 
 # ----------------------------------------------------------------------------- Hugging Face export

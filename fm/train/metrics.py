@@ -99,7 +99,10 @@ class MetricsWriter:
     """Console + tensorboard + jsonl for one run (no-op on ranks other than 0)."""
 
     def __init__(self, *, enabled: bool, tensorboard_dir: str | os.PathLike | None,
-                 jsonl_path: str | os.PathLike | None, all_tasks: bool = True, log_iters: int = 1):
+                 jsonl_path: str | os.PathLike | None, all_tasks: bool = True, log_iters: int = 1,
+                 purge_step: int | None = None):
+        """``purge_step``: after a resume, the first step this writer logs; tensorboard then drops what an earlier
+        writer of the run logged from that step on (a crashed run logs steps past its last checkpoint)."""
         self.enabled = enabled
         self.all_tasks = all_tasks
         self.log_iters = max(1, log_iters)
@@ -114,7 +117,7 @@ class MetricsWriter:
             # tensorboardX names event files by the second; a resume within the same second would
             # truncate the previous run's file, so make each writer's file name unique.
             suffix = f".{os.getpid()}.{time.time_ns() % 1_000_000_000:09d}"
-            self.tb = SummaryWriter(logdir=str(tensorboard_dir), filename_suffix=suffix)
+            self.tb = SummaryWriter(logdir=str(tensorboard_dir), filename_suffix=suffix, purge_step=purge_step)
         if jsonl_path:
             Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run

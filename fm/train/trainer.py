@@ -44,6 +44,7 @@ import torch
 
 from fm.train import checkpoint as ckpt_lib
 from fm.train.config import TrainConfig, log_no_ops
+from fm.train.guard import RunLock, RunLockError, watch_launcher
 from fm.train.hooks import FaultHooks
 from fm.train.metrics import (
     MetricsWriter,
@@ -149,6 +150,7 @@ class Trainer:
         self._batches: Any = None  # the loader's iterator
         self._micros: list[dict] = []  # the next step's micro-batches (taken during the previous step)
         self._agreed: Agreement | None = None  # the last agreement: the next step's target count, data left
+        self.lock: RunLock | None = None  # rank 0's lock on the run directory
 
     # ------------------------------------------------------------------ resumable state
     def state_dict(self) -> dict[str, Any]:
@@ -266,7 +268,29 @@ class Trainer:
             log.info("model %s: %d non-embedding parameters, dtype %s, engine %s, world size %d",
                      cfg.config, self.n_params, self.dtype, e.name, e.world_size)
 
+    def claim_run_dir(self) -> None:
+        """Rank 0 locks the run directory (one writer: a live holder makes every rank fail at once, naming it) and
+        removes the temp dirs of saves that never committed. Collective."""
+        cfg, e = self.cfg, self.engine
+        rd = run_dir(cfg)
+        problem = None
+        if e.is_main:
+            try:
+                self.lock = RunLock(rd)
+                self.lock.acquire()
+                gone = ckpt_lib.remove_stale_tmp(rd)
+                if gone:
+                    log.info("removed %d unfinished checkpoint save(s) under %s: %s", len(gone), rd, ", ".join(gone))
+            except RunLockError as exc:
+                self.lock = None
+                problem = str(exc)
+        problem = e.broadcast_object(problem) if e.world_size > 1 else problem
+        if problem:
+            raise RunLockError(problem)
+
     def setup_outputs(self) -> None:
+        """Console, tensorboard and jsonl writers (rank 0). After :meth:`resume`: steps logged by a run that
+        crashed after its last checkpoint are purged from tensorboard (they are logged again)."""
         cfg, e = self.cfg, self.engine
         rd = run_dir(cfg)
         if e.is_main:
@@ -274,8 +298,9 @@ class Trainer:
         tb = Path(cfg.tensorboard) / f"{cfg.exp_group}{cfg.model_unique}" if cfg.tensorboard else None
         self.stats_path = rd / "train_stats.jsonl"
         self.metrics = MetricsWriter(enabled=e.is_main, tensorboard_dir=tb, jsonl_path=self.stats_path,
-                                     all_tasks=cfg.tensorboard_all_tasks, log_iters=cfg.log_iters)
-        if e.is_main:
+                                     all_tasks=cfg.tensorboard_all_tasks, log_iters=cfg.log_iters,
+                                     purge_step=self.iteration + 1 if self.iteration else None)
+        if e.is_main and not self.iteration:
             self.metrics.log_text("config", "```\n" + cfg.dumps() + "\n```", 0)
 
     def setup(self) -> None:
@@ -287,13 +312,46 @@ class Trainer:
         self.build_model()
         self.build_loader()
         self.build_validation()
-        self.setup_outputs()
+        self.claim_run_dir()
         self.resume()
+        self.setup_outputs()
 
     # ------------------------------------------------------------------ resume
+    def verified(self, ckpt: Path) -> list[str]:
+        """Problems of checkpoint ``ckpt`` against its manifest, every rank checking a share. Collective."""
+        e = self.engine
+        mine = ckpt_lib.verify_checkpoint(ckpt, e.rank, e.world_size)
+        return [p for part in e.all_gather_object(mine) for p in part] if e.world_size > 1 else mine
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint to resume from, verified. For ``latest`` a damaged one is passed over (saying so) for the
+        newest one that verifies; a checkpoint named explicitly must verify. Collective."""
+        cfg = self.cfg
+        ckpt = resolve_resume(cfg)
+        if ckpt is None or not ckpt.is_dir() or not ckpt_lib.is_complete(ckpt):
+            return ckpt  # nothing, a bare .pt, or an upstream directory (no manifest to check)
+        problems = self.verified(ckpt)
+        if not problems:
+            return ckpt
+        first = f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        if cfg.resume_ckpt.strip().lower() != "latest":
+            raise ckpt_lib.CheckpointError(f"checkpoint {ckpt} is damaged: {first}; resume from another step")
+        for step in reversed(ckpt_lib.list_checkpoints(run_dir(cfg))):
+            cand = run_dir(cfg) / str(step)
+            if cand == ckpt:
+                continue
+            more = self.verified(cand)
+            if not more:
+                log.warning("checkpoint %s is damaged (%s): resuming from %s, the newest checkpoint that verifies",
+                            ckpt, first, cand)
+                return cand
+            log.warning("checkpoint %s is damaged too (%s)", cand, more[0])
+        raise ckpt_lib.CheckpointError(f"no checkpoint under {run_dir(cfg)} verifies (the newest, {ckpt}: {first}); "
+                                       "remove the damaged ones to start afresh")
+
     def resume(self) -> None:
         cfg, e = self.cfg, self.engine
-        ckpt = resolve_resume(cfg)
+        ckpt = self.resume_point()
         if cfg.load_model and (ckpt is None or cfg.lora):  # fine-tuning: base weights (always, under LoRA)
             from fm.train import lora as lora_lib
 
@@ -325,7 +383,7 @@ class Trainer:
             log.warning("data loader state not restored (load_dataloader_ckpt=%s, %s exists: %s): data starts "
                         "from the beginning", cfg.load_dataloader_ckpt, data_file, data_file.is_file())
         self.load_state_dict(ckpt_lib.read_log_ckpt(ckpt))
-        self.scheduler.load_state_dict(torch.load(ckpt / ckpt_lib.SCHEDULER_FILE, weights_only=False))
+        self.scheduler.load_state_dict(ckpt_lib.read_scheduler_state(ckpt))
         if cfg.resume_no_optimze > 0:
             log.info("resume_no_optimze=%d: optimizer state not loaded; lr re-warms over %d steps",
                      cfg.resume_no_optimze, cfg.resume_no_optimze)
@@ -335,7 +393,7 @@ class Trainer:
             self.scheduler.apply()  # loading the optimizer restores old group lrs: set the schedule's
         rng = ckpt / ckpt_lib.RNG_FILE.format(rank=e.rank)
         if rng.is_file():
-            ckpt_lib.set_rng_state(torch.load(rng, weights_only=False))
+            ckpt_lib.set_rng_state(ckpt_lib.read_rng_state(rng))
         self._last_saved = self.iteration
         log.info("resumed at iteration %d (%d optimizer steps taken, %d skipped)",
                  self.iteration, self.scheduler.num_iters, self.state.skipped_total)
@@ -595,6 +653,7 @@ def run(cfg: TrainConfig, engine=None, hooks: FaultHooks | None = None) -> int:
     # Before the setup, which takes minutes for a large model: slurm's early warning (SIGUSR1) or a SIGTERM
     # arriving then would otherwise kill the process (default action) instead of stopping at the first step.
     tr.install_signal_handlers()
+    watch_launcher()  # under torchrun: stop at once if torchrun dies (it starts workers in their own sessions)
     try:
         tr.setup()
         if cfg.only_run_dataloader:
@@ -602,5 +661,7 @@ def run(cfg: TrainConfig, engine=None, hooks: FaultHooks | None = None) -> int:
             return EXIT_OK
         return tr.train()
     finally:
+        if tr.lock is not None:
+            tr.lock.release()
         if tr.engine is not None:
             tr.engine.shutdown()
