@@ -369,9 +369,23 @@ class FSDPEngine(Engine):
         if not (path / ".metadata").is_file():
             raise FileNotFoundError(f"{path} is not a torch.distributed.checkpoint directory (no .metadata): "
                                     "fsdp optimizer state is saved by FSDPEngine.save_optimizer")
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from fm.io import CorruptFileError, UnsafeFileError, load_pickle
+
         self.settle_snapshots()
+        load_pickle(path / ".metadata", _DCP_METADATA_GLOBALS)  # refused here in one line, not inside DCP's report
         state = {"optimizer": self._optim_sd()}  # template with this world size's shards: DCP reshards into it
-        dcp.load(state, storage_reader=SafeDCPReader(path), planner=SafeLoadPlanner(path))
+        try:
+            dcp.load(state, storage_reader=SafeDCPReader(path), planner=SafeLoadPlanner(path))
+        except CheckpointException as exc:
+            inner = [e for e, _ in exc.failures.values()]
+            for e in inner:
+                if isinstance(e, UnsafeFileError | CorruptFileError):
+                    raise e from None
+            raise CorruptFileError(f"{path}: the optimizer state could not be read ({type(inner[0]).__name__}: "
+                                   f"{str(inner[0]).splitlines()[0] if str(inner[0]) else ''}); the files are "
+                                   "truncated or damaged") from exc
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
 
     def shutdown(self) -> None:

@@ -279,6 +279,16 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def _save_file(save_file: Any, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except Exception as exc:  # safetensors reports a full disk as "I/O error: ... (os error 28)"
+        errno = re.search(r"os error (\d+)", str(exc))
+        if errno is None:
+            raise
+        raise OSError(int(errno.group(1)), os.strerror(int(errno.group(1))), str(path)) from exc
+
+
 def save_safetensors_sharded(state: Mapping[str, torch.Tensor], out_dir: Path, max_shard_size: int) -> list[str]:
     """``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` + index when bigger than one shard."""
     from safetensors.torch import save_file
@@ -293,12 +303,12 @@ def save_safetensors_sharded(state: Mapping[str, torch.Tensor], out_dir: Path, m
         shards[-1][key] = t
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        _save_file(save_file, shards[0], out_dir / "model.safetensors")
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        _save_file(save_file, shard, out_dir / name)
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -404,6 +404,9 @@ class Trainer:
         atomically (``COMPLETE`` marker + rename), so ``latest`` never picks a half-written directory."""
         cfg, e = self.cfg, self.engine
         step = self.iteration
+        if self.metrics is not None:
+            self.metrics.flush()  # what was logged up to the checkpoint is on disk: a crash loses only later steps,
+            # which the resumed run logs again
         if self.ckpt is None:
             self.ckpt = ckpt_lib.CheckpointManager(run_dir(cfg), keep_last_n=cfg.keep_last_n or None,
                                                    async_save=cfg.async_save, comm=e)
