@@ -4,8 +4,9 @@ logs each step (``memory.rss``, the current RSS, not the high-water mark) is rea
 
     python bench/bench_soak.py [--steps 5000] [--warmup 500]
 
-Prints RSS after warm-up and at the end, and the slope of a least-squares line through the steps after warm-up
-(MiB per 1,000 steps). Growth would show as a steady slope; allocator noise as a flat line with steps.
+Prints RSS after warm-up and at the end, the slope of a least-squares line through the steps after warm-up
+(MiB per 1,000 steps), and the median RSS of every half checkpoint interval: growth would show as medians that
+keep rising; a one-time step at the first checkpoint (its staging buffers) and noise are no growth.
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ def main() -> None:
           f"min {min(v for _, v in after):.1f}, max {max(v for _, v in after):.1f} MiB after warm-up")
     print(f"slope after warm-up: {1000 * slope(after):+.2f} MiB per 1,000 steps; peak RSS (high-water mark) "
           f"{rows[-1]['memory'].get('max_rss', 0) * 1024:.1f} MiB")
+    span = max(a.save_iters // 2, 1)
+    for lo in range(0, a.steps, span):
+        seg = sorted(v for s, v in rss if lo < s <= lo + span)
+        if seg:
+            print(f"  steps {lo + 1:6d}-{lo + span:6d}: median {seg[len(seg) // 2]:6.1f} MiB "
+                  f"(min {seg[0]:6.1f}, max {seg[-1]:6.1f})")
 
 
 if __name__ == "__main__":
