@@ -13,6 +13,8 @@ setup(
     version=version,
     description="Train Chinese and English LLMs (FM9G dragonfly, iFlytekSpark-13B) on BMTrain or FSDP2",
     packages=find_packages(include=["fm", "fm.*"]),
+    # Shipped model configs and the demo tokenizer travel with the package (the checkout links to them).
+    package_data={"fm": ["assets/tokenizer.model", "assets/models/*/*.json"]},
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={"gpu": ["flash-attn>=2.5"]},

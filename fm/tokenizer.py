@@ -9,8 +9,19 @@ from collections.abc import Sequence
 import numpy as np
 import sentencepiece as spm
 
-DEFAULT_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 "quick_start", "tokenizer.model")
+SHIPPED_TOKENIZERS = {"demo": os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer.model")}
+DEFAULT_TOKENIZER = SHIPPED_TOKENIZERS["demo"]  # package data: the demo SentencePiece model (8,000 pieces)
+
+
+def resolve_tokenizer(path_or_name: str | os.PathLike) -> str:
+    """A tokenizer file, or the name of a shipped one (``demo``), as an absolute path; FileNotFoundError else."""
+    spec = os.fspath(path_or_name)
+    if os.path.isfile(spec):
+        return os.path.abspath(spec)
+    if spec in SHIPPED_TOKENIZERS:
+        return SHIPPED_TOKENIZERS[spec]
+    raise FileNotFoundError(f"tokenizer model not found: {spec} (give a SentencePiece .model file, or 'demo' for "
+                            "the shipped demo tokenizer; key tokenizer_path / option --tokenizer)")
 
 
 class Tokenizer:
@@ -22,9 +33,7 @@ class Tokenizer:
     """
 
     def __init__(self, path: str = DEFAULT_TOKENIZER, extra_special_tokens: Sequence[str] = ()):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer model not found: {path} (pass tokenizer_path / --tokenizer)")
-        self.path = os.path.abspath(path)
+        self.path = resolve_tokenizer(path)
         self.sp = spm.SentencePieceProcessor(model_file=self.path)
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()

@@ -20,12 +20,9 @@ DEFAULT_TRAIN_CONFIG = APP_DIR / "train_configs" / "13b_pretrain.json"
 
 
 def resolve_spark_model_config(cfg: TrainConfig) -> TrainConfig:
-    """``config: "13b"`` → ``apps/spark_13b/model_configs/13b.json`` (the trainer looks in fm9g_2b's dir)."""
-    if not Path(cfg.config).is_file():
-        for cand in (APP_DIR / "model_configs" / f"{cfg.config}.json", APP_DIR / "model_configs" / cfg.config):
-            if cand.is_file():
-                cfg.config = str(cand)
-                break
+    """``config: "13b"`` names a shipped *spark* config (unqualified names mean dragonfly's elsewhere)."""
+    if "/" not in cfg.config and not Path(cfg.config).is_file():
+        cfg.config = f"spark/{cfg.config}"
     return cfg
 
 

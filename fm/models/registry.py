@@ -12,7 +12,7 @@ from torch import nn
 from fm.models.config import ModelConfigError, config_from_dict, read_json
 from fm.models.dragonfly import Dragonfly, DragonflyConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "models"  # package data: <family>/<name>.json
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Family:
     name: str
     config_cls: type
     model_cls: type
-    app_dir: str  # apps/<app_dir>/model_configs holds its shipped configs
+    app_dir: str  # apps/<app_dir>/ in a checkout (its model_configs/ links to this family's shipped configs)
 
 
 def _families() -> dict[str, Family]:
@@ -45,59 +45,47 @@ def _family(name: str, source: str = "") -> Family:
 
 
 def shipped_configs() -> dict[str, list[Path]]:
-    """``{family: [apps/<app>/model_configs/*.json, …]}``."""
-    return {
-        name: sorted((REPO_ROOT / "apps" / fam.app_dir / "model_configs").glob("*.json"))
-        for name, fam in _families().items()
-    }
+    """``{family: [the shipped <family>/*.json, …]}`` (package data: they install with fm)."""
+    return {name: sorted((CONFIG_DIR / name).glob("*.json")) for name in _families()}
 
 
-def _resolve_path(path_or_name: str, family: str | None) -> tuple[Path, str | None]:
-    """A file path, or a shipped config name (``2.4b``, ``tiny``, ``spark_13b/tiny``)."""
+def resolve_model_config(path_or_name: str | Path, family: str | None = None) -> tuple[Path, str | None]:
+    """The one place a model config name becomes a file: ``(path, family or None)``.
+
+    ``path_or_name``: a JSON file; or a shipped config, ``<name>`` or ``<family>/<name>`` (``2.4b``, ``tiny``,
+    ``spark/13b``; the app names ``fm9g_2b/…`` and ``spark_13b/…`` work too). An unqualified name is looked up
+    in ``family`` if given, else in dragonfly first (upstream FM9G's configs), then the other families."""
     path = Path(path_or_name)
     if path.is_file():
         return path, family
-    name = path_or_name.removesuffix(".json")
-    app = None
+    name = str(path_or_name).removesuffix(".json")
+    fams = _families()
+    order = [family] if family else list(fams)
     if "/" in name:
-        app, name = name.split("/", 1)
-    candidates: list[tuple[str, Path]] = []
-    for fam_name, fam in _families().items():
-        if family is not None and fam_name != family:
-            continue
-        if app is not None and app not in (fam.app_dir, fam_name):
-            continue
-        file = REPO_ROOT / "apps" / fam.app_dir / "model_configs" / f"{name}.json"
-        if file.is_file():
-            candidates.append((fam_name, file))
-    if len(candidates) == 1:
-        fam_name, file = candidates[0]
-        return file, fam_name
-    if len(candidates) > 1:
-        options = ", ".join(f"{fam}: {f.relative_to(REPO_ROOT)}" for fam, f in candidates)
-        raise ModelConfigError(f"model config {path_or_name!r} is ambiguous ({options}); pass family= or a path")
+        prefix, name = name.split("/", 1)
+        order = [f for f, fam in fams.items() if prefix in (f, fam.app_dir)]
+    for fam_name in order:
+        if fam_name in fams and (CONFIG_DIR / fam_name / f"{name}.json").is_file():
+            return CONFIG_DIR / fam_name / f"{name}.json", fam_name
     known = sorted(f"{fam}/{p.stem}" for fam, paths in shipped_configs().items() for p in paths)
-    raise ModelConfigError(
-        f"model config {path_or_name!r}: no such file and no shipped config of that name; known: {', '.join(known)}"
-    )
+    raise ModelConfigError(f"model config {str(path_or_name)!r}: no such file and no shipped config of that name; "
+                           f"known: {', '.join(known)}")
 
 
 def load_model_config(path_or_name: str | Path | dict[str, Any], family: str | None = None) -> Any:
     """Load a typed config (:class:`DragonflyConfig` / :class:`SparkConfig`).
 
-    ``path_or_name``: a JSON file, a shipped config name (``"2.4b"``, ``"tiny"`` with ``family``,
-    ``"spark_13b/tiny"``), or a dict. The family comes from ``family``, else the file's
-    ``model_family`` key, else the app directory the file lives in, else ``dragonfly``.
+    ``path_or_name``: a JSON file, a shipped config name (see :func:`resolve_model_config`), or a dict. The
+    family comes from ``family``, else the file's ``model_family`` key, else the shipped family the name
+    resolved to, else ``dragonfly``.
     """
     if isinstance(path_or_name, dict):
         data, source, guessed = dict(path_or_name), "<dict>", None
     else:
-        path, guessed = _resolve_path(str(path_or_name), family)
+        path, guessed = resolve_model_config(path_or_name, family)
         data, source = read_json(path), str(path)
-        if guessed is None:
-            for fam_name, fam in _families().items():
-                if f"apps/{fam.app_dir}/" in path.resolve().as_posix():
-                    guessed = fam_name
+        if guessed is None and path.resolve().parent.parent == CONFIG_DIR:
+            guessed = path.resolve().parent.name
     name = family or (data.get("model_family") if isinstance(data, dict) else None) or guessed or "dragonfly"
     fam = _family(name, source)
     if family is not None and isinstance(data, dict) and data.get("model_family", family) != family:

@@ -7,6 +7,8 @@ Layout (``root`` is ``<save>/<model_unique>``, as upstream)::
     <root>/<step>/.log_ckpt                         JSON: iteration, token counters, ...
     <root>/<step>/dataset_ckpt/state.json           merged data-loader state
     <root>/<step>/config.json                       resolved train config
+    <root>/<step>/model_config.json                 resolved model config (with model_family): the step dir
+                                                    is self-describing, wherever it is copied
     <root>/<step>/tokenizer.model                   copy of the tokenizer
     <root>/<step>/scheduler.pt                      lr scheduler state
     <root>/<step>/rng/rank<r>.pt                    per-rank RNG states
@@ -60,6 +62,7 @@ LOG_CKPT = ".log_ckpt"
 DATASET_DIR = "dataset_ckpt"
 DATASET_FILE = f"{DATASET_DIR}/state.json"
 CONFIG_FILE = "config.json"
+MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = "tokenizer.model"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng/rank{rank}.pt"
@@ -202,6 +205,7 @@ def standard_parts(
     log_ckpt: dict[str, Any],
     dataset_state: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
     tokenizer_path: str | Path | None = None,
     scheduler_state: Any = None,
     save_optimizer: bool = True,
@@ -219,6 +223,8 @@ def standard_parts(
             parts.append(json_part(DATASET_FILE, dataset_state))
         if config is not None:
             parts.append(json_part(CONFIG_FILE, config))
+        if model_config is not None:
+            parts.append(json_part(MODEL_CONFIG_FILE, model_config))
         if tokenizer_path is not None:
             parts.append(copy_part(TOKENIZER_FILE, tokenizer_path))
         if scheduler_state is not None:

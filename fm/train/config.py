@@ -32,7 +32,7 @@ class TrainConfig:
     model_unique: str = "fm9g_run"  # run name: <save>/<model_unique>/ and <tensorboard>/<exp_group><model_unique>/
     config: str = "2.4b"  # model config: a name under apps/fm9g_2b/model_configs/ or a path to a JSON file
     dataset_config: str = ""  # mixture config JSON (dataset_configs/*.json)
-    tokenizer_path: str = "quick_start/tokenizer.model"
+    tokenizer_path: str = "demo"
     resume_ckpt: str = ""  # "" = fresh; "latest"; a step number; or a checkpoint directory path
     exp_group: str = ""  # tensorboard directory prefix
     # ---- shape of the work ----

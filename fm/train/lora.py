@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import sys
@@ -389,20 +390,22 @@ def load_adapter_into(engine: Engine, directory: str | Path) -> None:
 
 def adapter_parts(engine: Engine, step: int, *, lora_config: Any, log_ckpt: dict[str, Any],
                   dataset_state: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
-                  tokenizer_path: str | Path | None = None, scheduler_state: Any = None,
-                  save_optimizer: bool = True) -> list:
+                  model_config: dict[str, Any] | None = None, tokenizer_path: str | Path | None = None,
+                  scheduler_state: Any = None, save_optimizer: bool = True) -> list:
     """Checkpoint parts of a LoRA run: :func:`fm.train.checkpoint.standard_parts` with the adapter files
     (PEFT format, in the step directory itself) instead of the full model. Collective."""
     from fm.train import checkpoint as ck
 
     state = gather_adapter_state(engine)
     base = (config or {}).get("load_model") or None
+    if base and os.path.exists(base):
+        base = os.path.abspath(base)  # the adapter's base_model_name_or_path: found from wherever it is opened
 
     def write_adapter(d: Path) -> list[str]:
         return write_adapter_files(d, state, lora_config, base) if engine.is_main else []
 
     return ck.standard_parts(engine, step, log_ckpt=log_ckpt, dataset_state=dataset_state, config=config,
-                             tokenizer_path=tokenizer_path, scheduler_state=scheduler_state,
+                             model_config=model_config, tokenizer_path=tokenizer_path, scheduler_state=scheduler_state,
                              save_optimizer=save_optimizer, model=write_adapter)
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from fm.models.config import config_to_dict
 from fm.train import checkpoint as ckpt_lib
 from fm.train.config import TrainConfig, log_no_ops
 from fm.train.guard import RunLock, RunLockError, watch_launcher
@@ -61,7 +62,6 @@ from fm.train.step import Agreement, StepSums, agree, host_counts, micro_to_devi
 
 log = logging.getLogger("fm.train")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_OK, EXIT_NONFINITE = 0, 3
 
 
@@ -84,17 +84,6 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     if p.is_file():
         return p
     return ckpt_lib.resolve_checkpoint(run_dir(cfg), spec)
-
-
-def _resolve_model_config(name: str) -> str:
-    p = Path(name)
-    if p.is_file():
-        return str(p)
-    for cand in (REPO_ROOT / "apps" / "fm9g_2b" / "model_configs" / f"{name}.json",
-                 REPO_ROOT / "apps" / "fm9g_2b" / "model_configs" / name):
-        if cand.is_file():
-            return str(cand)
-    return name  # let the registry resolve a known name
 
 
 def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -241,7 +230,7 @@ class Trainer:
         from fm.models.registry import build_model, load_model_config, mup_scaled_param_names
 
         cfg, e = self.cfg, self.engine
-        self.model_config = load_model_config(_resolve_model_config(cfg.config))
+        self.model_config = load_model_config(cfg.config)
         meta = build_model(self.model_config, device="meta")
         scaled = set(mup_scaled_param_names(meta))
         scale_width = float(getattr(self.model_config, "scale_width", 1.0) or 1.0)
@@ -419,14 +408,13 @@ class Trainer:
             merged = merge_states(loader_states)
         log_ckpt = {**self.state_dict(), "optimizer_steps": self.scheduler.num_iters, "world_size": e.world_size,
                     "reason": reason, "time": time.time()}
-        tok = Path(cfg.tokenizer_path)
         make_parts = ckpt_lib.standard_parts
         if cfg.lora:  # adapter files instead of the full model
             from fm.train import lora as lora_lib
 
             make_parts = functools.partial(lora_lib.adapter_parts, lora_config=self.lora_config)
         parts = make_parts(e, step, log_ckpt=log_ckpt, dataset_state=merged, config=cfg.to_dict(),
-                           tokenizer_path=tok if tok.is_file() else None,
+                           model_config=config_to_dict(self.model_config), tokenizer_path=self.tokenizer.path,
                            scheduler_state=self.scheduler.state_dict())
         final = self.ckpt.save(step, parts)
         self._last_saved = step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +14,14 @@ import torch.nn.functional as F
 from fm.models.config import ModelConfigError
 from fm.models.dragonfly import Dragonfly, DragonflyConfig
 from fm.models.registry import (
-    REPO_ROOT,
     build_model,
     load_model_config,
     mup_scaled_param_names,
     shipped_configs,
 )
 from fm.models.spark import MEGATRON_TO_SPARK, Spark, SparkConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 TINY = "fm9g_2b/tiny"
 SPARK_TINY = "spark_13b/tiny"
@@ -97,8 +99,11 @@ def test_config_type_and_value_errors(tmp_path):
     path.write_text('{"vocab_size": 1,\n "x": }')
     with pytest.raises(ModelConfigError, match=r"c\.json:2:\d+: invalid JSON"):
         load_model_config(str(path))
-    with pytest.raises(ModelConfigError, match="ambiguous"):
-        load_model_config("tiny")
+    # One rule for unqualified names everywhere (upstream FM9G's configs are dragonfly's): dragonfly first.
+    assert isinstance(load_model_config("tiny"), DragonflyConfig)
+    assert isinstance(load_model_config("spark/tiny"), SparkConfig)
+    assert isinstance(load_model_config("spark_13b/tiny"), SparkConfig)
+    assert isinstance(load_model_config("13b"), SparkConfig)  # only spark has it
     with pytest.raises(ModelConfigError, match="no shipped config of that name"):
         load_model_config("nope")
     assert isinstance(load_model_config("tiny", family="spark"), SparkConfig)

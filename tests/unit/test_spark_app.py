@@ -181,7 +181,9 @@ def test_shipped_train_configs_load_and_resolve():
     assert len(files) == 6
     for f in files:
         cfg = pre.resolve_spark_model_config(load_config(f))
-        assert Path(cfg.config).is_file() and cfg.eos_token == "<end>"
+        from fm.models.registry import load_model_config
+
+        assert load_model_config(cfg.config).model_family == "spark" and cfg.eos_token == "<end>"
         assert cfg.lora == ("lora" in f.name)
     assert pre.normalise_flags(["--lora", "--lr", "1"]) == ["--lora", "true", "--lr", "1"]
     assert sft.wants_lora(["--lora", "true"]) and not sft.wants_lora(["--lora", "false"])
