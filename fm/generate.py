@@ -8,6 +8,7 @@ shortest prompt and a longer prompt feeds its own next token until it is used up
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -360,7 +361,7 @@ def generate_text(model: torch.nn.Module, prompts: str | Sequence[str], tokenize
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI: python -m fm.generate --config tiny --checkpoint CKPT --tokenizer tok.model --prompt "…"
+# CLI: fm generate --checkpoint CKPT --prompt "…" (python -m fm.generate)
 
 TEMPLATES = {
     "none": "{q}",
@@ -391,50 +392,57 @@ def _read_questions(args: Any) -> list[dict[str, Any]]:
     return records
 
 
-def _load_model(args: Any) -> torch.nn.Module:
-    from pathlib import Path
-
-    from fm.export.hf import extract_state_dict, resolve_checkpoint
+def _load_model(args: Any) -> tuple[torch.nn.Module, str | None]:
+    """(model, the checkpoint's tokenizer or None) for ``--checkpoint`` in any form fm.checkpoints opens."""
     from fm.models.config import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype) if args.dtype else None
+    if args.checkpoint:
+        from fm.checkpoints import open_checkpoint
+
+        ck = open_checkpoint(args.checkpoint, model_config=args.config, base=args.base)
+        model = ck.build_model(device=args.device, dtype=dtype)
+        return model, str(ck.tokenizer) if ck.tokenizer else None
+    if args.config is None:
+        raise ValueError("give --checkpoint, or --config (a model config json or a shipped name such as 2.4b) to "
+                         "generate with random weights")
     from fm.models.registry import build_model, load_model_config
 
-    if args.checkpoint and args.config is None:
-        pt, config = resolve_checkpoint(args.checkpoint, None)  # finds the config beside a dragonfly checkpoint
-    else:
-        if args.config is None:
-            raise ValueError("--config is required (a model config json or a shipped name such as 2.4b)")
-        config = load_model_config(args.config)
-        pt = None
-        if args.checkpoint:
-            pt = Path(args.checkpoint)
-            if pt.is_dir():
-                pts = sorted(pt.glob("fm9g_live_checkpoint-*.pt")) or sorted(pt.glob("*.pt"))
-                if not pts:
-                    raise FileNotFoundError(f"{pt}: no .pt state dict in the directory")
-                pt = pts[-1]
-    dtype = resolve_dtype(args.dtype) if args.dtype else None
-    model = build_model(config, device=args.device, dtype=dtype)
-    if pt is not None:
-        from fm.io import load_torch
-
-        state = extract_state_dict(load_torch(pt, map_location=args.device), str(pt))
-        model.load_state_dict(state, strict=True)
-    else:
-        logging.getLogger("fm.generate").warning("no --checkpoint: generating with random weights")
-    return model.eval()
+    logging.getLogger("fm.generate").warning("no --checkpoint: generating with random weights")
+    return build_model(load_model_config(args.config), device=args.device, dtype=dtype).eval(), None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-    import json
     import sys
 
     from fm.tokenizer import Tokenizer
 
-    p = argparse.ArgumentParser(prog="python -m fm.generate", description="Generate text with a dragonfly/spark model")
-    p.add_argument("--config", help="model config json or shipped name (default: found beside --checkpoint)")
-    p.add_argument("--checkpoint", help="state dict .pt or checkpoint directory")
-    p.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    p = build_parser()
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        records = _read_questions(args)
+        model, own_tokenizer = _load_model(args)
+        tok_path = args.tokenizer or own_tokenizer
+        if tok_path is None:
+            raise ValueError(f"{args.checkpoint or args.config}: no tokenizer.model in the checkpoint; "
+                             "give --tokenizer")
+        tok = Tokenizer(tok_path)
+    except (OSError, ValueError, KeyError) as e:  # bad input: the message names it and says how to fix it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _run(args, model, tok, records)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fm generate", description="Generate text with a dragonfly or Spark model.")
+    p.add_argument("--checkpoint", help="run or step directory, .pt state dict, LoRA adapter directory (folded into "
+                   "its base) or Hugging Face export; its model config and tokenizer come with it")
+    p.add_argument("--config", help="model config json or shipped name (default: the checkpoint's own; without "
+                   "--checkpoint: random weights of this config)")
+    p.add_argument("--base", help="LoRA adapter only: the base weights "
+                   "(default: the adapter's base_model_name_or_path)")
+    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the checkpoint's own)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--predict-data", help="questions joined by '##' (Spark's predict_data)")
     p.add_argument("--input-file", help="json/jsonl with an 'input' field per record")
@@ -455,15 +463,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stream", action="store_true", help="print text as it is generated (batch size 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", help="bf16 | fp16 | fp32 (default: the model config's)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return p
 
-    tok = Tokenizer(args.tokenizer)
+
+def _run(args: Any, model: torch.nn.Module, tok: Any, records: list[dict[str, Any]]) -> int:
+    import json
+    import sys
+
     stops = [tok.eos_id]
     for piece in args.stop + (["<end>"] if args.template == "spark" else []):
         tid = tok.piece_to_id(piece)
         if tid == tok.unk_id:
-            raise SystemExit(f"error: stop piece {piece!r} is not in {args.tokenizer}")
+            print(f"error: stop piece {piece!r} is not in {tok.path}", file=sys.stderr)
+            return 2
         stops.append(tid)
     cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
@@ -471,8 +483,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         repetition_penalty_mode=args.repetition_penalty_mode,
         repetition_penalty_increase=args.repetition_penalty_increase, stop_token_ids=tuple(stops),
         seed=args.seed, use_cache=not args.no_cache)
-    records = _read_questions(args)
-    model = _load_model(args)
     spark = args.template == "spark"
     # the output jsonl is written under a temp name and renamed when complete
     tmp_out = f"{args.output}.tmp{os.getpid()}" if args.output else None

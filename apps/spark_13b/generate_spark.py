@@ -94,35 +94,50 @@ def generation_config(args: argparse.Namespace, stop_ids: Sequence[int]) -> Gene
         seed=args.seed, use_cache=bool(args.use_past))
 
 
-def load_model(args: argparse.Namespace) -> torch.nn.Module:
+def open_model(args: argparse.Namespace) -> Any:
+    """The checkpoint to generate from (any form fm.checkpoints opens; a LoRA adapter folded into
+    ``--load_checkpoint``), or None for random weights."""
+    from fm.checkpoints import open_checkpoint
+
+    if args.lora_checkpoint:
+        if not args.load_checkpoint:
+            raise ValueError("--lora_checkpoint needs --load_checkpoint (the base weights)")
+        return open_checkpoint(args.lora_checkpoint, model_config=args.config, family="spark",
+                               base=args.load_checkpoint)
+    if args.load_checkpoint:
+        return open_checkpoint(args.load_checkpoint, model_config=args.config, family="spark")
+    return None
+
+
+def load_model(args: argparse.Namespace, ck: Any = None) -> torch.nn.Module:
+    from fm.checkpoints import CheckpointFormError
     from fm.models.config import resolve_dtype
     from fm.models.registry import build_model, load_model_config
-    from fm.train import lora
 
-    config = load_model_config(args.config, family="spark") if not Path(args.config).is_file() else \
-        load_model_config(args.config)
     dtype = resolve_dtype(args.dtype) if args.dtype else None
-    model = build_model(config, device=args.device, dtype=dtype)
-    if args.load_checkpoint:
-        state = lora._read_state(args.load_checkpoint)
-        if args.lora_checkpoint:
-            adapter_cfg, adapter = lora.load_adapter(args.lora_checkpoint)
-            state = lora.merge_state_dict(state, adapter, adapter_cfg)
-        model.load_state_dict(state, strict=True)
-    else:
-        if args.lora_checkpoint:
-            raise ValueError("--lora_checkpoint needs --load_checkpoint (the base weights)")
+    ck = ck if ck is not None else open_model(args)
+    if ck is None:
         log.warning("no --load_checkpoint: generating with random weights")
-    return model.eval()
+        return build_model(load_model_config(args.config or "spark/13b", "spark"), device=args.device,
+                           dtype=dtype).eval()
+    try:
+        ck.model_config  # noqa: B018 - the checkpoint's own config, when it has one
+    except CheckpointFormError:  # a released Spark .pt carries none: the 13B config, as Spark's own script
+        ck.config_hint = "spark/13b"
+        log.info("%s has no model config: using spark/13b (give --config otherwise)", ck.describe())
+    return ck.build_model(device=args.device, dtype=dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="generate_spark.py", description="iFlytekSpark-13B text generation")
     a = p.add_argument
-    a("--config", default="13b", help="model config: a name under apps/spark_13b/model_configs/ or a json path")
-    a("--load_checkpoint", "--load-checkpoint", "--checkpoint", help="state dict .pt or checkpoint directory")
+    a("--config", help="model config: a json path or a shipped name such as spark/13b (default: the checkpoint's "
+      "own, else spark/13b)")
+    a("--load_checkpoint", "--load-checkpoint", "--checkpoint",
+      help="weights: a .pt state dict, a checkpoint or run directory (or the base of --lora_checkpoint)")
     a("--lora_checkpoint", "--lora-checkpoint", help="PEFT adapter directory folded into the weights")
-    a("--tokenizer_file", "--tokenizer-file", "--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    a("--tokenizer_file", "--tokenizer-file", "--tokenizer",
+      help="SentencePiece tokenizer.model (default: the checkpoint's own)")
     a("--predict_data", "--predict-data", required=True, help="'[q1##q2]' or a json/jsonl file with 'input'")
     a("--json-output-path", "--json_output_path", dest="json_output_path", help="jsonl with a 'generate' field")
     a("--predict_length", "--predict-length", type=int, default=512, help="most new tokens per question")
@@ -145,16 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, out=sys.stdout) -> list[dict[str, Any]]:
     from fm.tokenizer import Tokenizer
 
-    tok = Tokenizer(args.tokenizer_file)
+    records = parse_predict_data(args.predict_data)
+    if not records:
+        raise ValueError("--predict_data holds no question")
+    ck = open_model(args)
+    tok_path = args.tokenizer_file or (ck.tokenizer if ck is not None else None)
+    if tok_path is None:
+        raise ValueError("no tokenizer: the checkpoint has no tokenizer.model; give --tokenizer_file")
+    tok = Tokenizer(tok_path)
     stops = [tok.eos_id]
     end = tok.piece_to_id("<end>")
     if end != tok.unk_id:
         stops.append(end)
     cfg = generation_config(args, stops)
-    records = parse_predict_data(args.predict_data)
-    if not records:
-        raise ValueError("--predict_data holds no question")
-    model = load_model(args)
+    model = load_model(args, ck)
     batch = 1 if args.streamer else max(1, args.predict_batch)
     results: list[dict[str, Any]] = []
 

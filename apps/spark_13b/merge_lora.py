@@ -3,11 +3,13 @@
     python apps/spark_13b/merge_lora.py --base spark13b_base.pt --lora data/checkpoints/spark13b_lora/2000 \\
         --output spark13b_sft_merged.pt [--dtype bf16]
 
-``--base``: a state dict ``.pt`` or a checkpoint directory holding one; ``--lora``: a PEFT adapter
-directory (``adapter_config.json`` + ``adapter_model.safetensors``: every LoRA checkpoint directory is
-one). Each adapted weight becomes ``W + (B @ A)·alpha/r`` (computed in fp32, stored in the base's dtype,
-or ``--dtype``); adapter keys are dropped. The output is written atomically and loads into the plain
-model with ``strict=True``, so generation, export and further training use it like any checkpoint.
+``--lora``: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``: every LoRA
+checkpoint directory is one); ``--base``: the base weights in any checkpoint form (default: the adapter's
+``base_model_name_or_path``, which the trainer records). Same as ``fm lora merge``. Each adapted weight
+becomes ``W + (B @ A)·alpha/r`` (computed in fp32, stored in the base's dtype, or ``--dtype``); adapter
+keys are dropped. The output is written atomically and loads into the plain model with ``strict=True``, with
+its model config beside it (``<output stem>.json``), so generation, export and further training use it like
+any checkpoint.
 """
 
 from __future__ import annotations
@@ -22,21 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from fm.io import atomic_torch_save  # noqa: E402
 from fm.train import lora  # noqa: E402
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 log = logging.getLogger("spark.merge_lora")
 
 
-def merge(base: str | Path, adapter_dir: str | Path, output: str | Path, dtype: str | None = None) -> Path:
-    state = lora._read_state(base)
+def merge(base: str | Path | None, adapter_dir: str | Path, output: str | Path, dtype: str | None = None) -> Path:
     cfg, adapter = lora.load_adapter(adapter_dir)
-    merged = lora.merge_state_dict(state, adapter, cfg)
-    if dtype:
-        merged = {k: (v.to(_DTYPES[dtype]) if v.is_floating_point() else v) for k, v in merged.items()}
     out = Path(output)
-    atomic_torch_save({k: v.contiguous() for k, v in merged.items()}, out)
+    lora.merge_adapter(adapter_dir, base, out, _DTYPES[dtype] if dtype else None)
     log.info("merged %d adapted weights (r=%s, alpha=%s, scale %.4g) into %s", len(adapter) // 2, cfg["r"],
              cfg["lora_alpha"], lora.scaling(cfg), out)
     return out
@@ -44,7 +41,8 @@ def merge(base: str | Path, adapter_dir: str | Path, output: str | Path, dtype: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="merge_lora.py", description="fold a PEFT LoRA adapter into dense weights")
-    p.add_argument("--base", required=True, help="base state dict .pt or checkpoint directory")
+    p.add_argument("--base", help="base weights: .pt, checkpoint or run directory, Hugging Face export (default: the "
+                   "adapter's base_model_name_or_path)")
     p.add_argument("--lora", required=True, help="PEFT adapter directory (a LoRA checkpoint directory)")
     p.add_argument("--output", required=True, help="merged state dict .pt to write")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the merged weights (default: the base's dtype)")
@@ -52,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         merge(args.base, args.lora, args.output, args.dtype)
-    except (lora.LoraError, FileNotFoundError, KeyError) as e:
+    except (lora.LoraError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

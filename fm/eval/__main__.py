@@ -1,4 +1,4 @@
-"""``python -m fm.eval``: evaluate a checkpoint on local benchmark files; see docs/evaluation.md."""
+"""``fm eval`` (``python -m fm.eval``): evaluate a checkpoint on local benchmark files; see docs/evaluation.md."""
 
 from __future__ import annotations
 
@@ -14,24 +14,23 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("fm.eval")
+from fm.models.config import DTYPES
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+log = logging.getLogger("fm.eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fm.eval", description=__doc__,
+    p = argparse.ArgumentParser(prog="fm eval", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", required=True,
-                   help="a .pt state dict, a checkpoint dir <save>/<model_unique>/<step>/, a run dir "
-                        "<save>/<model_unique>/ (latest step), or a Hugging Face directory")
-    m.add_argument("--model-config", default=None, help="model config json or name (default: config.json of the "
-                   "checkpoint directory)")
+                   help="a run dir <save>/<model_unique>/ (latest step), a step dir, a .pt state dict, a LoRA "
+                        "adapter dir (folded into its base), or a Hugging Face directory")
+    m.add_argument("--model-config", default=None, help="model config json or shipped name (default: the "
+                   "checkpoint's own)")
     m.add_argument("--model-family", default=None, help="dragonfly or spark, if the config does not say")
-    m.add_argument("--tokenizer", default=None, help="SentencePiece tokenizer.model (default: tokenizer.model next "
-                   "to the checkpoint / in the HF dir)")
+    m.add_argument("--tokenizer", default=None, help="SentencePiece tokenizer.model (default: the checkpoint's "
+                   "own)")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     m.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     m.add_argument("--max-length", type=int, default=None, help="longest input in tokens (default: the model "
@@ -119,7 +118,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from fm.eval import scoring, tasks
-    from fm.eval.loading import default_tokenizer, load_model
+    from fm.eval.loading import load_model
     from fm.tokenizer import Tokenizer
 
     if not (args.ceval_dir or args.mmlu_dir or args.cmmlu_dir or args.gsm8k or args.ppl_data):
@@ -150,16 +149,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"error: {shots_file} has {len(shots)} examples, fewer than --gsm8k-shots")
         gsm = (test_file, examples, shots)
 
-    model, source, config_source = load_model(args.checkpoint, model_config=args.model_config, family=args.model_family,
-                               device=args.device, dtype=dtype)
-    tok_path = args.tokenizer or default_tokenizer(source)
+    model, ck, config_source = load_model(args.checkpoint, model_config=args.model_config, family=args.model_family,
+                                          device=args.device, dtype=dtype)
+    tok_path = args.tokenizer or (str(ck.tokenizer) if ck.tokenizer else None)
     if tok_path is None:
-        raise SystemExit("error: --tokenizer is required (no tokenizer.model next to the checkpoint)")
+        raise SystemExit(f"error: {ck.describe()} has no tokenizer.model: give --tokenizer")
     tokenizer = Tokenizer(tok_path)
     max_length = args.max_length or getattr(model.config, "max_length", None) or 4096
 
     results: dict[str, Any] = {
-        "checkpoint": os.path.abspath(args.checkpoint), "weights": os.path.abspath(source.path),
+        "checkpoint": os.path.abspath(args.checkpoint), "weights": os.path.abspath(ck.weights or ck.path),
         "model_config": config_source, "tokenizer": os.path.abspath(tok_path),
         "settings": {"device": str(args.device), "dtype": str(dtype).removeprefix("torch."),
                      "max_length": max_length, "batch_size": args.batch_size, "shots": args.shots,
@@ -192,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         results = run(args)
-    except (EvalDataError, CheckpointError, FileNotFoundError) as e:
+    except (EvalDataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(results, per_subject=args.per_subject))

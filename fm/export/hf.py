@@ -19,9 +19,9 @@ CLI::
     python -m fm.export.hf --checkpoint CKPT --output OUT_DIR        # same ("export" is the default)
     python -m fm.export.hf import --hf-dir HF_DIR --output OUT.pt [--config-output OUT.json]
 
-``CKPT`` is either a ``.pt`` full state dict (``fm9g_live_checkpoint-<step>.pt``; then ``--config``
-names the model config json, or a ``model_config.json``/``config.json`` beside it is used) or a
-checkpoint directory holding such a ``.pt`` and the config.
+``CKPT`` is any form :func:`fm.checkpoints.open_checkpoint` opens: a run or step directory, a ``.pt`` state dict,
+or a LoRA adapter directory (exported merged into its base). Its model config and tokenizer come from the
+checkpoint itself unless ``--config``/``--tokenizer`` are given.
 """
 
 from __future__ import annotations
@@ -367,104 +367,10 @@ class _AtomicDir:
             os.replace(self.tmp, self.target)
 
 
-def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The tensor dict inside a loaded ``.pt`` (bare, or under ``model``/``state_dict``/``module``)."""
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {k.removeprefix("module."): v for k, v in obj.items()}
-    if isinstance(obj, Mapping):
-        for key in ("model", "state_dict", "module"):
-            if isinstance(obj.get(key), Mapping):
-                return extract_state_dict(obj[key], source)
-    raise ValueError(f"{source}: not a state dict (expected a dict of tensors, possibly under 'model')")
-
-
-def _step_of(path: Path) -> int:
-    m = re.search(r"-(\d+)\.pt$", path.name)
-    return int(m.group(1)) if m else -1
-
-
-def _is_model_config(d: Any) -> bool:
-    return isinstance(d, Mapping) and "dim_model" in d and "num_layers" in d
-
-
-def find_model_config(search_dirs: Sequence[Path]) -> Any | None:
-    """``model_config.json``, or a ``config.json`` that is (or nests, under ``model``/``model_config``)
-    a model config, in the first directory that has one."""
-    for d in search_dirs:
-        for name in ("model_config.json", "config.json"):
-            p = Path(d) / name
-            if not p.is_file():
-                continue
-            data = json.loads(p.read_text())
-            if _is_model_config(data):
-                return as_config(data, str(p))
-            for key in ("model_config", "model"):
-                if _is_model_config(data.get(key) if isinstance(data, Mapping) else None):
-                    return as_config(data[key], f"{p}:{key}")
-            if isinstance(data, Mapping) and isinstance(data.get("config"), str):
-                return _config_named_by_train_config(data["config"], p)
-    return None
-
-
-def _config_named_by_train_config(name: str, train_config: Path) -> Any:
-    """Our trainer saves the resolved train config, whose ``config`` key names the model config
-    (a shipped name such as ``2.4b``, or a path, absolute or relative to where training ran)."""
-    candidates = [name, str(train_config.parent / name)]
-    for cand in candidates:
-        try:
-            return load_config_arg(cand)
-        except (FileNotFoundError, ValueError):
-            continue
-    raise FileNotFoundError(f"{train_config}: model config {name!r} (key 'config') not found as a shipped name "
-                            "or a path: pass --config with the model config json")
-
-
-def load_config_arg(config: str | os.PathLike) -> Any:
-    """``--config``: a model config json path, or a shipped config name (``2.4b``, ``tiny``)."""
-    from fm.models.registry import load_model_config
-
-    return load_model_config(str(config), "dragonfly")
-
-
-def resolve_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLike | None) -> tuple[Path, Any]:
-    """(state-dict file, DragonflyConfig) for a ``.pt`` file, a checkpoint step directory, or a run
-    directory (its newest complete checkpoint)."""
-    ckpt = Path(checkpoint)
-    if ckpt.is_dir() and not any(ckpt.glob("*.pt")):
-        # A run directory (<save>/<model_unique>/): its newest complete step directory.
-        from fm.train.checkpoint import resolve_checkpoint as resolve_step_dir
-
-        step_dir = resolve_step_dir(ckpt, "latest")
-        if step_dir is not None:
-            ckpt = Path(step_dir)
-    if ckpt.is_dir():
-        candidates = sorted(ckpt.glob("fm9g_live_checkpoint-*.pt"), key=_step_of) or sorted(ckpt.glob("*.pt"))
-        if not candidates:
-            raise FileNotFoundError(f"{ckpt}: no fm9g_live_checkpoint-<step>.pt (or other .pt) in the directory")
-        pt, search = candidates[-1], [ckpt, ckpt.parent]
-    elif ckpt.is_file():
-        pt, search = ckpt, [ckpt.parent]
-    else:
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    cfg = load_config_arg(config) if config else find_model_config(search)
-    if cfg is None:
-        raise FileNotFoundError(f"no model config beside {pt} (model_config.json / config.json with dim_model): "
-                                "pass --config apps/fm9g_2b/model_configs/<name>.json")
-    return pt, cfg
-
-
-def _load_pt(path: Path) -> Any:
-    return load_torch(path, mmap=True)  # memory-mapped: tensors are read as they are converted
-
-
 def _parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-    if name.lower() not in table:
-        raise ValueError(f"unknown dtype {name!r}: choose bf16, fp16 or fp32")
-    return table[name.lower()]
+    from fm.models.config import resolve_dtype
+
+    return None if name is None else resolve_dtype(name, "--dtype")
 
 
 # ------------------------------------------------------------------------------- tokenizer
@@ -534,19 +440,19 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
                       dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
                       overwrite: bool = False) -> Path:
     """Write a Hugging Face Llama directory for a dragonfly checkpoint; returns the directory."""
-    pt, cfg = resolve_checkpoint(checkpoint, config)
-    state = extract_state_dict(_load_pt(pt), str(pt))
+    from fm.checkpoints import open_checkpoint
+    from fm.models.dragonfly import DragonflyConfig
+
+    ck = open_checkpoint(checkpoint, model_config=config, tokenizer=tokenizer)
+    cfg = ck.model_config
+    if not isinstance(cfg, DragonflyConfig):
+        raise ValueError(f"{ck.describe()}: a {cfg.model_family} model; only dragonfly exports to Hugging Face Llama "
+                         "(Spark's sliding-window attention has no stock transformers architecture)")
+    state = ck.state_dict()
     target_dtype = dtype if isinstance(dtype, torch.dtype) else _parse_dtype(dtype)
     hf_state = dragonfly_to_hf(state, cfg, target_dtype)
     out_dtype = next(iter(hf_state.values())).dtype
-    sp_model = Path(tokenizer) if tokenizer else None
-    if sp_model is None:
-        for cand in (pt.parent / "tokenizer.model", pt.parent.parent / "tokenizer.model"):
-            if cand.is_file():
-                sp_model = cand
-                break
-    if sp_model is not None and not sp_model.is_file():
-        raise FileNotFoundError(f"tokenizer not found: {sp_model}")
+    sp_model = ck.tokenizer
     bos, eos, pad = _special_ids(sp_model)
     hf_cfg = hf_config_from_dragonfly(cfg, out_dtype, bos, eos, pad)
     gen_cfg = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
@@ -559,7 +465,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
             write_tokenizer_files(sp_model, tmp)
         else:
             log.warning("no tokenizer given (--tokenizer): the export has weights and config only")
-    log.info("exported %s → %s (%d weight file(s), %s)", pt, output, len(files), out_dtype)
+    log.info("exported %s → %s (%d weight file(s), %s)", ck.describe(), output, len(files), out_dtype)
     return output
 
 
@@ -586,10 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fm.export.hf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="dragonfly checkpoint → Hugging Face Llama directory")
-    ex.add_argument("--checkpoint", required=True, help="fm9g_live_checkpoint-<step>.pt or a checkpoint directory")
+    ex.add_argument("--checkpoint", required=True,
+                    help="run or step directory, .pt state dict, or LoRA adapter directory (merged into its base)")
     ex.add_argument("--output", required=True, help="output directory (created atomically)")
-    ex.add_argument("--config", help="model config json (default: model_config.json/config.json beside it)")
-    ex.add_argument("--tokenizer", help="SentencePiece tokenizer.model to ship (default: one beside the checkpoint)")
+    ex.add_argument("--config", help="model config json or shipped name (default: the checkpoint's own)")
+    ex.add_argument("--tokenizer", help="SentencePiece tokenizer.model to ship (default: the checkpoint's own)")
     ex.add_argument("--dtype", help="bf16 | fp16 | fp32 (default: the checkpoint's dtype)")
     ex.add_argument("--max-shard-size", default="5GB", help="split weights above this size (default 5GB)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

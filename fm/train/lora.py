@@ -347,17 +347,37 @@ def merge_state_dict(base: Mapping[str, torch.Tensor], adapter: Mapping[str, tor
 
 # ----------------------------------------------------------------------------- engine glue
 def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
-    from fm.export.hf import extract_state_dict
-    from fm.train.checkpoint import model_file
+    """Dense weights from any checkpoint form (:func:`fm.checkpoints.open_checkpoint`)."""
+    from fm.checkpoints import open_checkpoint
 
-    p = Path(path)
-    if p.is_dir():
-        p = model_file(p)
-    if not p.is_file():
-        raise FileNotFoundError(f"load_model: {p} does not exist (give a .pt state dict or a checkpoint directory)")
-    from fm.io import load_torch
+    try:
+        return open_checkpoint(path).state_dict()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_model: {path} does not exist (give a .pt state dict, a checkpoint or run "
+                                "directory, or a Hugging Face export)") from None
 
-    return dict(extract_state_dict(load_torch(p, mmap=True), str(p)))
+
+def merge_adapter(adapter_dir: str | Path, base: str | Path | None = None, output: str | Path | None = None,
+                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The dense state dict of an adapter folded into its base (``base``, else the adapter's recorded base);
+    with ``output``, also written there (atomically) with its model config beside it (``<output stem>.json``)."""
+    from fm.checkpoints import CheckpointFormError, open_checkpoint, write_config_beside
+
+    ck = open_checkpoint(adapter_dir, base=base)
+    if ck.kind != "lora":
+        raise LoraError(f"{adapter_dir}: not a LoRA adapter directory (no {ADAPTER_CONFIG}); it is a {ck.describe()}")
+    merged = ck.state_dict()
+    if dtype is not None:
+        merged = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in merged.items()}
+    if output is not None:
+        from fm.io import atomic_torch_save
+
+        atomic_torch_save({k: v.contiguous() for k, v in merged.items()}, output)
+        try:
+            write_config_beside(output, ck.model_config)
+        except CheckpointFormError as e:  # an upstream adapter and base with no config anywhere: weights only
+            log.warning("%s; wrote the weights only", e)
+    return merged
 
 
 def load_base_weights(engine: Engine, path: str | Path) -> None:
@@ -446,32 +466,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     (a dragonfly adapter for the Hugging Face Llama export) or ``merge --base B --lora DIR --output OUT.pt``."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m fm.train.lora", description="LoRA adapter tools")
+    p = argparse.ArgumentParser(prog="fm lora", description="LoRA adapter tools: fold an adapter into dense weights, "
+                                "or convert a dragonfly adapter for the Hugging Face Llama export.")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export-hf", help="dragonfly adapter → adapter for the Hugging Face Llama export")
     e.add_argument("--adapter", required=True, help="PEFT adapter directory (a LoRA checkpoint directory)")
-    e.add_argument("--config", required=True, help="dragonfly model config json (or a shipped name)")
+    e.add_argument("--config", help="dragonfly model config json or shipped name (default: the adapter's own)")
     e.add_argument("--output", required=True, help="adapter directory to write")
     e.add_argument("--base-model", help="the exported Hugging Face directory (recorded in adapter_config.json)")
     m = sub.add_parser("merge", help="fold an adapter into a dense state dict")
-    m.add_argument("--base", required=True)
-    m.add_argument("--lora", required=True)
-    m.add_argument("--output", required=True)
+    m.add_argument("--lora", required=True, help="PEFT adapter directory (a LoRA checkpoint directory)")
+    m.add_argument("--base", help="base weights, any checkpoint form (default: the adapter's base_model_name_or_path)")
+    m.add_argument("--output", required=True, help="merged state dict .pt to write (its model config goes beside it)")
+    m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast the merged weights (default: the base's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "export-hf":
-            from fm.models.registry import load_model_config
+            from fm.checkpoints import open_checkpoint
 
-            out = dragonfly_adapter_to_hf(args.adapter, args.output, load_model_config(args.config, "dragonfly"),
-                                          args.base_model)
+            config = open_checkpoint(args.adapter, model_config=args.config, family="dragonfly").model_config
+            out = dragonfly_adapter_to_hf(args.adapter, args.output, config, args.base_model)
         else:
-            from fm.io import atomic_torch_save
+            from fm.models.config import resolve_dtype
 
-            cfg, adapter = load_adapter(args.lora)
             out = Path(args.output)
-            atomic_torch_save(merge_state_dict(_read_state(args.base), adapter, cfg), out)
-    except (LoraError, FileNotFoundError, KeyError) as exc:
+            merge_adapter(args.lora, args.base, out, resolve_dtype(args.dtype) if args.dtype else None)
+    except (LoraError, FileNotFoundError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log.info("wrote %s", out)

@@ -77,6 +77,16 @@ def test_two_process_fsdp_lora_and_exact_resume(tmp_path, tokenizer_path):
     # the full-shape adapter from the shards loads with PEFT onto the base
     pm = PeftModel.from_pretrained(base, str(ckpt6))
     assert pm.base_model.model.encoder.layers[0].self_attention.q_proj.lora_B["default"].weight.shape == (128, 4)
+    # the adapter folder opens as the base the trainer recorded with the adapter folded in, as PEFT merges it
+    from fm.checkpoints import open_checkpoint
+
+    opened = open_checkpoint(ckpt6)
+    assert opened.kind == "lora" and opened.base.path == tmp_path / "base.pt" and opened.model_config == mc
+    merged = opened.state_dict()
+    ref = pm.merge_and_unload().state_dict()
+    assert sorted(merged) == sorted(ref)
+    for k, v in ref.items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-6)
 
     # resume from step 3 in a fresh run directory: steps 4..6 repeat exactly
     shutil.copytree(ckpt3, tmp_path / "ckpt2" / "lora" / "3")

@@ -129,9 +129,16 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert "encoder.layers.1.ffn.ffn.w_in.w_0.weight" in sd
     log_ckpt = json.loads((run / "40" / ".log_ckpt").read_text())
     assert log_ckpt["iteration"] == 40 and log_ckpt["consumed_tokens"] == sum(r["tokens"] for r in ref.values())
-    for name in ("config.json", "tokenizer.model", "dataset_ckpt/state.json", "rng/rank1.pt", "scheduler.pt",
-                 "COMPLETE", "optimizer"):
+    for name in ("config.json", "model_config.json", "tokenizer.model", "dataset_ckpt/state.json", "rng/rank1.pt",
+                 "scheduler.pt", "COMPLETE", "optimizer"):
         assert (run / "40" / name).exists(), name
+    # self-describing: the run directory alone gives the model config, the weights and the tokenizer
+    from fm.checkpoints import open_checkpoint
+
+    opened = open_checkpoint(run)
+    assert opened.path == run / "40" and opened.model_config == load_model_config(str(tmp_path / "ref" / "model.json"))
+    assert opened.tokenizer == run / "40" / "tokenizer.model"
+    assert all(torch.equal(opened.state_dict()[k], sd[k]) for k in sd)
 
     # Tensorboard tags read back with tensorboard's own reader; lr values follow the cosine schedule.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -522,21 +522,22 @@ def test_cli_on_tiny_dragonfly_pt(tmp_path, tokenizer, tokenizer_path, capsys):
 
 
 def test_model_config_beside_checkpoint(tmp_path, tokenizer):
-    pytest.importorskip("fm.models.registry")
-    from fm.eval.loading import CheckpointError, ModelSource, find_model_config
+    from fm.checkpoints import CheckpointFormError, open_checkpoint
 
     pt = tmp_path / "m.pt"
-    src = ModelSource("pt", str(pt), None)
-    with pytest.raises(CheckpointError, match="pass --model-config"):
-        find_model_config(src, None)
+    torch.save({"w": torch.zeros(1)}, pt)
+    with pytest.raises(CheckpointFormError, match="give it with --config"):
+        _ = open_checkpoint(pt).model_config
     (tmp_path / "config.json").write_text(json.dumps({"config": "tiny", "train_iters": 3}))
-    cfg, where = find_model_config(src, None)
-    assert type(cfg).__name__ == "DragonflyConfig" and where.endswith("config.json:config=tiny")
+    ck = open_checkpoint(pt)
+    assert type(ck.model_config).__name__ == "DragonflyConfig" and ck.config_source.endswith("config.json:config=tiny")
     (tmp_path / "config.json").write_text(json.dumps({"model": _tiny_dragonfly_config(tokenizer)}))
-    cfg, where = find_model_config(src, None)
-    assert cfg.dim_model == 32 and where.endswith("config.json:model")
+    ck = open_checkpoint(pt)
+    assert ck.model_config.dim_model == 32 and ck.config_source.endswith("config.json:model")
     (tmp_path / "model_config.json").write_text(json.dumps(_tiny_dragonfly_config(tokenizer) | {"num_layers": 3}))
-    assert find_model_config(src, None)[0].num_layers == 3  # model_config.json comes first
+    assert open_checkpoint(pt).model_config.num_layers == 3  # model_config.json comes first
+    (tmp_path / "m.json").write_text(json.dumps(_tiny_dragonfly_config(tokenizer) | {"num_layers": 4}))
+    assert open_checkpoint(pt).model_config.num_layers == 4  # then <stem>.json beside a lone .pt
 
 
 def test_token_losses_chunked_equals_unchunked():

@@ -170,7 +170,9 @@ def test_export_errors_name_the_fix(tmp_path):
     ckpt = tmp_path / "c"
     ckpt.mkdir()
     torch.save(model.state_dict(), ckpt / "fm9g_live_checkpoint-1.pt")
-    with pytest.raises(FileNotFoundError, match="--config"):
+    from fm.checkpoints import CheckpointFormError
+
+    with pytest.raises(CheckpointFormError, match="give it with --config"):
         export_checkpoint(ckpt, tmp_path / "o")
     (ckpt / "config.json").write_text(json.dumps({**TINY, "num_layers": 4}))
     with pytest.raises(KeyError, match="num_layers"):

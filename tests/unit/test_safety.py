@@ -46,9 +46,9 @@ def _payload_pt(path: Path, marker: Path, **extra) -> Path:
 
 
 def _loaders():
+    from fm.checkpoints import open_checkpoint
     from fm.distributed import bmtrain as bmt_engine
     from fm.distributed import fsdp
-    from fm.export import hf
     from fm.models import spark_import
     from fm.train import lora
 
@@ -60,7 +60,7 @@ def _loaders():
         "scheduler": lambda p: ck.read_scheduler_state(p.parent),
         "lora base weights": lora._read_state,
         "spark importer shard": spark_import._load,
-        "export input": hf._load_pt,
+        "checkpoint opener (generate, export, eval, LoRA merge)": lambda p: open_checkpoint(p).state_dict(),
     }
 
 

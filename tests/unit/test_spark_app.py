@@ -268,7 +268,7 @@ def test_cli_subtractive_penalty_by_hand(gen, tokenizer_path, monkeypatch, incre
     # increase 0.5: A | B | A (1.0) | A 2−1.5=0.5 > 0.45 → A | A 2−2.0=0.0 < B 0.45 → B | A 0.0 > B −0.05 → A
     ids = {"A": 300, "B": 301, "C": 302}
     model = ScriptedModel(8000, fixed={ids["A"]: 2.0, ids["B"]: 1.45, ids["C"]: -1.0})
-    monkeypatch.setattr(gen, "load_model", lambda args: model)
+    monkeypatch.setattr(gen, "load_model", lambda args, ck=None: model)
     base = ["--tokenizer_file", tokenizer_path, "--predict_data", "q", "--predict_length", "6", "--device", "cpu",
             "--use_past", "False"]
     captured = []
@@ -293,7 +293,7 @@ def _capture(fn, into):
 def test_cli_streamer_never_splits_a_character(gen, tokenizer_path, tokenizer, monkeypatch):
     text = "😀中a"
     script = [tokenizer.piece_to_id(f"<0x{b:02X}>") for b in text.encode("utf-8")] + [tokenizer.piece_to_id("<end>")]
-    monkeypatch.setattr(gen, "load_model", lambda args: ScriptedModel(8000, script=script))
+    monkeypatch.setattr(gen, "load_model", lambda args, ck=None: ScriptedModel(8000, script=script))
 
     class Recorder:
         def __init__(self):
