@@ -8,7 +8,6 @@ Paths (``path`` and ``transforms``) are relative to the directory of the config 
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import logging
 import math
@@ -16,20 +15,43 @@ import os
 import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal
+
+from fm.schema import check, fields_of, key
 
 log = logging.getLogger(__name__)
 
 OversizeRule = Literal["drop", "head", "segment"]
 Transform = Callable[[dict, int, random.Random], dict]
 
-REQUIRED_KEYS = ("task_name", "abs_weight", "path")
-OPTIONAL_KEYS = ("dataset_name", "transforms", "allow_repeat", "nlines", "ave_tokens_per_line", "total_tokens",
-                 "incontext_weight", "do_compact", "is_long", "oversize_rule", "format")
-VALID_KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
-FORMATS = ("jsonl", "megatron")
-OVERSIZE_RULES = ("drop", "head", "segment")
+
+
+@dataclass
+class MixtureEntry:
+    """One entry of a mixture config as written (upstream FM9G's keys); :mod:`fm.schema` validates it."""
+
+    task_name: str = key(help="unique name of the dataset in logs, tensorboard and the loader state")
+    abs_weight: float = key(help="share of the tokens (normalised over the entries)", gt=0)
+    path: str = key(help="index directory (or megatron .bin/.idx prefix), relative to the config's directory")
+    dataset_name: str = key("", "informational")
+    transforms: str | None = key(None, "a .py file with transform(data, num_sample, r) -> {input, output}")
+    allow_repeat: bool = key(True, "start the dataset again when it is exhausted")
+    nlines: int | float | None = key(None, "informational (the index knows its lines)")
+    ave_tokens_per_line: int | float | None = key(None, "informational")
+    total_tokens: int | float | None = key(None, "informational")
+    incontext_weight: list[float] | None = key(None, "accepted, ignored: samples are packed whole")
+    do_compact: bool = key(True, "pack several samples into one row")
+    is_long: bool = key(False, "informational")
+    oversize_rule: Literal["drop", "head", "segment"] | None = key(
+        None, "a sample longer than max_length: drop it, keep its head, or cut it into rows (default: head for "
+        "instruction data, segment for plain text)")
+    format: Literal["jsonl", "megatron"] = key("jsonl", "an fm/upstream index (jsonl) or a megatron-core dataset")
+
+
+_ENTRY_FIELDS = fields_of(MixtureEntry)
+REQUIRED_KEYS = tuple(n for n, (f, _) in _ENTRY_FIELDS.items() if f.default is MISSING)
+VALID_KEYS = tuple(_ENTRY_FIELDS)
 
 
 class MixtureConfigError(ValueError):
@@ -129,10 +151,6 @@ def _resolve(base_dir: str, p: str) -> str:
     return os.path.normpath(p if os.path.isabs(p) else os.path.join(base_dir, p))
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _check_entry(i: int, raw: Any, base_dir: str, problems: list[str]) -> DatasetSpec | None:
     where = f"entry {i}"
     if not isinstance(raw, dict):
@@ -141,63 +159,34 @@ def _check_entry(i: int, raw: Any, base_dir: str, problems: list[str]) -> Datase
     task = raw.get("task_name")
     if isinstance(task, str) and task:
         where = f"entry {i} (task {task!r})"
-    n_before = len(problems)
-    for key in raw:
-        if key not in VALID_KEYS:
-            close = difflib.get_close_matches(key, VALID_KEYS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(VALID_KEYS)}"
-            problems.append(f"{where}: unknown key {key!r}{hint}")
-    for key in REQUIRED_KEYS:
-        if key not in raw:
-            problems.append(f"{where}: missing required key {key!r}")
-    if "task_name" in raw and not (isinstance(task, str) and task):
-        problems.append(f"{where}: 'task_name' must be a non-empty string")
-    weight = raw.get("abs_weight")
-    if "abs_weight" in raw and not (_is_number(weight) and weight > 0):
-        problems.append(f"{where}: 'abs_weight' must be a number > 0, got {weight!r}")
-    fmt = raw.get("format", "jsonl")
-    if fmt not in FORMATS:
-        problems.append(f"{where}: 'format' must be one of {FORMATS}, got {fmt!r}")
-    rule = raw.get("oversize_rule")
-    if rule is not None and rule not in OVERSIZE_RULES:
-        problems.append(f"{where}: 'oversize_rule' must be one of {OVERSIZE_RULES}, got {rule!r}")
-    for key in ("allow_repeat", "do_compact", "is_long"):
-        if key in raw and not isinstance(raw[key], bool):
-            problems.append(f"{where}: {key!r} must be true or false, got {raw[key]!r}")
-    for key in ("nlines", "ave_tokens_per_line", "total_tokens"):
-        if raw.get(key) is not None and not _is_number(raw[key]):
-            problems.append(f"{where}: {key!r} must be a number, got {raw[key]!r}")
-    iw = raw.get("incontext_weight")
-    if iw is not None and not (isinstance(iw, list) and all(_is_number(x) for x in iw)):
-        problems.append(f"{where}: 'incontext_weight' must be a list of numbers, got {iw!r}")
-    path = raw.get("path")
-    abs_path = None
-    if "path" in raw:
-        if not isinstance(path, str) or not path:
-            problems.append(f"{where}: 'path' must be a non-empty string")
-        else:
-            abs_path = _resolve(base_dir, path)
-            _check_data_files(where, abs_path, fmt, problems)
-    transforms = raw.get("transforms")
-    abs_script = None
-    if transforms is not None:
+    values, found = check(MixtureEntry, raw)
+    found += [f"missing required key {k!r}" for k in REQUIRED_KEYS if k not in raw]
+    for k in ("task_name", "path"):
+        if values.get(k) == "":
+            found.append(f"{k}: must be a non-empty string")
+    fmt = values.get("format", "jsonl")
+    abs_path = abs_script = None
+    if values.get("path"):
+        abs_path = _resolve(base_dir, values["path"])
+        _check_data_files(where, abs_path, fmt, problems)
+    if values.get("transforms"):
         if fmt == "megatron":
-            problems.append(f"{where}: a 'megatron' dataset is already tokenized; remove 'transforms'")
-        elif not isinstance(transforms, str) or not transforms:
-            problems.append(f"{where}: 'transforms' must be a path to a .py file")
+            found.append("a 'megatron' dataset is already tokenized; remove 'transforms'")
         else:
-            abs_script = _resolve(base_dir, transforms)
+            abs_script = _resolve(base_dir, values["transforms"])
             if not os.path.isfile(abs_script):
-                problems.append(f"{where}: transform script not found: {abs_script} "
-                                f"(paths are relative to the config file's directory {base_dir})")
-    if len(problems) > n_before:
+                found.append(f"transform script not found: {abs_script} (paths are relative to the config file's "
+                             f"directory {base_dir})")
+    problems.extend(f"{where}: {p}" for p in found)
+    if found or any(p.startswith(f"{where}:") for p in problems):
         return None
+    entry = MixtureEntry(**values)
     return DatasetSpec(
-        task_name=task, abs_weight=float(weight), path=abs_path, dataset_name=raw.get("dataset_name", task),
-        transforms=abs_script, allow_repeat=raw.get("allow_repeat", True), format=fmt, oversize_rule=rule,
-        do_compact=raw.get("do_compact", True), nlines=raw.get("nlines"),
-        ave_tokens_per_line=raw.get("ave_tokens_per_line"), total_tokens=raw.get("total_tokens"),
-        incontext_weight=iw, is_long=raw.get("is_long", False),
+        task_name=entry.task_name, abs_weight=entry.abs_weight, path=abs_path, dataset_name=entry.dataset_name or
+        entry.task_name, transforms=abs_script, allow_repeat=entry.allow_repeat, format=entry.format,
+        oversize_rule=entry.oversize_rule, do_compact=entry.do_compact, nlines=entry.nlines,
+        ave_tokens_per_line=entry.ave_tokens_per_line, total_tokens=entry.total_tokens,
+        incontext_weight=entry.incontext_weight, is_long=entry.is_long,
     )
 
 

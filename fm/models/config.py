@@ -2,20 +2,19 @@
 
 Every key of upstream's ``model_configs/*.json`` is a field (some only informational), so an
 upstream file loads unchanged; a key that is neither ours nor upstream's is an error naming the
-file and the closest valid key.
+file and the closest valid key. Validation is :mod:`fm.schema`'s, shared with train and mixture configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
 
 import torch
+
+from fm.schema import check, format_problems
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -32,60 +31,38 @@ DTYPES: dict[str, torch.dtype] = {
 class ModelConfigError(ValueError):
     """A model config file or dict is invalid; the message names the file, the key and the fix."""
 
-
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = get_origin(tp)
-    if tp is Any:
-        return True
-    if origin is Literal:
-        return value in get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin is dict:
-        return isinstance(value, dict)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    return isinstance(value, tp)
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
 
 
-def _describe(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+SIZES = ("vocab_size", "dim_model", "dim_ff", "dim_head", "num_heads", "num_layers", "max_length")
+
+
+def positive_sizes(config: Any) -> list[tuple[bool, str]]:
+    return [(getattr(config, n) >= 1, f"{n}={getattr(config, n)} must be >= 1") for n in SIZES if hasattr(config, n)]
+
+
+def raise_problems(checks: list[tuple[bool, str]]) -> None:
+    """A config's own checks (in ``__post_init__``): every failing one at once."""
+    failed = [message for ok, message in checks if not ok]
+    if failed:
+        raise ModelConfigError(failed[0] if len(failed) == 1 else format_problems("model config", failed),
+                               problems=failed)
 
 
 def config_from_dict(cls: type, data: dict[str, Any], source: str = "<dict>") -> Any:
-    """Build dataclass ``cls`` from ``data``; reject unknown keys and wrong types with a precise message."""
+    """Build dataclass ``cls`` from ``data``: every unknown key (with the closest valid one), wrong type and
+    failed check is reported at once, naming ``source``."""
     if not isinstance(data, dict):
         raise ModelConfigError(f"{source}: a model config must be a JSON object, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(fields))}"
-            raise ModelConfigError(f"{source}: unknown key {key!r} in a {cls.__name__}{hint}")
-        tp = hints[key]
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not _type_ok(value, tp):
-            raise ModelConfigError(f"{source}: key {key!r} must be {_describe(tp)}, got {value!r}")
-        kwargs[key] = value
+    kwargs, problems = check(cls, data)
+    if problems:
+        raise ModelConfigError(format_problems(source, problems), problems=problems)
     try:
         config = cls(**kwargs)
     except ModelConfigError as exc:
-        raise ModelConfigError(f"{source}: {exc}") from None
+        raise ModelConfigError(format_problems(source, exc.problems), problems=exc.problems) from None
     config.source = source
     return config
 

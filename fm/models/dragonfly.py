@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm.models.config import ModelConfigError, config_to_dict, resolve_dtype
+from fm.models.config import DTYPES, config_to_dict, positive_sizes, raise_problems, resolve_dtype
 from fm.nn.attention import (
     DRAGONFLY_NAMES,
     Attention,
@@ -88,9 +88,11 @@ class DragonflyConfig:
     def __post_init__(self) -> None:
         if self.num_kv_heads == -1:
             self.num_kv_heads = self.num_heads
-        checks = [
+        dtype = self.dtype or self.half_type
+        raise_problems([
+            *positive_sizes(self),
             (
-                self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+                self.num_kv_heads > 0 and self.num_heads % max(self.num_kv_heads, 1) == 0,
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}",
             ),
             (self.dim_head % 2 == 0, f"dim_head={self.dim_head} must be even (rotary)"),
@@ -103,11 +105,8 @@ class DragonflyConfig:
             (self.tp in (0, 1), f"tp={self.tp}: tensor parallelism is not supported (use 0)"),
             (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or null"),
             (self.dim_model_base > 0, "dim_model_base must be positive"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ModelConfigError(message)
-        resolve_dtype(self.dtype or self.half_type)
+            (dtype.lower() in DTYPES, f"dtype {dtype!r} is not one of {', '.join(DTYPES)}"),
+        ])
 
     @property
     def scale_width(self) -> float:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm.models.config import ModelConfigError, config_to_dict, resolve_dtype
+from fm.models.config import DTYPES, config_to_dict, positive_sizes, raise_problems, resolve_dtype
 from fm.models.dragonfly import DecoderLM
 from fm.nn.attention import Attention, KVCache
 from fm.nn.mlp import GatedMLP
@@ -90,13 +90,14 @@ class SparkConfig:
     def __post_init__(self) -> None:
         if self.num_kv_heads == -1:
             self.num_kv_heads = self.num_heads
-        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
-            raise ModelConfigError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.dim_head % 2:
-            raise ModelConfigError(f"dim_head={self.dim_head} must be even (rotary)")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ModelConfigError("sliding_window must be positive or null")
-        resolve_dtype(self.dtype)
+        raise_problems([
+            *positive_sizes(self),
+            (self.num_kv_heads > 0 and self.num_heads % max(self.num_kv_heads, 1) == 0,
+             f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"),
+            (self.dim_head % 2 == 0, f"dim_head={self.dim_head} must be even (rotary)"),
+            (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or null"),
+            (self.dtype.lower() in DTYPES, f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}"),
+        ])
 
     scale = False
     scale_width = 1.0

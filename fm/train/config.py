@@ -8,97 +8,139 @@ message saying why (``REJECTED``).  Unknown keys are errors that name the file a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
-import math
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args
+
+from fm.schema import check, format_problems, help_rows, key, show_default, suggest
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = ("cosine", "warmupstabledrop", "warmupstableexp", "linear", "constant")
+Scheduler = Literal["cosine", "warmupstabledrop", "warmupstableexp", "linear", "constant"]
+SCHEDULERS = get_args(Scheduler)
+
+
+def _scheduler_name(text: str) -> str:
+    """``Cosine``, ``warmup_stable_drop``, ``WarmupStableDrop`` → the canonical name (upstream's spellings vary)."""
+    return text.strip().lower().replace("_", "").replace("-", "")
 
 
 class ConfigError(ValueError):
     """A config file or command-line value is wrong; the message says where and how to fix it."""
 
 
+# Values that are rejected, with the reason (checked in validate()).
+REJECTED: dict[str, str] = {
+    "tp_size": "tensor parallelism is not supported: tp_size must be 1; the engines shard with ZeRO-3 "
+    "(bmtrain) or FSDP2, which fits the 2.4B and 13B models without it",
+    "load_grad": "gradients are never saved: checkpoints are taken at optimizer-step boundaries where the "
+    "accumulated gradient is zero, so there is nothing to load; set load_grad false",
+    "ignore_cuda_oom": "skipping a step after an out-of-memory error cannot be made safe under ZeRO-3/FSDP "
+    "(the other ranks wait forever in the collective the failing rank left); lower batch_size or max_length, "
+    "or set use_checkpoint true; set ignore_cuda_oom false",
+    "dataloader": 'only the "indexed" dataloader exists (convert data with quick_start/convert_json2index.py)',
+}
+
 @dataclass
 class TrainConfig:
+    """Every train key: its type, default and meaning (``fm train --help`` and docs/training.md come from here)."""
+
     # ---- run identity and inputs (upstream keys) ----
-    model_unique: str = "fm9g_run"  # run name: <save>/<model_unique>/ and <tensorboard>/<exp_group><model_unique>/
-    config: str = "2.4b"  # model config: a name under apps/fm9g_2b/model_configs/ or a path to a JSON file
-    dataset_config: str = ""  # mixture config JSON (dataset_configs/*.json)
-    tokenizer_path: str = "demo"
-    resume_ckpt: str = ""  # "" = fresh; "latest"; a step number; or a checkpoint directory path
-    exp_group: str = ""  # tensorboard directory prefix
+    model_unique: str = key("fm9g_run", "run name: checkpoints in `<save>/<model_unique>/`, tensorboard in "
+                            "`<tensorboard>/<exp_group><model_unique>/`")
+    config: str = key("2.4b", "model config: a JSON path, or a shipped name (`2.4b`, `tiny`, `skywork_13b`, "
+                      "`spark/13b`, `spark/tiny`; unqualified names are dragonfly's)")
+    dataset_config: str = key("", "mixture config JSON (see docs/mixtures.md); checked before launch")
+    tokenizer_path: str = key("demo", "SentencePiece model file, or `demo` (the shipped demo tokenizer); copied "
+                              "into every checkpoint")
+    resume_ckpt: str = key("", '`""` fresh start; `latest` newest complete checkpoint (fresh if none yet); a step '
+                           "number; a checkpoint directory; or a bare `.pt` (weights only)")
+    exp_group: str = key("", "tensorboard directory prefix")
     # ---- shape of the work ----
-    max_length: int = 4096
-    batch_size: int = 1  # rows (packed sequences) per micro-batch per rank
-    grad_accum: int = 1  # micro-batches per optimizer step
-    train_iters: int = 10000  # optimizer steps
-    save_iters: int = 500
-    inspect_iters: int = 100  # parameter/gradient statistics table every N steps (0 = never)
+    max_length: int = key(4096, "tokens per packed row", min=1)
+    batch_size: int = key(1, "rows (packed sequences) per micro-batch per process", min=1)
+    grad_accum: int = key(1, "micro-batches per optimizer step", min=1)
+    train_iters: int = key(10000, "optimizer steps (iterations)", min=1)
+    save_iters: int = key(500, "checkpoint every N iterations and at the end; 0 = none, except on a stop signal, "
+                          "at the end of data and at the non-finite stop", min=0)
+    inspect_iters: int = key(100, "parameter/gradient statistics table every N iterations (0 = never)", min=0)
+    log_iters: int = key(1, "console line every N iterations (tensorboard and jsonl get every step)", min=0)
     # ---- optimizer and schedule ----
-    lr: float = 1e-2
-    lr_scheduler: str = "cosine"  # cosine | warmupstabledrop | warmupstableexp | linear | constant (case-insensitive)
-    warmup_iters: float = 0.01  # < 1: fraction of train_iters
-    drop_iters: float = 0.1  # < 1: fraction of train_iters
-    drop_begin: int = -1  # warmupstableexp: first step of the decay; < 0 means train_iters - drop_iters
-    drop_rate: float = 0.5
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0  # max global grad norm; <= 0 disables clipping (the norm is still measured)
-    eps: float = 1e-8  # AdamW epsilon
-    seed: int = 1234
-    resume_no_optimze: int = 0  # after a resume, re-warm the lr linearly over this many steps (upstream spelling)
+    lr: float = key(1e-2, "peak learning rate (hidden matrices use `lr / scale_width`, muP)", gt=0)
+    lr_scheduler: Scheduler = key("cosine", "`cosine`, `warmupstabledrop`, `warmupstableexp`, `linear`, "
+                                  "`constant`; case, `_` and `-` are ignored (`Cosine`, `warmup_stable_drop` work)",
+                                  normalise=_scheduler_name)
+    warmup_iters: float = key(0.01, "linear warmup; a value < 1 is a fraction of `train_iters`", min=0)
+    drop_iters: float = key(0.1, "length of the final drop (`warmupstabledrop`) / decay period "
+                            "(`warmupstableexp`); < 1: fraction of `train_iters`", min=0)
+    drop_begin: int = key(-1, "`warmupstableexp`: first step of the decay; < 0 means `train_iters - drop_iters`")
+    drop_rate: float = key(0.5, "`warmupstableexp` factor per `drop_iters` steps, in (0, 1]")
+    weight_decay: float = key(0.1, "AdamW decoupled weight decay, on every parameter as upstream", min=0)
+    clip_grad: float = key(1.0, "max global gradient norm; <= 0 measures without clipping")
+    eps: float = key(1e-8, "AdamW epsilon", gt=0)
+    seed: int = key(1234, "weights init and data order")
+    resume_no_optimze: int = key(0, "(upstream spelling) N > 0: on resume, do not load the optimizer state and "
+                                 "re-warm the lr linearly over N steps", min=0)
     # ---- resume behaviour ----
-    only_load_model: bool = False  # resume only the weights: step 0, fresh optimizer, schedule and data
-    load_dataloader_ckpt: bool = True  # restore the data position when resuming
-    load_grad: bool = False  # rejected when true: see REJECTED
-    strict_state_dict: bool = True  # model weights must match the model exactly when loading
+    only_load_model: bool = key(False, "on resume take only the weights: iteration 0, fresh optimizer, schedule "
+                                "and data")
+    load_dataloader_ckpt: bool = key(True, "on resume restore the data position (exact continuation); false: data "
+                                     "starts from the beginning (logged)")
+    load_grad: bool = key(False, "rejected when true")
+    strict_state_dict: bool = key(True, "model weights must match exactly (missing/unexpected keys are errors "
+                                  "naming them)")
     # ---- engine and memory ----
-    engine: Literal["auto", "bmtrain", "fsdp"] = "auto"
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    flash: str = "cuda"  # documented no-op: the model picks its attention kernel (varlen flash on CUDA)
-    use_checkpoint: bool = False  # activation checkpointing of every transformer layer
-    tp_size: int = 1  # > 1 rejected: ZeRO-3 sharding only
-    ignore_cuda_oom: bool = False  # true rejected: see REJECTED
+    engine: Literal["auto", "bmtrain", "fsdp"] = key("auto", "`bmtrain` (GPU ZeRO-3), `fsdp` (FSDP2; CPU/gloo or "
+                                                      "GPU), `auto` (bmtrain when CUDA + bmtrain, else fsdp)")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = key("auto", "`bf16`, `fp16` (loss scaling), `fp32`; auto = "
+                                                          "bf16 on CUDA, fp32 on CPU")
+    flash: Literal["cuda", "triton", "1d", "none"] = key("cuda", "accepted, no effect")
+    use_checkpoint: bool = key(False, "activation checkpointing of every transformer layer")
+    tp_size: int = key(1, "rejected when > 1")
+    ignore_cuda_oom: bool = key(False, "rejected when true")
     # ---- data loader ----
-    dataloader_num_workers: int = 0
-    dataloader_prefetch_factor: int = 2
-    dataloader_num_threads: int = 1  # documented no-op
-    dataloader_prefetch: int = 1  # documented no-op (prefetch depth is dataloader_prefetch_factor)
-    parallel_load_datastate: int = 1  # documented no-op (our data state is a few KB)
-    stop_when_end: bool = True  # documented: training always ends cleanly when every dataset is exhausted
-    only_run_dataloader: bool = False  # run the data path alone and report throughput
+    dataloader_num_workers: int = key(0, "loader worker processes per rank", min=0)
+    dataloader_prefetch_factor: int = key(2, "batches prefetched per worker", min=1)
+    dataloader_num_threads: int = key(1, "accepted, no effect")
+    dataloader_prefetch: int = key(1, "accepted, no effect")
+    parallel_load_datastate: int = key(1, "accepted, no effect")
+    stop_when_end: bool = key(True, "accepted, no effect")
+    only_run_dataloader: bool = key(False, "run the data path alone (`train_iters x grad_accum` batches) and "
+                                    "report batches/s and tokens/s")
     # ---- outputs ----
-    save: str = "data/checkpoints"  # checkpoint root directory
-    tensorboard: str = "data/tensorboard"  # tensorboard root directory ("" disables)
-    tensorboard_all_tasks: bool = True  # also write Loss/train/<task> per task
-    async_save: bool = False  # write checkpoint files in a background thread
-    keep_last_n: int = 0  # keep only the newest N checkpoints (0 = keep all)
-    log_iters: int = 1  # console line every N steps
-    max_skipped_steps: int = 10  # consecutive non-finite steps before stopping with an error
-    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = guess from the device (see docs/training.md)
+    save: str = key("data/checkpoints", "checkpoint root (upstream's `save=\"True\"` form is accepted and means "
+                    "this default)")
+    tensorboard: str = key("data/tensorboard", 'tensorboard root; `""` disables')
+    tensorboard_all_tasks: bool = key(True, "also write `Loss/train/<task>`")
+    async_save: bool = key(False, "write checkpoint files in a background thread (the snapshot is taken "
+                           "synchronously)")
+    keep_last_n: int = key(0, "keep only the newest N complete checkpoints (0 = all)", min=0)
+    max_skipped_steps: int = key(10, "consecutive non-finite steps before training stops with an error", min=0)
+    peak_tflops: float = key(0.0, "per-device peak for MFU; 0 = bf16 dense peak by GPU name (H100/H200/H800 989, "
+                             "A100/A800 312, ...); MFU is not reported on CPU", min=0)
     # ---- validation during training (fm.eval.validation; docs/evaluation.md) ----
-    eval_dataset_config: str = ""  # mixture config JSON of held-out data (same format as dataset_config)
-    eval_iters: int = 10  # batches per rank in the fixed validation set (built once at start-up)
-    eval_interval: int = 0  # validation loss every N optimizer steps and at the end of training (0 = off)
+    eval_dataset_config: str = key("", "mixture config of held-out data for the validation loss (same format as "
+                                   "`dataset_config`)")
+    eval_iters: int = key(10, "batches per process in the fixed validation set (built once at start-up)", min=1)
+    eval_interval: int = key(0, "validation loss every N iterations and once more at the end of training; 0 = off; "
+                             "> 0 needs `eval_dataset_config`", min=0)
     # ---- accepted upstream keys that mean nothing here ----
-    local: bool = True  # documented no-op (upstream: read data from local disk rather than HDFS)
-    dataloader: str = "indexed"  # only "indexed" exists
-    grad_ckpt_num: int = 0  # documented no-op (use_checkpoint applies to every layer)
+    local: bool = key(True, "accepted, no effect")
+    dataloader: Literal["indexed"] = key("indexed", "the data loader", why=REJECTED["dataloader"])
+    grad_ckpt_num: int = key(0, "accepted, no effect")
     # ---- fine-tuning (spark_13b sft / LoRA; fm.train.lora) ----
-    load_model: str = ""  # initial weights (.pt or checkpoint dir) when not resuming; with lora: the frozen base
-    eos_token: str = ""  # piece appended to every sample instead of the tokenizer's EOS (Spark: "<end>")
-    lora: bool = False  # train PEFT LoRA adapters only; checkpoints hold the adapter (PEFT format)
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q,k,v"  # q k v out fc0/gate fc1/up fc2/down, or module names
+    load_model: str = key("", "initial weights when not resuming (any checkpoint form: `.pt`, run or step "
+                          "directory, Hugging Face export); with `lora`: the frozen base")
+    eos_token: str = key("", 'piece appended to every sample instead of the tokenizer\'s EOS (Spark: `"<end>"`)')
+    lora: bool = key(False, "train PEFT LoRA adapters only; checkpoints hold the adapter (PEFT format)")
+    lora_r: int = key(8, "LoRA rank", min=1)
+    lora_alpha: float = key(16.0, "LoRA scale `alpha / r`", gt=0)
+    lora_dropout: float = key(0.0, "dropout on the adapter input, in [0, 1)", min=0)
+    lora_targets: tuple[str, ...] = key(("q", "k", "v"), "modules to adapt: a list or a comma string of `q k v out "
+                                        "fc0 fc1 fc2` (aliases `o`, `gate`=fc0, `up`=fc1, `down`=fc2) or module names")
 
     # resolved at validation time (not user keys)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -150,97 +192,31 @@ NO_OPS: dict[str, str] = {
     "grad_ckpt_num": "use_checkpoint applies activation checkpointing to every layer",
 }
 
-# Values that are rejected, with the reason (checked in validate()).
-REJECTED: dict[str, str] = {
-    "tp_size": "tensor parallelism is not supported: tp_size must be 1; the engines shard with ZeRO-3 "
-    "(bmtrain) or FSDP2, which fits the 2.4B and 13B models without it",
-    "load_grad": "gradients are never saved: checkpoints are taken at optimizer-step boundaries where the "
-    "accumulated gradient is zero, so there is nothing to load; set load_grad false",
-    "ignore_cuda_oom": "skipping a step after an out-of-memory error cannot be made safe under ZeRO-3/FSDP "
-    "(the other ranks wait forever in the collective the failing rank left); lower batch_size or max_length, "
-    "or set use_checkpoint true; set ignore_cuda_oom false",
-    "dataloader": 'only the "indexed" dataloader exists (convert data with quick_start/convert_json2index.py)',
-}
-
-_TRUE = {"true", "1", "yes", "on", "t", "y"}
-_FALSE = {"false", "0", "no", "off", "f", "n", ""}
-
-
-def _field_types() -> dict[str, Any]:
-    hints = get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in fields(TrainConfig) if f.name != "extra"}
+def _apply(values: dict[str, Any], cfg: dict[str, Any], where: str, problems: list[tuple[str, str]], *,
+           from_cli: bool) -> None:
+    """Convert ``values`` into ``cfg``; every problem goes to ``problems`` as ``(where, message)``."""
+    values = dict(values)
+    if "resume_ckpt" in values and isinstance(values["resume_ckpt"], int) and not isinstance(values["resume_ckpt"],
+                                                                                              bool):
+        values["resume_ckpt"] = str(values["resume_ckpt"])  # a step number
+    save = values.get("save")
+    if save is not None and (isinstance(save, bool) or str(save).strip().lower() in ("true", "false", "1", "0")):
+        # Upstream docs set save="True" (a flag); ours is the checkpoint root directory.
+        log.warning('%s: save=%r is upstream\'s flag form; using the default directory "data/checkpoints"',
+                    where, save)
+        values["save"] = "data/checkpoints"
+    converted, found = check(TrainConfig, values, from_cli=from_cli, ignore=("extra",))
+    cfg.update(converted)
+    problems.extend((where, p) for p in found)
 
 
-def _suggest(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    return f'; did you mean "{close[0]}"?' if close else ""
-
-
-def _coerce(key: str, value: Any, typ: Any, where: str, *, from_cli: bool) -> Any:
-    """Convert ``value`` to the field type. Strings ("true", "1", "4096") are converted only at the CLI
-    edge; inside a JSON file the value must already have the right JSON type."""
-    origin = get_origin(typ)
-    if origin is Literal:
-        choices = get_args(typ)
-        v = str(value).lower() if isinstance(value, str) else value
-        if v not in choices:
-            raise ConfigError(f"{where}: {key}={value!r} is not one of {list(choices)}")
-        return v
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if from_cli and isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ConfigError(f"{where}: {key}={value!r} must be a JSON boolean: write {key}: true or false")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: {key}={value!r} must be an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and from_cli:
-            try:
-                f = float(value)
-            except ValueError:
-                f = math.nan
-            if math.isfinite(f) and f.is_integer():
-                return int(f)
-        raise ConfigError(f"{where}: {key}={value!r} must be an integer")
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: {key}={value!r} must be a number")
-        if isinstance(value, str) and not from_cli:
-            raise ConfigError(f"{where}: {key}={value!r} must be a JSON number, not a string")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {key}={value!r} must be a number") from None
-    if typ is str:
-        if value is None:
-            return ""
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: {key} must be a string, got {type(value).__name__}")
-        return str(value)
-    return value
-
-
-def _apply(values: dict[str, Any], cfg: dict[str, Any], where: str, *, from_cli: bool) -> None:
-    types = _field_types()
-    known = sorted(types)
-    for key, value in values.items():
-        if key not in types:
-            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, known)}")
-        if key == "resume_ckpt" and isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
-        if key == "save" and (isinstance(value, bool) or str(value).strip().lower() in ("true", "false", "1", "0")):
-            # Upstream docs set save="True" (a flag); ours is the checkpoint root directory.
-            log.warning('%s: save=%r is upstream\'s flag form; using the default directory "data/checkpoints"',
-                        where, value)
-            value = "data/checkpoints"
-        cfg[key] = _coerce(key, value, types[key], where, from_cli=from_cli)
+def _raise(problems: list[tuple[str, str]]) -> None:
+    if not problems:
+        return
+    wheres = {w for w, _ in problems}
+    if len(wheres) == 1:
+        raise ConfigError(format_problems(wheres.pop(), [p for _, p in problems]))
+    raise ConfigError(format_problems("train config", [f"{w}: {p}" for w, p in problems]))
 
 
 def _is_train_config_file(value: str) -> bool:
@@ -285,8 +261,10 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 *, cli: dict[str, str] | None = None, validate_: bool = True) -> TrainConfig:
-    """Defaults < JSON file at ``path`` < ``overrides`` (typed, from code) < ``cli`` (strings)."""
+    """Defaults < JSON file at ``path`` < ``overrides`` (typed, from code) < ``cli`` (strings). Every problem of
+    every layer is reported at once (one :class:`ConfigError`)."""
     cfg: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
     if path is not None:
         p = Path(path)
         try:
@@ -297,14 +275,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{p}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a JSON object of key: value")
-        _apply(raw, cfg, str(p), from_cli=False)
+        _apply(raw, cfg, str(p), problems, from_cli=False)
     if overrides:
-        _apply(overrides, cfg, "overrides", from_cli=False)
+        _apply(overrides, cfg, "overrides", problems, from_cli=False)
     if cli:
-        _apply(cli, cfg, "command line", from_cli=True)
-    out = TrainConfig(**cfg)
+        _apply(cli, cfg, "command line", problems, from_cli=True)
+    out = TrainConfig(**cfg)  # the keys with problems keep their defaults, so the checks across keys still run
     if validate_:
-        validate(out, source=str(path) if path else "config")
+        problems += [(str(path) if path else "config", p) for p in cross_problems(out, str(path) if path else "config")]
+    _raise(problems)
     return out
 
 
@@ -314,59 +293,91 @@ def config_from_argv(argv: list[str] | None = None) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
-    """Check values once; normalise the scheduler name; reject unsupported values with the reason."""
-    def bad(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{source}: {key}: {msg}")
-
-    name = cfg.lr_scheduler.strip().lower().replace("_", "").replace("-", "")
-    if name not in SCHEDULERS:
-        raise bad("lr_scheduler", f"{cfg.lr_scheduler!r} is not one of {list(SCHEDULERS)} (case-insensitive)"
-                  f"{_suggest(name, list(SCHEDULERS))}")
-    cfg.lr_scheduler = name
-    if cfg.tp_size != 1:
-        raise bad("tp_size", REJECTED["tp_size"])
-    if cfg.load_grad:
-        raise bad("load_grad", REJECTED["load_grad"])
-    if cfg.ignore_cuda_oom:
-        raise bad("ignore_cuda_oom", REJECTED["ignore_cuda_oom"])
-    if cfg.dataloader != "indexed":
-        raise bad("dataloader", REJECTED["dataloader"])
-    for key in ("max_length", "batch_size", "grad_accum", "train_iters"):
-        if getattr(cfg, key) < 1:
-            raise bad(key, f"must be >= 1, got {getattr(cfg, key)}")
-    for key in ("save_iters", "inspect_iters", "keep_last_n", "resume_no_optimze", "dataloader_num_workers",
-                "max_skipped_steps", "log_iters"):
-        if getattr(cfg, key) < 0:
-            raise bad(key, f"must be >= 0, got {getattr(cfg, key)}")
-    if cfg.eval_iters < 1:
-        raise bad("eval_iters", f"must be >= 1 (batches per rank in the validation set), got {cfg.eval_iters}")
-    if cfg.eval_interval < 0:
-        raise bad("eval_interval", f"must be >= 0 (0 = no validation), got {cfg.eval_interval}")
-    if cfg.eval_interval > 0 and not cfg.eval_dataset_config:
-        raise bad("eval_interval", f"{cfg.eval_interval} needs eval_dataset_config (a mixture config of held-out "
-                  "data); set eval_dataset_config or eval_interval 0")
-    if cfg.eval_dataset_config and cfg.eval_interval == 0:
-        log.warning("%s: eval_dataset_config is set but eval_interval is 0: no validation (set eval_interval > 0)",
-                    source)
-    if not cfg.lr > 0:
-        raise bad("lr", f"must be > 0, got {cfg.lr}")
-    if not 0 < cfg.drop_rate <= 1 and cfg.lr_scheduler == "warmupstableexp":
-        raise bad("drop_rate", f"must be in (0, 1], got {cfg.drop_rate}")
-    for key in ("warmup_iters", "drop_iters"):
-        if getattr(cfg, key) < 0:
-            raise bad(key, f"must be a step count (>= 1) or a fraction of train_iters (< 1), got {getattr(cfg, key)}")
-    w, d = frac_or_steps(cfg.warmup_iters, cfg.train_iters), frac_or_steps(cfg.drop_iters, cfg.train_iters)
-    if w > cfg.train_iters:
-        raise bad("warmup_iters", f"{w} steps > train_iters {cfg.train_iters}")
-    if cfg.lr_scheduler in ("warmupstabledrop", "warmupstableexp") and d < 1:
-        raise bad("drop_iters", f"{cfg.lr_scheduler} needs drop_iters >= 1 step, got {cfg.drop_iters}")
-    if not cfg.model_unique or "/" in cfg.model_unique:
-        raise bad("model_unique", f"{cfg.model_unique!r} must be a non-empty name without '/'")
-    if cfg.only_load_model and not cfg.resume_ckpt:
-        log.warning("%s: only_load_model is set but resume_ckpt is empty: training starts from scratch", source)
+    """Raise one :class:`ConfigError` with every problem :func:`cross_problems` finds."""
+    problems = cross_problems(cfg, source)
+    if problems:
+        raise ConfigError(format_problems(source, problems))
     return cfg
 
 
+def cross_problems(cfg: TrainConfig, source: str = "config") -> list[str]:
+    """The checks that span keys, and the rejected values with their reasons. (Types, choices and single-key
+    ranges are checked while loading, from the field declarations.)"""
+    problems: list[str] = []
+
+    def bad(key: str, msg: str) -> None:
+        problems.append(f"{key}: {msg}")
+
+    cfg.lr_scheduler = _scheduler_name(cfg.lr_scheduler)
+    if cfg.lr_scheduler not in SCHEDULERS:
+        bad("lr_scheduler", f"{cfg.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}"
+            f"{suggest(cfg.lr_scheduler, list(SCHEDULERS))}")
+    if cfg.tp_size != 1:
+        bad("tp_size", REJECTED["tp_size"])
+    if cfg.load_grad:
+        bad("load_grad", REJECTED["load_grad"])
+    if cfg.ignore_cuda_oom:
+        bad("ignore_cuda_oom", REJECTED["ignore_cuda_oom"])
+    if cfg.dataloader != "indexed":
+        bad("dataloader", REJECTED["dataloader"])
+    if cfg.eval_interval > 0 and not cfg.eval_dataset_config:
+        bad("eval_interval", f"{cfg.eval_interval} needs eval_dataset_config (a mixture config of held-out data); "
+            "set eval_dataset_config or eval_interval 0")
+    if cfg.eval_dataset_config and cfg.eval_interval == 0:
+        log.warning("%s: eval_dataset_config is set but eval_interval is 0: no validation (set eval_interval > 0)",
+                    source)
+    if not 0 < cfg.drop_rate <= 1 and cfg.lr_scheduler == "warmupstableexp":
+        bad("drop_rate", f"must be in (0, 1], got {cfg.drop_rate}")
+    if not 0 <= cfg.lora_dropout < 1:
+        bad("lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora and not cfg.lora_targets:
+        bad("lora_targets", 'is empty: name at least one module, e.g. "q,k,v"')
+    if cfg.warmup_iters >= 0 and cfg.drop_iters >= 0:
+        w, d = frac_or_steps(cfg.warmup_iters, cfg.train_iters), frac_or_steps(cfg.drop_iters, cfg.train_iters)
+        if w > cfg.train_iters:
+            bad("warmup_iters", f"{w} steps > train_iters {cfg.train_iters}")
+        if cfg.lr_scheduler in ("warmupstabledrop", "warmupstableexp") and d < 1:
+            bad("drop_iters", f"{cfg.lr_scheduler} needs drop_iters >= 1 step, got {cfg.drop_iters}")
+    if not cfg.model_unique or "/" in cfg.model_unique:
+        bad("model_unique", f"{cfg.model_unique!r} must be a non-empty name without '/'")
+    if cfg.only_load_model and not cfg.resume_ckpt:
+        log.warning("%s: only_load_model is set but resume_ckpt is empty: training starts from scratch", source)
+    return problems
+
+
 def log_no_ops(cfg: TrainConfig, logger: logging.Logger = log) -> None:
-    for key, why in NO_OPS.items():
-        logger.info("config: %s=%r has no effect here: %s", key, getattr(cfg, key), why)
+    for name, why in NO_OPS.items():
+        logger.info("config: %s=%r has no effect here: %s", name, getattr(cfg, name), why)
+
+
+# ---------------------------------------------------------------------------------------------- help
+def _rows() -> list[tuple[str, str, Any, str]]:
+    """help_rows with the reason of every no-op and rejected key appended."""
+    return [(name, typ, default, text + (f": {NO_OPS.get(name) or REJECTED.get(name)}"
+                                        if name in NO_OPS or name in REJECTED else ""))
+            for name, typ, default, text in help_rows(TrainConfig)]
+
+
+def keys_markdown() -> str:
+    """The key table of docs/training.md (a test keeps the two identical)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, typ, default, text in _rows():
+        lines.append(f"| `{name}` | {typ.replace('|', '/')} | `{show_default(default)}` | {text} |")
+    return "\n".join(lines)
+
+
+def keys_help(width: int = 100) -> str:
+    """Every train key with its type, default and meaning, for ``fm train --help``."""
+    import textwrap
+
+    out = []
+    for name, typ, default, text in _rows():
+        metavar = ("{" + typ.removeprefix("one of ").replace(", ", ",") + "}") if typ.startswith("one of") else \
+            typ.upper().replace(" ", "_")
+        out.append(f"  --{name} {metavar}  [default {show_default(default)}]")
+        out += textwrap.wrap(text.replace("`", ""), width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m fm.train.config: the docs/training.md key table
+    print(keys_markdown())

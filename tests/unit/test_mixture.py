@@ -104,10 +104,10 @@ def test_every_problem_listed_at_once(tmp_path):
         load_mixture(str(cfg))
     msg = str(info.value)
     expected = [
-        "task 't0'): unknown key 'abs_weigth'; did you mean 'abs_weight'?",
+        "task 't0'): unknown key 'abs_weigth'; did you mean \"abs_weight\"?",
         "task 't0'): missing required key 'abs_weight'",
-        "task 't1'): 'abs_weight' must be a number > 0, got 0",
-        "task 't2'): 'abs_weight' must be a number > 0, got '1'",
+        "task 't1'): abs_weight: must be > 0, got 0",
+        "task 't2'): abs_weight: must be a number (a JSON number, not a string), got '1'",
         "task 't2'): path not found",
         "task 't3'): " + str(tmp_path / "nodata") + "/data.jsonl not found",
         "task 't3'): " + str(tmp_path / "nodata") + " has no 'index'",
@@ -117,7 +117,7 @@ def test_every_problem_listed_at_once(tmp_path):
         "task 't7': " + str(tdir / "nofn.py") + " defines no function transform(data, num_sample, r)",
         "task 't8': transform must return a dict with string 'input' and 'output', got {'input': str, 'output': int}"
         " for record {'input': '', 'output': 'hello'}",
-        "task 't9'): 'oversize_rule' must be one of",
+        "task 't9'): oversize_rule: 'cut' is not one of drop, head, segment",
     ]
     for part in expected:
         assert part in msg, part

@@ -77,21 +77,35 @@ def test_unknown_key_names_file_and_suggests_closest(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ModelConfigError) as err:
         load_model_config(str(path))
-    assert str(path) in str(err.value) and "'dim_modle'" in str(err.value) and "'dim_model'" in str(err.value)
+    assert str(err.value) == f"{path}: unknown key 'dim_modle'; did you mean \"dim_model\"?"
     spark = json.loads((REPO_ROOT / "apps/spark_13b/model_configs/tiny.json").read_text())
     spark["sliding_windw"] = 3
     path.write_text(json.dumps(spark))
-    with pytest.raises(ModelConfigError, match="did you mean 'sliding_window'"):
+    with pytest.raises(ModelConfigError, match='did you mean "sliding_window"'):
         load_model_config(str(path))
+    # every problem at once: unknown key, wrong type, invalid choice, bad range
+    path.write_text(json.dumps({**data, "dim_modle": 1, "num_layers": "4", "activate_fn": "relu"}))
+    with pytest.raises(ModelConfigError) as err:
+        load_model_config(str(path))
+    assert sorted(err.value.problems) == ["activate_fn: 'relu' is not one of silu, gelu, gelu_tanh; did you mean "
+                                          "\"gelu\"?",
+                                          "num_layers: must be an integer (a JSON number, not a string), got '4'",
+                                          "unknown key 'dim_modle'; did you mean \"dim_model\"?"]
+    assert str(err.value).startswith(f"{path}: 3 problems:\n  - ")
+    data.pop("dim_modle")
+    path.write_text(json.dumps({**data, "num_layers": 0, "dim_head": 7}))
+    with pytest.raises(ModelConfigError) as err:
+        load_model_config(str(path))
+    assert err.value.problems == ["num_layers=0 must be >= 1", "dim_head=7 must be even (rotary)"]
 
 
 def test_config_type_and_value_errors(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"num_layers": "4"}))
-    with pytest.raises(ModelConfigError, match=r"c\.json: key 'num_layers' must be int, got '4'"):
+    with pytest.raises(ModelConfigError, match=r"c\.json: num_layers: must be an integer .*, got '4'"):
         load_model_config(str(path))
     path.write_text(json.dumps({"activate_fn": "relu"}))
-    with pytest.raises(ModelConfigError, match="must be one of 'silu', 'gelu', 'gelu_tanh'"):
+    with pytest.raises(ModelConfigError, match="'relu' is not one of silu, gelu, gelu_tanh"):
         load_model_config(str(path))
     path.write_text(json.dumps({"num_heads": 6, "num_kv_heads": 4}))
     with pytest.raises(ModelConfigError, match=r"c\.json: num_heads=6 must be a multiple of num_kv_heads=4"):

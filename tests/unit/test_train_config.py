@@ -155,3 +155,63 @@ def test_launchers_share_option_handling(repo_root):
                              check=True).stdout
         assert out.rstrip().endswith(f"{script} --config apps/fm9g_2b/train_configs/tiny.json --lr 0.1 "
                                      "--train_iters 3"), (app, out)
+
+
+def test_three_mistakes_are_reported_at_once(tmp_path):
+    p = _write(tmp_path, {"warmup_iter": 10, "batch_size": "2", "engine": "deepspeed", "lr": 0.1})
+    with pytest.raises(ConfigError) as e:
+        load_config(p, cli={"train_iters": "many"})
+    msg = str(e.value)
+    assert msg.startswith("train config: 4 problems:\n")
+    for part in (f"{p}: unknown key 'warmup_iter'; did you mean \"warmup_iters\"?",
+                 f"{p}: batch_size: must be an integer (a JSON number, not a string), got '2'",
+                 f"{p}: engine: 'deepspeed' is not one of auto, bmtrain, fsdp",
+                 "command line: train_iters: must be an integer, got 'many'"):
+        assert part in msg, part
+    with pytest.raises(ConfigError) as e:  # ranges and cross-key checks, also all at once
+        load_config(None, {"max_length": 0, "lr": -1.0, "eval_interval": 5, "tp_size": 2})
+    assert str(e.value).startswith("train config: 4 problems:\n  - overrides: max_length: must be >= 1, got 0\n")
+    assert "config: eval_interval: 5 needs eval_dataset_config" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {"tp_size": 2, "load_grad": True, "eval_interval": 5})
+    assert str(e.value).startswith("config: 3 problems:")
+
+
+def test_choices_are_typed():
+    cfg = load_config(None, cli={"lora_targets": "q,k,v,out", "flash": "none", "lr_scheduler": "Warmup_Stable_Drop",
+                                 "drop_iters": "3"})
+    assert cfg.lora_targets == ("q", "k", "v", "out") and cfg.flash == "none" and cfg.lr_scheduler == "warmupstabledrop"
+    assert load_config(None, {"lora_targets": ["q", "v"]}).lora_targets == ("q", "v")
+    assert load_config(None, {"lora_targets": "q_proj|v_proj"}).lora_targets == ("q_proj", "v_proj")
+    with pytest.raises(ConfigError, match="flash: 'cudnn' is not one of cuda, triton, 1d, none"):
+        load_config(None, {"flash": "cudnn"})
+    with pytest.raises(ConfigError, match="lr_scheduler: 'cosin' is not one of .*did you mean \"cosine\""):
+        load_config(None, {"lr_scheduler": "cosin"})
+
+
+def test_docs_key_table_is_the_dataclass(repo_root):
+    """docs/training.md's table is generated from the field declarations; the Chinese one lists every key with the
+    same default. Neither can drift from the code."""
+    import re
+
+    from fm.schema import help_rows, show_default
+    from fm.train.config import keys_markdown
+
+    text = (repo_root / "docs" / "training.md").read_text()
+    block = re.search(r"<!-- train-keys:[^\n]*-->\n(.*?)\n<!-- /train-keys -->", text, re.S)
+    assert block and block.group(1) == keys_markdown(), "regenerate the table: python -m fm.train.config"
+    zh = (repo_root / "docs" / "zh" / "training.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| [^|]* \| `([^`]*)` \|", zh, re.M))
+    for name, _, default, _ in help_rows(TrainConfig):
+        assert rows.get(name) == show_default(default), f"docs/zh/training.md: key {name} (default {default!r})"
+
+
+def test_train_help_lists_every_key():
+    from fm.train.config import keys_help
+
+    text = keys_help()
+    names = [f.name for f in fields(TrainConfig) if f.name != "extra"]
+    for name in names:
+        assert f"  --{name} " in text, name
+    assert "--engine {auto,bmtrain,fsdp}  [default \"auto\"]" in text
+    assert "--tp_size INT  [default 1]\n      rejected when > 1: tensor parallelism is not supported" in text
