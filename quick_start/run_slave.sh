@@ -34,6 +34,7 @@ if [ -z "$root" ]; then
   echo "run_slave.sh: error: cannot find the fm checkout: submit from it (cd /path/to/fm) or set FM_ROOT" >&2
   exit 2
 fi
-# shellcheck source=quick_start/torchrun_cmd.sh
-source "$root/quick_start/torchrun_cmd.sh"
-fm_node_main slave "$root" "$@"
+# shellcheck source=quick_start/_env.sh
+source "$root/quick_start/_env.sh"
+export FM_ROOT_DIR="$root"
+exec python -m fm.launch node slave "$@"

@@ -1,32 +1,22 @@
 """Pretrain the dragonfly model: ``torchrun … pretrain_dragonfly.py --config train_configs/X.json [--key value …]``.
 
 The train config is the JSON given with ``--config`` (or ``--train_config``); every ``--key value`` after
-it overrides one key. See docs/training.md for every key.
+it overrides one key (``--help`` lists them all; docs/training.md). Same as ``python -m fm.train``; start it
+with ``fm train`` or ``pretrain_dragonfly.sh``, which check everything before torchrun starts.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from fm.train.config import ConfigError, config_from_argv  # noqa: E402
-from fm.train.trainer import NonFiniteError, run  # noqa: E402
+from fm.train.cli import main as train_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = config_from_argv(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return run(cfg)
-    except NonFiniteError as e:
-        logging.getLogger("fm.train").error("%s", e)
-        return 3
+    return train_main(argv, prog="pretrain_dragonfly.py")
 
 
 if __name__ == "__main__":

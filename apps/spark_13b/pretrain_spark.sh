@@ -8,14 +8,12 @@
 #   MASTER_PORT    master port              [a free port on one node, else 12345]
 #   TRAIN_CONFIG   train config JSON        [apps/spark_13b/train_configs/13b_pretrain.json]; a --config X.json argument
 #                  given to this script replaces it
-# Usage: bash apps/spark_13b/pretrain_spark.sh [--dry-run] [--key value …]
+# Usage: bash apps/spark_13b/pretrain_spark.sh [--dry-run] [--help] [--key value …]
 # Every --key value overrides one key of the train config, e.g. --train_iters 100 --engine fsdp.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
-# shellcheck source=quick_start/torchrun_cmd.sh
-source quick_start/torchrun_cmd.sh
-
-fm_launcher_args "$@"
-TRAIN_CONFIG="${TRAIN_CONFIG:-apps/spark_13b/train_configs/13b_pretrain.json}"
-fm_launch apps/spark_13b/pretrain_spark.py
+# shellcheck source=quick_start/_env.sh
+source quick_start/_env.sh
+exec python -m fm.launch app apps/spark_13b/pretrain_spark.py apps/spark_13b/train_configs/13b_pretrain.json \
+  --family=spark --prog=apps/spark_13b/pretrain_spark.sh -- "$@"

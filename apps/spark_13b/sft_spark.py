@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(APP_DIR))
 
-from pretrain_spark import main as train_main  # noqa: E402
-from pretrain_spark import normalise_flags  # noqa: E402
+sys.path.insert(0, str(APP_DIR.parents[1]))  # run from a checkout without installing
+
+from fm.train.cli import main as train_main  # noqa: E402
+from fm.train.cli import normalise_flags  # noqa: E402
 
 _TRUE = ("true", "1", "yes", "on")
 
@@ -34,7 +35,7 @@ def wants_lora(args: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = normalise_flags(list(sys.argv[1:] if argv is None else argv))
     default = APP_DIR / "train_configs" / ("13b_lora.json" if wants_lora(args) else "13b_sft.json")
-    return train_main(args, default_config=default)
+    return train_main(args, default_config=default, family="spark", prog="sft_spark.py")
 
 
 if __name__ == "__main__":

@@ -8,18 +8,12 @@
 #   MASTER_PORT    master port              [a free port on one node, else 12345]
 #   TRAIN_CONFIG   train config JSON        [train_configs/13b_sft.json; with --lora 13b_lora.json]; a --config X.json argument
 #                  given to this script replaces it
-# Usage: bash apps/spark_13b/sft_spark.sh [--dry-run] [--lora] [--key value …]
+# Usage: bash apps/spark_13b/sft_spark.sh [--dry-run] [--help] [--lora] [--key value …]
 # Every --key value overrides one key of the train config, e.g. --train_iters 100 --engine fsdp.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
-# shellcheck source=quick_start/torchrun_cmd.sh
-source quick_start/torchrun_cmd.sh
-
-fm_launcher_args "$@"
-if [ "$FM_LORA" = "1" ]; then
-  TRAIN_CONFIG="${TRAIN_CONFIG:-apps/spark_13b/train_configs/13b_lora.json}"
-else
-  TRAIN_CONFIG="${TRAIN_CONFIG:-apps/spark_13b/train_configs/13b_sft.json}"
-fi
-fm_launch apps/spark_13b/sft_spark.py
+# shellcheck source=quick_start/_env.sh
+source quick_start/_env.sh
+exec python -m fm.launch app apps/spark_13b/sft_spark.py apps/spark_13b/train_configs/13b_sft.json \
+  --lora-config=apps/spark_13b/train_configs/13b_lora.json --family=spark --prog=apps/spark_13b/sft_spark.sh -- "$@"

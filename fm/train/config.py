@@ -219,7 +219,7 @@ def _raise(problems: list[tuple[str, str]]) -> None:
     raise ConfigError(format_problems("train config", [f"{w}: {p}" for w, p in problems]))
 
 
-def _is_train_config_file(value: str) -> bool:
+def is_train_config_file(value: str) -> bool:
     """``--config X``: X is the *train* config when it is a JSON file holding train keys (the launcher's
     form); otherwise ``config`` is the upstream key naming the *model* config."""
     p = Path(value)
@@ -252,7 +252,7 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
             i += 1
         i += 1
         key = key.replace("-", "_")
-        if key in ("train_config", "config_file") or (key == "config" and _is_train_config_file(val)):
+        if key in ("train_config", "config_file") or (key == "config" and is_train_config_file(val)):
             path = val  # a later train config replaces an earlier one (the launcher's default comes first)
         else:
             out[key] = val
@@ -260,9 +260,11 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                *, cli: dict[str, str] | None = None, validate_: bool = True) -> TrainConfig:
+                *, cli: dict[str, str] | None = None, validate_: bool = True,
+                collect: list[str] | None = None) -> TrainConfig:
     """Defaults < JSON file at ``path`` < ``overrides`` (typed, from code) < ``cli`` (strings). Every problem of
-    every layer is reported at once (one :class:`ConfigError`)."""
+    every layer is reported at once (one :class:`ConfigError`), or, with ``collect``, appended to it as
+    ``"<where>: <problem>"`` lines and the config returned with the faulty keys at their defaults."""
     cfg: dict[str, Any] = {}
     problems: list[tuple[str, str]] = []
     if path is not None:
@@ -283,6 +285,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     out = TrainConfig(**cfg)  # the keys with problems keep their defaults, so the checks across keys still run
     if validate_:
         problems += [(str(path) if path else "config", p) for p in cross_problems(out, str(path) if path else "config")]
+    if collect is not None:
+        collect += [f"{w}: {p}" for w, p in problems]
+        return out
     _raise(problems)
     return out
 

@@ -38,14 +38,14 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def dry_run(script: Path, *args: str, **env: str) -> list[str]:
-    """The torchrun command a launcher prints with --dry-run, split back into its arguments."""
+def dry_run(script: Path, *args: str, rc: int = 0, **env: str) -> tuple[list[str], str]:
+    """(the torchrun command a launcher prints with --dry-run, split back into its arguments; all its output)."""
     out = subprocess.run(["bash", str(script), "--dry-run", *args], cwd=ROOT, env=clean_env(**env),
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == rc, out.stdout + out.stderr
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("torchrun ")]
     assert len(lines) == 1, out.stdout
-    return shlex.split(lines[0])
+    return shlex.split(lines[0]), out.stdout + out.stderr
 
 
 def opts(cmd: list[str]) -> dict[str, str]:
@@ -85,63 +85,59 @@ def complete_steps(run: Path) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------ launchers
+# (the logic is fm.launch's, unit-tested in tests/unit/test_launcher.py; here: each script's wiring, end to end)
+WIRING = {"pretrain_dragonfly.sh": ("apps/fm9g_2b/pretrain_dragonfly.py", "apps/fm9g_2b/train_configs/2.4b.json"),
+          "pretrain_spark.sh": ("apps/spark_13b/pretrain_spark.py", "apps/spark_13b/train_configs/13b_pretrain.json"),
+          "sft_spark.sh": ("apps/spark_13b/sft_spark.py", "apps/spark_13b/train_configs/13b_lora.json")}
+
+
 @pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda p: p.name)
-def test_launcher_composes_torchrun_from_env(launcher):
-    cmd = dry_run(launcher, "--exp_group", "a b 'c'", GPUS_PER_NODE="3", NNODES="2", NODE_RANK="1",
-                  MASTER_ENDPOINT="g3002", MASTER_PORT="12346", RANK="5")
+def test_launcher_composes_torchrun_from_env_and_checks_first(launcher, tmp_path):
+    cfg = make_run(tmp_path)
+    cmd, out = dry_run(launcher, "--exp_group", "a b 'c'", "--config", str(cfg), GPUS_PER_NODE="3", NNODES="2",
+                       NODE_RANK="1", MASTER_ENDPOINT="g3002", MASTER_PORT="12346", RANK="5")
     o = opts(cmd)
     assert cmd[0] == "torchrun"
     assert (o["nnodes"], o["nproc_per_node"], o["node_rank"]) == ("2", "3", "1")  # NODE_RANK wins over RANK
     assert (o["rdzv_backend"], o["rdzv_endpoint"]) == ("c10d", "g3002:12346")
     assert "SIGUSR1" in o["signals-to-handle"].split(",")
-    assert cmd[-2:] == ["--exp_group", "a b 'c'"]  # an argument with spaces and quotes stays one argument
-    assert "--config" in cmd
+    worker = WIRING[launcher.name][0]
+    assert cmd[-5:] == [worker, "--config", str(cfg), "--exp_group", "a b 'c'"]  # quotes and spaces stay one argument
+    assert "world          2 node(s) x 3 process(es) = 6" in out and "preflight      ok" in out
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda p: p.name)
-def test_launcher_rank_fallback_and_defaults(launcher):
-    o = opts(dry_run(launcher, RANK="2", NNODES="3"))
+def test_launcher_defaults_and_a_failed_preflight(launcher):
+    # the launcher's own default train config (the big one), whose data and weights are not on this machine:
+    # the command is still printed, then every problem, and nothing starts (exit 2)
+    args = ("--lora",) if launcher.name == "sft_spark.sh" else ()
+    cmd, out = dry_run(launcher, *args, rc=2, RANK="2", NNODES="3")
+    o = opts(cmd)
     assert (o["node_rank"], o["nnodes"]) == ("2", "3")
     assert o["rdzv_endpoint"] == "localhost:12345"  # across nodes the port must be fixed, not random
-    o = opts(dry_run(launcher))
-    host, port = o["rdzv_endpoint"].rsplit(":", 1)
-    assert (o["nnodes"], o["node_rank"], host) == ("1", "0", "localhost")
-    assert 0 < int(port) < 65536
+    assert cmd[-5 if args else -3:][:3] == [WIRING[launcher.name][0], "--config", WIRING[launcher.name][1]]
+    assert "preflight: " in out and "nothing was started" in out
     if shutil.which("nvidia-smi") is None:
         assert o["nproc_per_node"] == "1"  # CPU: one process
 
 
-def test_shared_torchrun_cmd_helper():
-    script = ('source quick_start/torchrun_cmd.sh; fm_torchrun_cmd app.py --config "x y.json"; '
-              'printf "%q " "${FM_TORCHRUN_CMD[@]}"')
-    out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30,
-                         env=clean_env(NNODES="2", RANK="1", SLURM_GPUS_ON_NODE="4", MASTER_ENDPOINT="n1"))
-    assert out.returncode == 0, out.stderr
-    cmd = shlex.split(out.stdout)
-    o = opts(cmd)
-    assert (o["nnodes"], o["node_rank"], o["nproc_per_node"], o["rdzv_endpoint"]) == ("2", "1", "4", "n1:12345")
-    assert cmd[-3:] == ["app.py", "--config", "x y.json"]
-    out = subprocess.run(["bash", "-c", "source quick_start/torchrun_cmd.sh; fm_gpus_on_node"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=30, env=clean_env(CUDA_VISIBLE_DEVICES="0,1,5"))
-    assert out.stdout.strip() == "3"
-
-
 def test_node_scripts_dry_run(tmp_path):
     env = {"RDZV_DIR": str(tmp_path)}
+    cfg = str(make_run(tmp_path / "run"))
     out = subprocess.run(["bash", "quick_start/run_master.sh", "--dry-run", "--nnodes", "2", "--port", "23456",
-                          "--config", "apps/fm9g_2b/train_configs/tiny.json", "--save", "/tmp/a b"], cwd=ROOT,
-                         env=clean_env(**env), capture_output=True, text=True, timeout=60)
+                          "--config", cfg, "--save", str(tmp_path / "a b")], cwd=ROOT,
+                         env=clean_env(**env), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"would publish the rendezvous file {tmp_path}/fm.env" in out.stdout
     cmd = shlex.split(next(ln for ln in out.stdout.splitlines() if ln.startswith("torchrun ")))
     o = opts(cmd)
     assert (o["nnodes"], o["node_rank"], o["rdzv_endpoint"]) == ("2", "0", f"{os.uname().nodename}:23456")
-    assert cmd[-4:] == ["--config", "apps/fm9g_2b/train_configs/tiny.json", "--save", "/tmp/a b"]
+    assert cmd[-4:] == ["--config", cfg, "--save", str(tmp_path / "a b")]
     assert not (tmp_path / "fm.env").exists()
 
     out = subprocess.run(["bash", "quick_start/run_slave.sh", "--dry-run", "--master", "g3002:23456", "--nnodes", "3",
-                          "--node-rank", "2", "--app", "apps/spark_13b/pretrain_spark.sh"], cwd=ROOT,
-                         env=clean_env(**env), capture_output=True, text=True, timeout=60)
+                          "--node-rank", "2", "--app", "apps/spark_13b/pretrain_spark.sh", "--config", cfg], cwd=ROOT,
+                         env=clean_env(**env), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     cmd = shlex.split(next(ln for ln in out.stdout.splitlines() if ln.startswith("torchrun ")))
     o = opts(cmd)
@@ -217,11 +213,12 @@ def test_shellcheck(script):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_multinode_sbatch_dry_run():
+def test_multinode_sbatch_dry_run(tmp_path):
+    cfg = str(make_run(tmp_path))
     out = subprocess.run(["bash", "quick_start/train_multinode.sbatch", "--dry-run", "--port", "29400",
-                          "--config", "apps/fm9g_2b/train_configs/tiny.json", "--save", "/tmp/a b"], cwd=ROOT,
+                          "--config", cfg, "--save", "/tmp/a b"], cwd=ROOT,
                          env=clean_env(SLURM_JOB_NUM_NODES="3", SLURM_JOB_ID="77", MASTER_ENDPOINT="g3002"),
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     srun = shlex.split(next(ln for ln in lines if ln.startswith("srun ")))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -159,19 +158,6 @@ def test_lora_sft_trains_adapters_on_the_loaded_base(tmp_path, sft_data, tokeniz
 
 
 # ------------------------------------------------------------------------------ launchers and configs
-def test_launchers_dry_run():
-    out = subprocess.run(["bash", str(APP / "sft_spark.sh"), "--dry-run", "--lora", "--lora_r", "4"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    assert "--signals-to-handle=SIGTERM\\,SIGINT\\,SIGHUP\\,SIGQUIT\\,SIGUSR1" in out
-    want = "apps/spark_13b/sft_spark.py --config apps/spark_13b/train_configs/13b_lora.json --lora_r 4 --lora true"
-    assert want in out
-    out = subprocess.run(["bash", str(APP / "pretrain_spark.sh"), "--dry-run", "--config",
-                          "apps/spark_13b/train_configs/tiny_pretrain.json", "--train_iters", "3"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    assert "apps/spark_13b/pretrain_spark.py --config apps/spark_13b/train_configs/tiny_pretrain.json --train_iters 3" \
-        in out
-
-
 def test_shipped_train_configs_load_and_resolve():
     from fm.train.config import load_config
 

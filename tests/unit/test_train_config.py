@@ -128,35 +128,6 @@ def test_dumps_round_trip(tmp_path):
     assert load_config(p).to_dict() == cfg.to_dict()
 
 
-def test_launcher_dry_run_composes_torchrun(repo_root):
-    import os
-    import subprocess
-
-    env = dict(os.environ, GPUS_PER_NODE="4", NNODES="2", RANK="1", MASTER_ENDPOINT="g3002", MASTER_PORT="12345")
-    env.pop("NODE_RANK", None)
-    out = subprocess.run(["bash", "apps/fm9g_2b/pretrain_dragonfly.sh", "--dry-run", "--lr", "0.1"], cwd=repo_root,
-                         env=env, capture_output=True, text=True, check=True).stdout
-    assert out.startswith("torchrun --nnodes=2 --nproc_per_node=4 --node_rank=1 --rdzv_id=1 --rdzv_backend=c10d "
-                          "--rdzv_endpoint=g3002:12345 ")
-    assert "SIGUSR1" in out and out.rstrip().endswith(
-        "apps/fm9g_2b/pretrain_dragonfly.py --config apps/fm9g_2b/train_configs/2.4b.json --lr 0.1")
-
-
-def test_launchers_share_option_handling(repo_root):
-    """Every app launcher takes --dry-run anywhere and --config X.json in place of its default train config
-    (quick_start/torchrun_cmd.sh: fm_launcher_args); other arguments pass through in order."""
-    import subprocess
-
-    for app, script in (("apps/fm9g_2b/pretrain_dragonfly.sh", "apps/fm9g_2b/pretrain_dragonfly.py"),
-                        ("apps/spark_13b/pretrain_spark.sh", "apps/spark_13b/pretrain_spark.py"),
-                        ("apps/spark_13b/sft_spark.sh", "apps/spark_13b/sft_spark.py")):
-        out = subprocess.run(["bash", app, "--lr", "0.1", "--config", "apps/fm9g_2b/train_configs/tiny.json",
-                              "--dry-run", "--train_iters", "3"], cwd=repo_root, capture_output=True, text=True,
-                             check=True).stdout
-        assert out.rstrip().endswith(f"{script} --config apps/fm9g_2b/train_configs/tiny.json --lr 0.1 "
-                                     "--train_iters 3"), (app, out)
-
-
 def test_three_mistakes_are_reported_at_once(tmp_path):
     p = _write(tmp_path, {"warmup_iter": 10, "batch_size": "2", "engine": "deepspeed", "lr": 0.1})
     with pytest.raises(ConfigError) as e:

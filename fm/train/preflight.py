@@ -1,0 +1,195 @@
+"""Check, before torchrun starts any worker, everything the workers will need; and describe the resolved plan.
+
+A mistake in a train config, model config, tokenizer or dataset config then costs seconds and one message,
+not minutes of building a 2.4B model on every rank and a page of per-rank tracebacks. The workers still check
+the same things themselves (a preflight on a login node cannot see a compute node's disks).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fm.train.config import TrainConfig, load_config, parse_cli
+
+
+@dataclass
+class Report:
+    train_config: str
+    overrides: list[str]
+    cfg: TrainConfig | None = None
+    problems: list[str] = field(default_factory=list)
+    facts: dict[str, str] = field(default_factory=dict)
+
+    def message(self) -> str:
+        n = len(self.problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return f"preflight: {n} problem{'s' if n != 1 else ''}; nothing was started:\n{lines}"
+
+    def plan(self, topo: Any) -> str:
+        """What would run: one line per fact (``--dry-run``)."""
+        rows = [("train config", self.train_config + (f" with overrides {' '.join(self.overrides)}"
+                                                     if self.overrides else "")),
+                ("world", f"{topo.nnodes} node(s) x {topo.nproc} process(es) = {topo.nnodes * topo.nproc}, "
+                          f"rendezvous {topo.master}:{topo.port}"),
+                *self.facts.items(),
+                ("preflight", "ok" if not self.problems else f"{len(self.problems)} problem(s), listed below")]
+        width = max(len(k) for k, _ in rows)
+        return "plan:\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def preflight(train_config: str, overrides: list[str], world_size: int = 1, family: str | None = None) -> Report:
+    """Every problem of the train config, model config, tokenizer, data, weights to load and output directories."""
+    report = Report(train_config, list(overrides))
+    problems = report.problems
+    try:
+        path, cli = parse_cli(list(overrides))
+    except ValueError as e:
+        problems.append(str(e))
+        return report
+    cfg = load_config(path or train_config, cli=cli, collect=problems) if _readable(train_config, problems) else None
+    if cfg is None:
+        return report
+    from fm.train.cli import qualify_model_config
+
+    report.cfg = cfg = qualify_model_config(cfg, family)
+    model = _model(cfg, report)
+    tok = _tokenizer(cfg, report)
+    if model is not None and tok is not None and tok.vocab_size > model.vocab_size:
+        problems.append(f"tokenizer_path: {tok.path} has {tok.vocab_size} pieces but the model config's vocab_size "
+                        f"is {model.vocab_size}: ids from {model.vocab_size} on have no embedding row; use the "
+                        "model's tokenizer or a config with vocab_size >= the tokenizer's")
+    _data(cfg, cfg.dataset_config, "dataset_config", report, required=True)
+    if cfg.eval_dataset_config:
+        _data(cfg, cfg.eval_dataset_config, "eval_dataset_config", report, required=False)
+    _weights(cfg, report)
+    _outputs(cfg, report)
+    if cfg.engine == "bmtrain" and importlib.util.find_spec("bmtrain") is None:
+        problems.append("engine: bmtrain is not installed: pip install --no-deps -r requirements-bmtrain.txt "
+                        "(docs/engines.md), or set engine fsdp")
+    tokens = cfg.batch_size * cfg.grad_accum * cfg.max_length * world_size
+    report.facts["steps"] = (f"{cfg.train_iters} x (batch {cfg.batch_size} x grad_accum {cfg.grad_accum} x "
+                             f"{world_size} process(es)) rows of {cfg.max_length} tokens = {tokens:,} tokens per step")
+    report.facts["engine"] = f"{cfg.engine}, dtype {cfg.dtype}" + (", LoRA adapters only" if cfg.lora else "")
+    return report
+
+
+def _readable(path: str, problems: list[str]) -> bool:
+    if not Path(path).is_file():
+        problems.append(f"train config {path} does not exist (--config X.json or TRAIN_CONFIG)")
+        return False
+    return True
+
+
+def _model(cfg: TrainConfig, report: Report) -> Any:
+    from fm.models.config import ModelConfigError
+    from fm.models.registry import build_model, load_model_config, resolve_model_config
+
+    try:
+        where, _ = resolve_model_config(cfg.config)
+    except ModelConfigError as e:
+        report.problems.append(f"config: {e}")
+        return None
+    try:
+        model = load_model_config(cfg.config)
+    except ModelConfigError as e:
+        report.problems += [f"config {where}: {p}" for p in _lines(e)]
+        return None
+    meta = build_model(model, device="meta")
+    params = sum(p.numel() for p in meta.parameters())
+    report.facts["model"] = f"{model.model_family} {where} ({params / 1e6:,.1f}M parameters)"
+    return model
+
+
+def _tokenizer(cfg: TrainConfig, report: Report) -> Any:
+    from fm.tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer(cfg.tokenizer_path)
+    except FileNotFoundError as e:
+        report.problems.append(f"tokenizer_path: {e}")
+        return None
+    except (OSError, RuntimeError) as e:  # sentencepiece cannot parse it
+        report.problems.append(f"tokenizer_path: {cfg.tokenizer_path} is not a SentencePiece model ({e})")
+        return None
+    if cfg.eos_token and tok.piece_to_id(cfg.eos_token) == tok.unk_id:
+        report.problems.append(f"eos_token: {cfg.eos_token!r} is not a piece of {tok.path}")
+    report.facts["tokenizer"] = f"{tok.path} ({tok.vocab_size} pieces)"
+    return tok
+
+
+def _data(cfg: TrainConfig, spec: str, key: str, report: Report, *, required: bool) -> None:
+    from fm.data.mixture import MixtureConfigError, load_mixture
+
+    if not spec:
+        if required:
+            report.problems.append(f"{key} is empty: name a mixture config JSON (docs/mixtures.md)")
+        return
+    try:
+        mix = load_mixture(spec)
+    except FileNotFoundError as e:
+        report.problems.append(f"{key}: {e}")
+        return
+    except MixtureConfigError as e:
+        report.problems += [f"{key} {spec}: {p}" for p in e.problems]
+        return
+    shares = ", ".join(f"{t} {w:.0%}" for t, w in zip(mix.task_names, mix.weights()))
+    report.facts["data" if key == "dataset_config" else "validation data"] = (
+        f"{spec}: {len(mix.datasets)} dataset(s), token shares {shares}")
+
+
+def _weights(cfg: TrainConfig, report: Report) -> None:
+    from fm.train import checkpoint as ckpt_lib
+
+    run = Path(cfg.save) / cfg.model_unique
+    resume = None
+    if cfg.resume_ckpt:
+        try:
+            resume = ckpt_lib.resolve_checkpoint(run, cfg.resume_ckpt)
+        except FileNotFoundError as e:
+            report.problems.append(f"resume_ckpt: {e}")
+            return
+        except OSError:  # the save directory itself is wrong: reported by the output check
+            pass
+    report.facts["run directory"] = f"{run} ({f'resumes from {resume}' if resume else 'starts fresh'})"
+    if cfg.load_model and (resume is None or cfg.lora):
+        from fm.checkpoints import open_checkpoint
+
+        try:
+            ck = open_checkpoint(cfg.load_model)
+        except (FileNotFoundError, ValueError) as e:
+            report.problems.append(f"load_model: {e}")
+            return
+        report.facts["initial weights"] = ck.describe()
+
+
+def _outputs(cfg: TrainConfig, report: Report) -> None:
+    for key in ("save", "tensorboard"):
+        target = getattr(cfg, key)
+        if not target:
+            continue
+        problem = _unwritable(Path(target))
+        if problem:
+            report.problems.append(f"{key}: {target}: {problem}")
+    if cfg.tensorboard:
+        report.facts["tensorboard"] = str(Path(cfg.tensorboard) / f"{cfg.exp_group}{cfg.model_unique}")
+
+
+def _unwritable(path: Path) -> str:
+    """Why ``path`` cannot be created or written ("" when it can), without creating anything."""
+    p = path.absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a directory"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"no permission to write in {p}"
+    return ""
+
+
+def _lines(e: Exception) -> list[str]:
+    problems = getattr(e, "problems", None)
+    return list(problems) if problems else [str(e)]
