@@ -14,7 +14,9 @@ setup(
     description="Train Chinese and English LLMs (FM9G dragonfly, iFlytekSpark-13B) on BMTrain or FSDP2",
     packages=find_packages(include=["fm", "fm.*"]),
     # Shipped model configs and the demo tokenizer travel with the package (the checkout links to them).
-    package_data={"fm": ["assets/tokenizer.model", "assets/models/*/*.json"]},
+    package_data={"fm": ["assets/tokenizer.model", "assets/models/*/*.json", "assets/train_configs/*.json",
+                         "assets/transforms/*.py", "assets/demo/*.jsonl"]},
+    entry_points={"console_scripts": ["fm = fm.cli:main"]},
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={"gpu": ["flash-attn>=2.5"]},

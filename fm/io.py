@@ -1,7 +1,9 @@
 """Files fm writes and reads: atomic writes, and loads that never run code from a file.
 
 Writes: a temp file in the target's directory, fsync, then rename over the target. A crash leaves
-either the old file or the new one, never a half-written file under the real name.
+either the old file or the new one, never a half-written file under the real name. Everything written gets
+the user's umask (``0644``/``0755`` by default), as a plain ``open``/``mkdir`` would: ``mkstemp`` and
+``mkdtemp`` alone give ``0600``/``0700``, which teammates and a serving container cannot read.
 
 Reads: a checkpoint someone sends you must never be a program. :func:`load_torch` reads torch files
 with ``weights_only`` (tensors and plain data) plus exactly the extra globals a caller names; a file
@@ -29,6 +31,61 @@ class UnsafeFileError(ValueError):
 
 class CorruptFileError(ValueError):
     """A file is truncated or damaged (its message names it)."""
+
+
+def umask() -> int:
+    """The process umask, read without changing it (Linux: /proc), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _as_if_created(path: str | Path, directory: bool = False) -> None:
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def make_temp_dir(prefix: str, parent: str | Path) -> Path:
+    """``mkdtemp`` in ``parent`` with the permissions ``mkdir`` would give (not 0700)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    _as_if_created(d, directory=True)
+    return d
+
+
+class atomic_dir:  # noqa: N801 - used as a context manager, like open()
+    """Build a directory under a temp name beside ``target`` and rename it into place on success (an existing
+    target is replaced only with ``overwrite``); on an error the temp directory is removed."""
+
+    def __init__(self, target: str | Path, overwrite: bool = False, what: str = "--output"):
+        self.target, self.overwrite, self.what = Path(target), overwrite, what
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.target} exists: choose another {self.what} or pass --overwrite")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = make_temp_dir(f".{self.target.name}.tmp-", self.target.parent)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import shutil
+
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.target, old)
+            os.replace(self.tmp, self.target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.target)
 
 
 class _Writes(io.RawIOBase):
@@ -66,6 +123,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
                 if err is not None:
                     raise OSError(err.errno, err.strerror, str(path)) from e
                 raise
+        _as_if_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

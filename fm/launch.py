@@ -119,10 +119,11 @@ def torchrun_command(target: Sequence[str], topo: Topology) -> list[str]:
             f"--signals-to-handle={topo.signals}", *target]
 
 
-def torchrun_executable() -> str:
-    """torchrun beside this Python (a venv or a wheel install), else the one on PATH."""
+def torchrun_executable() -> list[str]:
+    """torchrun beside this Python (a venv), else this Python's ``-m torch.distributed.run`` (the same program),
+    never some other environment's torchrun from PATH: the workers must import this fm."""
     sibling = Path(sys.executable).with_name("torchrun")
-    return str(sibling) if sibling.is_file() else (shutil.which("torchrun") or "torchrun")
+    return [str(sibling)] if sibling.is_file() else [sys.executable, "-m", "torch.distributed.run"]
 
 
 # ------------------------------------------------------------------------------------------ app launcher
@@ -167,9 +168,11 @@ def parse_app_args(argv: Sequence[str]) -> AppArgs:
 
 
 def app_main(worker: Sequence[str], default_config: str, argv: Sequence[str], *, prog: str,
-             env: Mapping[str, str] | None = None, lora_default: str | None = None, family: str | None = None) -> int:
+             env: Mapping[str, str] | None = None, lora_default: str | None = None, family: str | None = None,
+             replace: bool = True) -> int:
     """What an app launcher does: compose the torchrun command, print it, check everything the workers will need
-    (the preflight), then, unless ``--dry-run`` or a problem, replace this process with torchrun."""
+    (the preflight), then, unless ``--dry-run`` or a problem, replace this process with torchrun (``replace``;
+    else run it as a child and return its exit status)."""
     env = dict(os.environ if env is None else env)
     args = parse_app_args(argv)
     if args.help:
@@ -177,6 +180,10 @@ def app_main(worker: Sequence[str], default_config: str, argv: Sequence[str], *,
         return 0
     config = args.train_config or env.get("TRAIN_CONFIG") or (lora_default if args.lora and lora_default
                                                                   else default_config)
+    if not config:
+        print(f"{prog}: error: no train config: give --config TRAIN.json (or set TRAIN_CONFIG); --help lists the "
+              "keys", file=sys.stderr)
+        return EXIT_USAGE
     overrides = [*args.rest, *(["--lora", "true"] if args.lora else [])]
     try:
         topo = topology(env)
@@ -197,20 +204,28 @@ def app_main(worker: Sequence[str], default_config: str, argv: Sequence[str], *,
         return 0
     env.update(topo.exports())
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")  # a big model saves for longer than torchrun's 30 s
-    os.execvpe(torchrun_executable(), [torchrun_executable(), *cmd[1:]], env)
+    run = [*torchrun_executable(), *cmd[1:]]
+    if not replace:
+        return subprocess.run(run, env=env).returncode
+    os.execve(run[0], run, env)
     return 0  # not reached
 
 
 def app_help(prog: str, default_config: str) -> str:
+    import textwrap
+
     from fm.train.config import keys_help
 
+    default = f", else {default_config}" if default_config else ""
+    intro = textwrap.fill(
+        "Start training with torchrun on this machine: one process per GPU (one on a CPU-only machine). The train "
+        f"config is --config TRAIN.json (else $TRAIN_CONFIG{default}); every --key value overrides one of its keys "
+        "(last wins). Before any worker starts, the train config, the model config, the tokenizer, the dataset "
+        "config (paths, weights, transforms), the weights to load and the output directories are checked; every "
+        "problem is reported at once and nothing starts (exit 2).", 100)
     return f"""usage: {prog} [--dry-run] [--config TRAIN.json] [--lora] [--key value ...]
 
-Start training with torchrun on this machine: one process per GPU (one on a CPU-only machine).
-The train config is --config TRAIN.json (else $TRAIN_CONFIG, else {default_config}); every --key value
-overrides one of its keys (last wins). Before any worker starts, the train config, the model config, the
-tokenizer, the dataset config (paths, weights, transforms) and the output directories are checked; every
-problem is reported at once and nothing starts (exit 2).
+{intro}
 
 options:
   --dry-run       print the torchrun command and the resolved plan, start nothing (exit 2 on a problem)

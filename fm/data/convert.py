@@ -396,8 +396,14 @@ def convert(path: str, output: str, opts: Options) -> dict:
     name = opts.index_name
     if not name or os.sep in name or name in (DATA_FILE, META_FILE) or name.startswith("."):
         raise ConvertError(f"--hdfs_name {name!r}: must be a plain file name other than data.jsonl/meta.json")
-    if opts.tokenizer and not os.path.isfile(opts.tokenizer):
-        raise ConvertError(f"--tokenizer {opts.tokenizer}: file not found")
+    if opts.tokenizer:
+        from fm.tokenizer import resolve_tokenizer
+
+        try:
+            opts.tokenizer = resolve_tokenizer(opts.tokenizer)
+        except FileNotFoundError:
+            raise ConvertError(f"--tokenizer {opts.tokenizer}: file not found (a SentencePiece .model file, or "
+                               "'demo' for the shipped demo tokenizer)") from None
     check_paths(path, output, name, opts.overwrite)
     files = find_inputs(path)
     sizes = [os.path.getsize(f) for f in files]
@@ -548,13 +554,14 @@ def _install(tmp: str, output: str, fsync: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="convert_json2index.py",
+        prog="fm convert",
         description="Convert jsonl files ({\"input\": ..., \"output\": ...} per line) into an index directory: "
                     "data.jsonl (the valid lines), index (text offsets), index.h5 (the same offsets, memory-mappable) "
                     "and meta.json (statistics and the skipped-line report). Bad lines are skipped, counted and "
                     "reported (file:line and reason). The output is written to a temporary directory and renamed "
                     "into place only when complete.",
-        epilog="example: python quick_start/convert_json2index.py --path data/ --language zh --output data_index/\n"
+        epilog="example: fm convert --path data/ --language zh --output data_index/ --tokenizer tokenizer.model\n"
+               "(python quick_start/convert_json2index.py takes the same options)\n"
                "exit codes: 0 ok, 1 error (bad arguments, refused output, no valid line), 2 --strict found a bad line",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--path", "-p", required=True,
@@ -568,8 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file name of the offsets index (NAME and NAME.h5; default: index); kept for upstream "
                         "compatibility, nothing is uploaded")
     p.add_argument("--tokenizer", metavar="MODEL",
-                   help="SentencePiece model: count tokens exactly (input + output tokens per line) instead of "
-                        "estimating them")
+                   help="SentencePiece model (or 'demo', the shipped one): count tokens exactly (input + output "
+                        "tokens per line) instead of estimating them")
     p.add_argument("--workers", "-j", type=int, default=1, metavar="N",
                    help="worker processes (0: one per CPU core; default 1); the output is identical for any N")
     p.add_argument("--strict", action="store_true",

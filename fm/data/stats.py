@@ -1,6 +1,6 @@
 """Loader statistics for a mixture config: what the training loader would produce, and how fast.
 
-    python -m fm.data.stats --dataset-config dataset_configs/demo.json --tokenizer quick_start/tokenizer.model \\
+    fm stats --dataset-config dataset_configs/demo.json --tokenizer demo \\
         --batch-size 4 --max-length 512 --rows 2000 [--workers 2] [--seed 0] [--json]
 
 Prints rows produced, tokens per task and their share against the configured weight, lines used, samples
@@ -55,9 +55,10 @@ def render(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fm.data.stats", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fm stats", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset-config", "--dataset_config", required=True, help="mixture config (JSON list)")
-    p.add_argument("--tokenizer", "--tokenizer_path", required=True, help="SentencePiece model file")
+    p.add_argument("--tokenizer", "--tokenizer_path", required=True,
+                   help="SentencePiece model file (or 'demo', the shipped one): the one training will use")
     p.add_argument("--batch-size", "--batch_size", type=int, default=1)
     p.add_argument("--max-length", "--max_length", type=int, default=4096)
     p.add_argument("--rows", type=int, default=1000, help="stop after this many rows (default 1000)")

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -102,18 +101,10 @@ def _json_safe(obj: Any) -> Any:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(obj), f, ensure_ascii=False, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from fm.io import atomic_write_bytes
+
+    text = json.dumps(_json_safe(obj), ensure_ascii=False, indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(text.encode(), path)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -33,14 +33,13 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fm.io import atomic_write, load_torch
+from fm.io import atomic_dir, atomic_write, load_torch
 
 log = logging.getLogger("fm.export.hf")
 
@@ -338,35 +337,6 @@ def load_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
 
 
-class _AtomicDir:
-    """Build a directory under a temp name beside the target, rename it into place on success."""
-
-    def __init__(self, target: Path, overwrite: bool):
-        self.target = Path(target)
-        self.overwrite = overwrite
-
-    def __enter__(self) -> Path:
-        if self.target.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.target} exists: choose another --output or pass --overwrite")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        os.chmod(self.tmp, 0o755)
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.target, old)
-            os.replace(self.tmp, self.target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.target)
-
-
 def _parse_dtype(name: str | None) -> torch.dtype | None:
     from fm.models.config import resolve_dtype
 
@@ -457,7 +427,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     hf_cfg = hf_config_from_dragonfly(cfg, out_dtype, bos, eos, pad)
     gen_cfg = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
     output = Path(output)
-    with _AtomicDir(output, overwrite) as tmp:
+    with atomic_dir(output, overwrite) as tmp:
         files = save_safetensors_sharded(hf_state, tmp, parse_size(max_shard_size))
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
@@ -489,7 +459,7 @@ def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, config_ou
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fm.export.hf", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="dragonfly checkpoint → Hugging Face Llama directory")
     ex.add_argument("--checkpoint", required=True,

@@ -14,10 +14,9 @@ are read). Merging the shards:
   are split per shard and then concatenated over shards;
 * each shard's ``dense_h_to_4h`` rows interleave gate and up (even rows gate, odd rows up).
 
-CLI (also ``python -m fm.models.spark import …``)::
+CLI (also ``python -m fm.models.spark_import``)::
 
-    python -m fm.models.spark_import --megatron-dir DIR --config apps/spark_13b/model_configs/13b.json \\
-        --output spark13b.pt [--dtype bf16]
+    fm import-spark --megatron-dir DIR --output spark13b.pt [--config spark/13b] [--dtype bf16]
 """
 
 from __future__ import annotations
@@ -314,12 +313,13 @@ _DTYPES = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fm.models.spark import",
+        prog="fm import-spark",
         description="Megatron-DeepSpeed iFlytekSpark checkpoint → our spark state dict",
     )
     p.add_argument("--megatron-dir", required=True, help="directory with mp_rank_XX_model_states.pt (any TP degree)")
-    p.add_argument("--config", required=True, help="spark model config json (apps/spark_13b/model_configs/13b.json)")
-    p.add_argument("--output", required=True, help="state dict .pt to write (atomically)")
+    p.add_argument("--config", default="spark/13b", help="spark model config json or shipped name (default spark/13b)")
+    p.add_argument("--output", required=True, help="state dict .pt to write (atomically); its model config goes "
+                   "beside it (<output stem>.json)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="cast weights (default: keep the checkpoint's dtype)")
     return p
 
@@ -336,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     atomic_torch_save(state, Path(args.output))
+    from fm.checkpoints import write_config_beside
+
+    write_config_beside(args.output, config)
     n = sum(t.numel() for t in state.values())
     print(f"wrote {args.output}: {len(state)} tensors, {n:,} parameters")
     return 0

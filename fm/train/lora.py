@@ -32,9 +32,7 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,18 +275,11 @@ def write_adapter_files(directory: str | Path, state: Mapping[str, torch.Tensor]
 def save_adapter(directory: str | Path, state: Mapping[str, torch.Tensor], cfg: LoraConfig | Mapping[str, Any],
                  base_model: str | None = None) -> Path:
     """A complete adapter directory at ``directory``, made in a temp dir and renamed (never half written)."""
-    final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    from fm.io import atomic_dir
+
+    with atomic_dir(directory, overwrite=True) as tmp:
         write_adapter_files(tmp, state, cfg, base_model)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return Path(directory)
 
 
 def load_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -278,3 +278,29 @@ def test_staging_buffers_reused_only_after_release():
     assert s3["w"].data_ptr() == s1["w"].data_ptr() and s3["w"].tolist() == [3.0] * 3  # reused in place
     s4 = pool.stage("model", {"w": torch.ones(4)})  # kinds are independent
     assert s4["w"].shape == (4,)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_everything_written_follows_the_umask(tmp_path, mask):
+    """Checkpoints, latest, exports and adapters get the permissions a plain open()/mkdir() would give, so a
+    teammate or a serving container running as another user can read them (mkstemp alone makes 0600)."""
+    from fm.io import atomic_dir, atomic_write_bytes
+    from fm.train import lora
+
+    old = os.umask(mask)
+    try:
+        final = CheckpointManager(tmp_path / "run").save(5, parts_for(5))
+        atomic_write_bytes(b"x", tmp_path / "f.bin")
+        with atomic_dir(tmp_path / "export") as d:
+            (d / "config.json").write_text("{}")
+        adapter = lora.save_adapter(tmp_path / "adapter", {"base_model.model.x.lora_A.weight": torch.ones(2, 2)},
+                                    {"r": 2, "lora_alpha": 4, "target_modules": ["q"]})
+    finally:
+        os.umask(old)
+    files = [final / "fm9g_live_checkpoint-5.pt", final / ck.COMPLETE, final / ck.DATASET_FILE,
+             tmp_path / "run" / "latest", tmp_path / "f.bin", tmp_path / "export" / "config.json",
+             adapter / "adapter_model.safetensors", adapter / "adapter_config.json"]
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, (f, oct(f.stat().st_mode))
+    for d in (final, final / "dataset_ckpt", tmp_path / "export", adapter):
+        assert d.stat().st_mode & 0o777 == 0o777 & ~mask, (d, oct(d.stat().st_mode))

@@ -500,6 +500,23 @@ def test_txt2jsonl_invalid_utf8():
     assert res.returncode == 0 and json.loads(res.stdout.splitlines()[1])["output"] == "bad \ufffd"
 
 
+def test_txt2jsonl_files_and_output(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"one\n")
+    (tmp_path / "b.txt").write_bytes(b"two\nbad \xff\n")
+    out = tmp_path / "o.jsonl"
+    res = _txt2jsonl(b"", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "-o", str(out))
+    assert res.returncode == 1 and f"{tmp_path / 'b.txt'} line 2: invalid UTF-8".encode() in res.stderr
+    assert not out.exists() and not list(tmp_path.glob(".o.jsonl*"))  # nothing half written
+    res = _txt2jsonl(b"", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "-o", str(out), "--errors", "replace")
+    assert res.returncode == 0 and [json.loads(x)["output"] for x in out.read_text().splitlines()] == [
+        "one", "two", "bad \ufffd"]
+    from fm.io import umask
+
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask()
+    res = _txt2jsonl(b"", str(tmp_path / "missing.txt"))
+    assert res.returncode == 1 and b"missing.txt" in res.stderr
+
+
 def test_txt_to_index_pipeline(tmp_path):
     res = _txt2jsonl(b"one\ntwo\n")
     (tmp_path / "t.jsonl").write_bytes(res.stdout)
