@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--errors", choices=("strict", "replace"), default="strict",
                     help="invalid UTF-8 in the input: fail naming the line (default), or replace with U+FFFD")
     args = ap.parse_args(argv)
+    for src in args.inputs:
+        if not os.path.isfile(src):
+            print(f"error: {src}: no such file", file=sys.stderr)
+            return 1
     where = ["stdin", 0]
 
     def decoded() -> Iterator[str]:

@@ -513,8 +513,9 @@ def test_txt2jsonl_files_and_output(tmp_path):
     from fm.io import umask
 
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask()
-    res = _txt2jsonl(b"", str(tmp_path / "missing.txt"))
-    assert res.returncode == 1 and b"missing.txt" in res.stderr
+    for extra in ((), ("-o", str(out))):
+        res = _txt2jsonl(b"", str(tmp_path / "missing.txt"), *extra)
+        assert res.returncode == 1 and f"error: {tmp_path / 'missing.txt'}: no such file".encode() in res.stderr
 
 
 def test_txt_to_index_pipeline(tmp_path):
