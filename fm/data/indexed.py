@@ -136,11 +136,11 @@ class IndexedDataset:
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"index directory not found: {path} "
-                                    "(create it with quick_start/convert_json2index.py)")
+                                    "(create it with fm convert)")
         self.data_path = os.path.join(self.path, DATA_FILE)
         if not os.path.isfile(self.data_path):
             raise FileNotFoundError(f"{self.data_path} not found: {path} is not an index directory "
-                                    "(create it with quick_start/convert_json2index.py)")
+                                    "(create it with fm convert)")
         self.meta: dict = read_meta(self.path)
         self.index_name = index_name(self.path, self.meta)
         self._open_offsets()

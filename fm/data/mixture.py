@@ -199,13 +199,13 @@ def _check_data_files(where: str, path: str, fmt: str, problems: list[str]) -> N
                                 "of its .bin/.idx pair)")
         return
     if not os.path.isdir(path):
-        problems.append(f"{where}: path not found: {path} (create it with quick_start/convert_json2index.py)")
+        problems.append(f"{where}: path not found: {path} (create it with fm convert)")
         return
     if not os.path.isfile(os.path.join(path, "data.jsonl")):
         problems.append(f"{where}: {path}/data.jsonl not found (not an index directory; "
-                        "create it with quick_start/convert_json2index.py)")
+                        "create it with fm convert)")
     if not (os.path.isfile(os.path.join(path, "index")) or os.path.isfile(os.path.join(path, "index.h5"))):
-        problems.append(f"{where}: {path} has no 'index' or 'index.h5' (rebuild it with convert_json2index.py)")
+        problems.append(f"{where}: {path} has no 'index' or 'index.h5' (rebuild it with fm convert)")
 
 
 def _check_transform_runs(spec: DatasetSpec, problems: list[str]) -> None:

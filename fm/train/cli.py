@@ -56,8 +56,15 @@ def main(argv: Sequence[str] | None = None, *, default_config: str | Path | None
     if cfg.lora and not cfg.load_model:
         logging.getLogger("fm.train").warning("lora is on but load_model is empty: the adapters train on a randomly "
                                               "initialised base; set load_model to the base weights (.pt)")
+    from fm.checkpoints import CheckpointFormError
+    from fm.data.mixture import MixtureConfigError
+    from fm.models.config import ModelConfigError
+
     try:
         return run(cfg)
     except NonFiniteError as e:
         logging.getLogger("fm.train").error("%s", e)
         return 3
+    except (ModelConfigError, MixtureConfigError, CheckpointFormError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)  # a bad input: its message says what to fix, no traceback
+        return 2

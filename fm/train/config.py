@@ -41,7 +41,7 @@ REJECTED: dict[str, str] = {
     "ignore_cuda_oom": "skipping a step after an out-of-memory error cannot be made safe under ZeRO-3/FSDP "
     "(the other ranks wait forever in the collective the failing rank left); lower batch_size or max_length, "
     "or set use_checkpoint true; set ignore_cuda_oom false",
-    "dataloader": 'only the "indexed" dataloader exists (convert data with quick_start/convert_json2index.py)',
+    "dataloader": 'only the "indexed" dataloader exists (convert data with fm convert)',
 }
 
 @dataclass

@@ -199,3 +199,18 @@ def test_torchrun_is_recognised_in_its_spellings():
             os.kill(c, signal.SIGKILL)
         p.kill()
         p.wait()
+
+
+def test_the_worker_scripts_answer_help(capsys):
+    """``python apps/fm9g_2b/pretrain_dragonfly.py --help`` used to fail with "--help needs a value"."""
+    import importlib.util
+
+    from fm.train.cli import main
+
+    assert main(["--help"]) == 0 and "  --train_iters INT  [default 10000]" in capsys.readouterr().out
+    spec = importlib.util.spec_from_file_location("pretrain_dragonfly", ROOT / "apps/fm9g_2b/pretrain_dragonfly.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    assert app.main(["-h"]) == 0 and capsys.readouterr().out.startswith("usage: pretrain_dragonfly.py")
+    assert main(["--config", "/nonexistent.json"]) == 2  # not a train config file: the model config key
+    assert "model config '/nonexistent.json': no such file" in capsys.readouterr().err

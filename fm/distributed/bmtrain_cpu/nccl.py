@@ -19,9 +19,11 @@ gloo process group:
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import secrets
+import weakref
 from typing import Literal
 
 import torch
@@ -57,6 +59,8 @@ class NCCLCommunicator:
     def __init__(self, group: dist.ProcessGroup | None, rank: int, size: int) -> None:
         self._group, self._rank, self._size = group, rank, size
         self._destroyed = False
+        if group is not None:
+            _live.add(self)
 
     @property
     def ptr(self) -> NCCLCommunicator:
@@ -89,6 +93,19 @@ def op2nccl(op: Literal["sum", "prod", "max", "min", "avg"]) -> int:
 
 
 # ---------------------------------------------------------------------------------------- plumbing
+_live: weakref.WeakSet[NCCLCommunicator] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_live_groups() -> None:
+    """Shut down the gloo groups BMTrain never destroys (it keeps its communicators for the process's life):
+    left to interpreter teardown, a group's threads are sometimes destroyed while still joinable, and the process
+    aborts ("terminate called without an active exception") after its work is done."""
+    for comm in list(_live):
+        if not comm._destroyed:
+            commDestroy(comm)
+
+
 _store: dist.Store | None = None
 _group_depth = 0
 _queued: list = []
