@@ -15,15 +15,22 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import torch
 
-from fm.eval.tasks import LETTERS, GenExample, MCSubject, MCTask, gsm8k_prompt
+from fm.eval.tasks import (
+    GSM8K_STOP,
+    LETTERS,
+    NUMBER_RE,
+    GenExample,
+    MCSubject,
+    MCTask,
+    gsm8k_prompt,
+    normalize_number,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,29 +195,7 @@ def evaluate_mc(model: torch.nn.Module, tokenizer: Any, task: MCTask, subjects: 
 
 # ------------------------------------------------------------------------------------------ GSM8K
 
-_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?|-?\.\d+")
-
-
-def normalize_number(text: str) -> str | None:
-    """The first number in ``text``, canonical: ``"1,234"`` → ``"1234"``, ``"3.50"`` → ``"3.5"``,
-    ``"7.0"`` → ``"7"``, ``"$5."`` → ``"5"``; None when there is no number."""
-    m = _NUMBER_RE.search(text.replace(",", ""))
-    if m is None:
-        return None
-    d = Decimal(m.group(0))
-    if d == d.to_integral_value():
-        return str(int(d))
-    return format(d.normalize(), "f")
-
-
-def gsm8k_reference(answer: str) -> str | None:
-    """The number after the last ``####`` of a reference answer."""
-    if "####" not in answer:
-        return None
-    return normalize_number(answer.rsplit("####", 1)[1])
-
-
-def extract_answer(output: str, stop: str = "\n\nQuestion:") -> str | None:
+def extract_answer(output: str, stop: str = GSM8K_STOP) -> str | None:
     """The model's final number: the output is cut at the next few-shot ``Question:``; the number after
     ``####`` if the model wrote one, else the last number in the text (commas removed)."""
     output = output.split(stop, 1)[0]
@@ -218,7 +203,7 @@ def extract_answer(output: str, stop: str = "\n\nQuestion:") -> str | None:
         found = normalize_number(output.rsplit("####", 1)[1])
         if found is not None:
             return found
-    numbers = _NUMBER_RE.findall(output.replace(",", ""))
+    numbers = NUMBER_RE.findall(output.replace(",", ""))
     return normalize_number(numbers[-1]) if numbers else None
 
 

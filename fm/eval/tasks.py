@@ -22,7 +22,9 @@ import csv
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -246,14 +248,33 @@ class GenExample:
     source: str = ""
 
 
-GSM8K_STOP = "\n\nQuestion:"
+GSM8K_STOP = "\n\nQuestion:"  # where a model that goes on to the next few-shot question is cut
+
+NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?|-?\.\d+")
+
+
+def normalize_number(text: str) -> str | None:
+    """The first number in ``text``, canonical: ``"1,234"`` → ``"1234"``, ``"3.50"`` → ``"3.5"``,
+    ``"7.0"`` → ``"7"``, ``"$5."`` → ``"5"``; None when there is no number."""
+    m = NUMBER_RE.search(text.replace(",", ""))
+    if m is None:
+        return None
+    d = Decimal(m.group(0))
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def gsm8k_reference(answer: str) -> str | None:
+    """The number after the last ``####`` of a reference answer."""
+    if "####" not in answer:
+        return None
+    return normalize_number(answer.rsplit("####", 1)[1])
 
 
 def read_gsm8k(path: str) -> list[GenExample]:
     if not os.path.isfile(path):
         raise EvalDataError(f"{path}: file not found (GSM8K-style jsonl with 'question' and 'answer')")
-    from fm.eval.scoring import gsm8k_reference
-
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

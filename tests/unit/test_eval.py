@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm.eval import scoring, tasks
-from fm.eval.scoring import extract_answer, gsm8k_reference, normalize_number
-from fm.eval.tasks import EvalDataError
+from fm.eval.scoring import extract_answer
+from fm.eval.tasks import EvalDataError, gsm8k_reference, normalize_number
 from fm.eval.validation import evaluate_loss, from_sums_tensor, sums_tensor
+from fm.models.registry import build_model, load_model_config
 
 # ------------------------------------------------------------------------------------------- fixtures
 
@@ -401,10 +402,9 @@ def _tiny_dragonfly_config(tokenizer) -> dict:
 
 
 def _tiny_dragonfly(tokenizer):
-    registry = pytest.importorskip("fm.models.registry")
     torch.manual_seed(0)
-    model = registry.build_model(registry.load_model_config(_tiny_dragonfly_config(tokenizer), "dragonfly"),
-                                 device="cpu", dtype=torch.float32)
+    model = build_model(load_model_config(_tiny_dragonfly_config(tokenizer), "dragonfly"), device="cpu",
+                        dtype=torch.float32)
     return model.eval()
 
 
@@ -460,7 +460,6 @@ def test_evaluate_loss_custom_loss_fn_and_empty_task(tokenizer):
 
 
 def test_fixed_batches_are_deterministic(tmp_path, tokenizer):
-    pytest.importorskip("fm.data.loader")
     from fm.eval.validation import fixed_batches
 
     _index_dir(tmp_path / "d", [{"input": "", "output": f"validation text number {i} " * 3} for i in range(20)])
@@ -552,7 +551,8 @@ def test_token_losses_chunked_equals_unchunked():
 
 
 def test_cli_on_hf_directory(tmp_path, tokenizer, tokenizer_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     cfg = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=64)
