@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("fm.eval.__main__", "C-Eval, MMLU, CMMLU, GSM8K and perplexity from local files"),
     "export": ("fm.cli:export", "dragonfly checkpoint -> Hugging Face Llama directory (transformers, vLLM)"),
     "import": ("fm.cli:import_hf", "Hugging Face Llama directory -> dragonfly .pt (+ its model config)"),
-    "import-spark": ("fm.models.spark_import", "Megatron-DeepSpeed iFlytekSpark checkpoint -> spark .pt"),
+    "import-spark": ("fm.export.spark_import", "Megatron-DeepSpeed iFlytekSpark checkpoint -> spark .pt"),
     "lora": ("fm.train.lora", "LoRA adapters: merge into dense weights, convert for the Hugging Face export"),
 }
 

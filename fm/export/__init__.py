@@ -1,6 +1,6 @@
-"""Model export/import: :mod:`fm.export.hf` (dragonfly ↔ Hugging Face ``LlamaForCausalLM``).
+"""Checkpoint converters: :mod:`fm.export.hf` (dragonfly ↔ Hugging Face ``LlamaForCausalLM``) and
+:mod:`fm.export.spark_import` (the released iFlytekSpark-13B Megatron-DeepSpeed shards → spark).
 
-The Spark Megatron-DeepSpeed importer lives beside the model, in :mod:`fm.models.spark_import`.
 Names are resolved lazily so ``python -m fm.export.hf`` does not import the module twice.
 """
 

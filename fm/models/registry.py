@@ -11,6 +11,7 @@ from torch import nn
 
 from fm.models.config import ModelConfigError, config_from_dict, read_json
 from fm.models.dragonfly import Dragonfly, DragonflyConfig
+from fm.models.spark import Spark, SparkConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "models"  # package data: <family>/<name>.json
 
@@ -23,21 +24,18 @@ class Family:
     app_dir: str  # apps/<app_dir>/ in a checkout (its model_configs/ links to this family's shipped configs)
 
 
-def _families() -> dict[str, Family]:
-    from fm.models.spark import Spark, SparkConfig  # noqa: PLC0415 - keeps import order simple
-
-    return {
-        "dragonfly": Family("dragonfly", DragonflyConfig, Dragonfly, "fm9g_2b"),
-        "spark": Family("spark", SparkConfig, Spark, "spark_13b"),
-    }
+FAMILIES: dict[str, Family] = {
+    "dragonfly": Family("dragonfly", DragonflyConfig, Dragonfly, "fm9g_2b"),
+    "spark": Family("spark", SparkConfig, Spark, "spark_13b"),
+}
 
 
 def families() -> dict[str, Family]:
-    return _families()
+    return dict(FAMILIES)
 
 
 def _family(name: str, source: str = "") -> Family:
-    fams = _families()
+    fams = FAMILIES
     if name not in fams:
         where = f"{source}: " if source else ""
         raise ModelConfigError(f"{where}unknown model family {name!r}; use one of {', '.join(fams)}")
@@ -46,7 +44,7 @@ def _family(name: str, source: str = "") -> Family:
 
 def shipped_configs() -> dict[str, list[Path]]:
     """``{family: [the shipped <family>/*.json, …]}`` (package data: they install with fm)."""
-    return {name: sorted((CONFIG_DIR / name).glob("*.json")) for name in _families()}
+    return {name: sorted((CONFIG_DIR / name).glob("*.json")) for name in FAMILIES}
 
 
 def resolve_model_config(path_or_name: str | Path, family: str | None = None) -> tuple[Path, str | None]:
@@ -59,7 +57,7 @@ def resolve_model_config(path_or_name: str | Path, family: str | None = None) ->
     if path.is_file():
         return path, family
     name = str(path_or_name).removesuffix(".json")
-    fams = _families()
+    fams = FAMILIES
     order = [family] if family else list(fams)
     if "/" in name:
         prefix, name = name.split("/", 1)
@@ -94,7 +92,7 @@ def load_model_config(path_or_name: str | Path | dict[str, Any], family: str | N
 
 
 def family_of(config: Any) -> Family:
-    for fam in _families().values():
+    for fam in FAMILIES.values():
         if isinstance(config, fam.config_cls):
             return fam
     raise TypeError(f"not a model config: {type(config).__name__}")

@@ -17,23 +17,22 @@ State-dict keys (``{i}`` = layer)::
     encoder.output_layernorm.{weight,bias}
     lm_head.weight                               only when tie_lm_head is false
 
-``python -m fm.models.spark import ARGS…`` runs the Megatron-DeepSpeed checkpoint importer
-(:mod:`fm.models.spark_import`).
+The released Megatron-DeepSpeed checkpoints convert to these keys with ``fm import-spark``
+(:mod:`fm.export.spark_import`).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fm.models.config import DTYPES, config_to_dict, positive_sizes, raise_problems, resolve_dtype
-from fm.models.dragonfly import DecoderLM
-from fm.nn.attention import Attention, KVCache
+from fm.models.decoder import DecoderLM, residual
+from fm.nn.attention import Attention
+from fm.nn.kv_cache import KVCache
 from fm.nn.mlp import GatedMLP
 from fm.nn.norm import LayerNorm
 
@@ -41,7 +40,7 @@ SPARK_ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj")
 SPARK_MLP_NAMES = ("fc0", "fc1", "fc2")
 
 # Canonical (unsharded Megatron) parameter name → our state-dict key; used by the checkpoint
-# importer (fm.models.spark_import) so that the model module alone owns its key layout.
+# importer (fm.export.spark_import) so that the model module alone owns its key layout.
 MEGATRON_TO_SPARK: dict[str, str] = {
     "embed.weight": "input_embedding.weight",
     "final_ln.weight": "encoder.output_layernorm.weight",
@@ -150,11 +149,6 @@ class SparkLayer(nn.Module):
         self.post_attention_layernorm.init_weights()
         self.mlp.init_weights(generator)
 
-    def _residual(self, hidden_states: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.dropout_p and self.training:
-            x = F.dropout(x, self.dropout_p)
-        return hidden_states + x
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -166,8 +160,9 @@ class SparkLayer(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         x = self.self_attention(self.input_layernorm(hidden_states), cos, sin, mask, cu_seqlens, max_seqlen, kv_cache)
-        hidden_states = self._residual(hidden_states, x)
-        return self._residual(hidden_states, self.mlp(self.post_attention_layernorm(hidden_states)))
+        hidden_states = residual(hidden_states, x, self.dropout_p, self.training)
+        return residual(hidden_states, self.mlp(self.post_attention_layernorm(hidden_states)), self.dropout_p,
+                        self.training)
 
 
 class Spark(DecoderLM):
@@ -178,17 +173,3 @@ class Spark(DecoderLM):
 
     def __init__(self, config: SparkConfig, *, device=None, dtype: torch.dtype | None = None) -> None:
         super().__init__(config, device=device, dtype=dtype)
-
-
-def _main(argv: list[str]) -> int:
-    if not argv or argv[0] != "import":
-        print("usage: python -m fm.models.spark import ARGS…  (Megatron-DeepSpeed checkpoint → fm)", file=sys.stderr)
-        return 2
-    from fm.models import spark_import  # noqa: PLC0415 - owned by the export helper, loaded on demand
-
-    result = spark_import.main(argv[1:])
-    return int(result or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -532,24 +531,6 @@ def test_llama_config_matches_transformers_llama():
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
-def test_spark_module_main_dispatches_to_importer(monkeypatch, capsys):
-    import runpy
-
-    import fm.models.spark_import as spark_import
-
-    seen = []
-    monkeypatch.setattr(spark_import, "main", lambda argv: seen.append(list(argv)) or 0)
-    monkeypatch.setattr(sys, "argv", ["fm.models.spark", "import", "--megatron-dir", "D"])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_module("fm.models.spark", run_name="__main__")
-    assert done.value.code == 0 and seen == [["--megatron-dir", "D"]]
-    monkeypatch.setattr(sys, "argv", ["fm.models.spark"])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_module("fm.models.spark", run_name="__main__")
-    assert done.value.code == 2 and "usage: python -m fm.models.spark import" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("name", ["2.4b", "skywork_13b", "spark_13b/13b", SPARK_TINY])
 def test_config_to_dict_round_trips_through_json(name, tmp_path):
     config = load_model_config(name)
@@ -564,8 +545,6 @@ def test_models_and_layers_import_no_training_or_distributed_code():
 
     for folder in ("fm/nn", "fm/models"):
         for path in sorted((REPO_ROOT / folder).glob("*.py")):
-            if path.name == "spark_import.py":  # the checkpoint importer CLI (not model code)
-                continue
             tree = ast.parse(path.read_text())
             for node in ast.walk(tree):
                 if isinstance(node, ast.Import):

@@ -49,7 +49,7 @@ def _loaders():
     from fm.checkpoints import open_checkpoint
     from fm.distributed import bmtrain as bmt_engine
     from fm.distributed import fsdp
-    from fm.models import spark_import
+    from fm.export import spark_import
     from fm.train import lora
 
     return {
@@ -73,7 +73,7 @@ def test_no_loader_runs_code_from_a_file(tmp_path, marker, name):
 
 def test_importers_refuse_payloads(tmp_path, marker):
     from fm.export.hf import load_hf_state_dict
-    from fm.models.spark_import import import_megatron
+    from fm.export.spark_import import import_megatron
 
     hf_dir = tmp_path / "hf"
     _payload_pt(hf_dir / "pytorch_model.bin", marker)
@@ -87,7 +87,7 @@ def test_importers_refuse_payloads(tmp_path, marker):
 
 def test_released_megatron_shards_still_load(tmp_path):
     # Megatron-DeepSpeed pickles its args and numpy RNG states beside the weights: exactly those are allowed
-    from fm.models.spark_import import _load
+    from fm.export.spark_import import _load
 
     np.random.seed(3)
     obj = {"module": {"language_model": {"w": torch.ones(3)}}, "iteration": 100,

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from fm.export.spark_import import SparkImportError, import_megatron, main
 from fm.models.registry import build_model, load_model_config
-from fm.models.spark_import import SparkImportError, import_megatron
 
 SPARK = {"vocab_size": 1000, "dim_model": 64, "dim_ff": 96, "dim_head": 16, "num_heads": 4, "num_kv_heads": 4,
          "num_layers": 2, "sliding_window": 8, "init_std": 0.3, "dtype": "fp32"}
@@ -104,8 +104,6 @@ def test_import_tp_shards_reproduces_model(tmp_path, tp, layout):
 
 
 def test_cli_with_deepspeed_step_folder(tmp_path):
-    from fm.models.spark import _main
-
     cfg, model = _model(seed=9)
     root = tmp_path / "release"
     write_megatron(root / "global_step1000", megatron_shards(model.state_dict(), cfg, 2))
@@ -113,7 +111,7 @@ def test_cli_with_deepspeed_step_folder(tmp_path):
     cfg_path = tmp_path / "tiny.json"
     cfg_path.write_text(json.dumps(SPARK))
     out = tmp_path / "spark.pt"
-    assert _main(["import", "--megatron-dir", str(root), "--config", str(cfg_path), "--output", str(out),
+    assert main(["--megatron-dir", str(root), "--config", str(cfg_path), "--output", str(out),
                   "--dtype", "bf16"]) == 0
     state = torch.load(out, weights_only=True)
     assert state["input_embedding.weight"].dtype == torch.bfloat16

@@ -14,7 +14,7 @@ are read). Merging the shards:
   are split per shard and then concatenated over shards;
 * each shard's ``dense_h_to_4h`` rows interleave gate and up (even rows gate, odd rows up).
 
-CLI (also ``python -m fm.models.spark_import``)::
+CLI (also ``python -m fm.export.spark_import``)::
 
     fm import-spark --megatron-dir DIR --output spark13b.pt [--config spark/13b] [--dtype bf16]
 """
@@ -32,9 +32,13 @@ from typing import Any
 
 import torch
 
+from fm.checkpoints import write_config_beside
 from fm.io import atomic_torch_save
+from fm.models.config import DTYPES
+from fm.models.registry import load_model_config
+from fm.models.spark import MEGATRON_TO_SPARK  # the model module owns its checkpoint names
 
-log = logging.getLogger("fm.models.spark_import")
+log = logging.getLogger("fm.export.spark_import")
 
 _SHARD_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _PP_SHARD_RE = re.compile(r"^mp_rank_(\d+)_(\d+)_model_states\.pt$")
@@ -238,7 +242,6 @@ def _replicated(shards: Sequence[Mapping[str, torch.Tensor]], name: str, sources
 
 def spark_key_map(num_layers: int) -> dict[str, str]:
     """Canonical name → our spark model's state-dict key."""
-    from fm.models.spark import MEGATRON_TO_SPARK  # the model module owns its checkpoint names
 
     out = {}
     for canon, ours in MEGATRON_TO_SPARK.items():
@@ -301,16 +304,6 @@ def import_megatron(
 # ------------------------------------------------------------------------------- CLI
 
 
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fm import-spark",
@@ -320,24 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="spark/13b", help="spark model config json or shipped name (default spark/13b)")
     p.add_argument("--output", required=True, help="state dict .pt to write (atomically); its model config goes "
                    "beside it (<output stem>.json)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="cast weights (default: keep the checkpoint's dtype)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the checkpoint's dtype)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from fm.models.registry import load_model_config
-
     config = load_model_config(args.config, "spark")
     try:
-        state = import_megatron(args.megatron_dir, config, _DTYPES[args.dtype] if args.dtype else None)
+        state = import_megatron(args.megatron_dir, config, DTYPES[args.dtype] if args.dtype else None)
     except SparkImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     atomic_torch_save(state, Path(args.output))
-    from fm.checkpoints import write_config_beside
-
     write_config_beside(args.output, config)
     n = sum(t.numel() for t in state.values())
     print(f"wrote {args.output}: {len(state)} tensors, {n:,} parameters")
