@@ -22,18 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
-
+from fm.models.config import DTYPES  # noqa: E402
 from fm.train import lora  # noqa: E402
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 log = logging.getLogger("spark.merge_lora")
 
 
 def merge(base: str | Path | None, adapter_dir: str | Path, output: str | Path, dtype: str | None = None) -> Path:
     cfg, adapter = lora.load_adapter(adapter_dir)
     out = Path(output)
-    lora.merge_adapter(adapter_dir, base, out, _DTYPES[dtype] if dtype else None)
+    lora.merge_adapter(adapter_dir, base, out, DTYPES[dtype] if dtype else None)
     log.info("merged %d adapted weights (r=%s, alpha=%s, scale %.4g) into %s", len(adapter) // 2, cfg["r"],
              cfg["lora_alpha"], lora.scaling(cfg), out)
     return out
@@ -45,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "adapter's base_model_name_or_path)")
     p.add_argument("--lora", required=True, help="PEFT adapter directory (a LoRA checkpoint directory)")
     p.add_argument("--output", required=True, help="merged state dict .pt to write")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the merged weights (default: the base's dtype)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the merged weights (default: the base's dtype)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -457,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (a dragonfly adapter for the Hugging Face Llama export) or ``merge --base B --lora DIR --output OUT.pt``."""
     import argparse
 
+    from fm.models.config import DTYPES, resolve_dtype
+
     p = argparse.ArgumentParser(prog="fm lora", description="LoRA adapter tools: fold an adapter into dense weights, "
                                 "or convert a dragonfly adapter for the Hugging Face Llama export.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -469,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--lora", required=True, help="PEFT adapter directory (a LoRA checkpoint directory)")
     m.add_argument("--base", help="base weights, any checkpoint form (default: the adapter's base_model_name_or_path)")
     m.add_argument("--output", required=True, help="merged state dict .pt to write (its model config goes beside it)")
-    m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast the merged weights (default: the base's)")
+    m.add_argument("--dtype", choices=sorted(DTYPES), help="cast the merged weights (default: the base's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -479,8 +481,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = open_checkpoint(args.adapter, model_config=args.config, family="dragonfly").model_config
             out = dragonfly_adapter_to_hf(args.adapter, args.output, config, args.base_model)
         else:
-            from fm.models.config import resolve_dtype
-
             out = Path(args.output)
             merge_adapter(args.lora, args.base, out, resolve_dtype(args.dtype) if args.dtype else None)
     except (LoraError, FileNotFoundError, KeyError, ValueError) as exc:

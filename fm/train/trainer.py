@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from fm.models.config import config_to_dict
+from fm.models.config import DTYPES, config_to_dict
 from fm.train import checkpoint as ckpt_lib
 from fm.train.config import TrainConfig, log_no_ops
 from fm.train.guard import RunLock, RunLockError, watch_launcher
@@ -88,7 +88,7 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 
 def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     name = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return DTYPES[name]
 
 
 def setup_logging(rank: int) -> None:
