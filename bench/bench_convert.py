@@ -7,7 +7,8 @@ Figures:
 * references: read+write copy of the file, msgspec decode of every line (MB/s);
 * converter without a tokenizer, --workers 1 and --workers 2 (MB/s of valid jsonl, ratio 2 vs 1);
 * with --tokenizer: converter MB/s vs SentencePiece ``encode`` of the same output texts as one list call
-  (and per line), on a smaller file because tokenizing is ~20x slower than converting.
+  (and per line), on a smaller file because tokenizing is much slower than converting
+  (figures: docs/benchmarks-convert.md).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}")
 
     def clean() -> None:
-        """Untimed before each run: remove the last output (~0.07 s for 200 MB, not part of a conversion) and
+        """Untimed before each run: remove the last output (not part of a conversion) and
         flush the file system, so the journal commit of that removal (and, on a ``discard`` mount, the TRIM
         of the freed blocks) happens now rather than inside the next timed run."""
         shutil.rmtree(out, ignore_errors=True)

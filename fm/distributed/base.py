@@ -314,9 +314,9 @@ class Engine(abc.ABC):
 class StagingBuffers:
     """Reusable CPU copies of state trees for async checkpoints.
 
-    Copying into memory that is already mapped is ~5x faster than into fresh allocations (page
-    faults), and the copy is what the training loop waits for. A buffer set is reused only after
-    :meth:`release` (its previous contents were written); otherwise a fresh copy is made.
+    The copy is what the training loop waits for, and copying into memory that is already mapped avoids
+    the page faults of fresh allocations (figures: docs/benchmarks-checkpoint.md). A buffer set is reused
+    only after :meth:`release` (its previous contents were written); otherwise a fresh copy is made.
     """
 
     def __init__(self) -> None:
