@@ -146,8 +146,8 @@ def test_optimizer_reshards_two_to_one(two_rank_run):
 
 def test_real_dragonfly_model_shards_layer_by_layer():
     """The MODELS helper's tiny dragonfly (tied head, GQA): sharded logits, loss and clip norm equal plain ones."""
-    registry = pytest.importorskip("fm.models.registry")
     from fm.distributed import build_engine
+    from fm.models import registry
 
     cfg = registry.load_model_config(str(Path(__file__).resolve().parents[2] / "apps/fm9g_2b/model_configs/tiny.json"))
     torch.manual_seed(0)

@@ -18,8 +18,6 @@ ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "apps" / "spark_13b" / "sft_spark.py"
 SPARK_TINY = ROOT / "apps" / "spark_13b" / "model_configs" / "tiny.json"
 
-pytest.importorskip("peft")
-
 
 def _launch(train_config: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

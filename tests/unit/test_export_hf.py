@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from fm.export.hf import export_checkpoint, import_hf, main  # noqa: E402
-from fm.generate import generate  # noqa: E402
-from fm.models.registry import build_model, load_model_config  # noqa: E402
+from fm.export.hf import export_checkpoint, import_hf, main
+from fm.generate import generate
+from fm.models.registry import build_model, load_model_config
 
 TINY = {
     "vocab_size": 8000, "dim_model": 64, "dim_ff": 96, "dim_head": 16, "num_heads": 4, "num_kv_heads": 2,

@@ -9,10 +9,8 @@ import json
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
-
-from fm.models.registry import build_model, load_model_config  # noqa: E402
-from fm.train import lora  # noqa: E402
+from fm.models.registry import build_model, load_model_config
+from fm.train import lora
 
 SPARK_TINY = "apps/spark_13b/model_configs/tiny.json"
 DRAGONFLY_TINY = {
@@ -177,7 +175,6 @@ def test_merge_parity_and_cli(repo_root, tmp_path):
 
 
 def test_dragonfly_adapter_on_hf_llama_export(tmp_path, tokenizer_path):
-    pytest.importorskip("transformers")
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
