@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.distributed.test_trainer import launch, make_run, stats
 from tests.distributed.tinylm import assert_sd_close, free_port
+from tests.helpers import launch, make_run, stats
 
 ROOT = Path(__file__).resolve().parents[2]
 SPARK_TINY = ROOT / "apps" / "spark_13b" / "model_configs" / "tiny.json"

@@ -21,8 +21,7 @@ from fm.io import CorruptFileError, UnsafeFileError
 from fm.train import checkpoint as ck
 from fm.train.config import load_config
 from fm.train.trainer import run
-from tests.distributed.test_trainer import APP, ROOT, _children, make_run, stats
-from tests.unit.test_safety import Payload
+from tests.helpers import APP, ROOT, Payload, children, make_run, stats
 
 
 def _in_process(cfg_path: Path, **over) -> int:
@@ -114,7 +113,7 @@ def test_workers_stop_with_their_launcher_and_one_run_per_directory(tmp_path):
     run_dir = tmp_path / "ckpt" / "run"
     first = _start(cfg)
     _wait_for_steps(run_dir, 4, first)
-    workers = _children(first.pid)
+    workers = children(first.pid)
     assert len(workers) == 2
 
     # a second run on the same directory fails at once, naming the live holder

@@ -10,81 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-APP = ROOT / "apps" / "fm9g_2b" / "pretrain_dragonfly.py"
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
-
-TINY_MODEL = {"vocab_size": 8000, "dim_model": 64, "dim_ff": 128, "dim_head": 16, "num_heads": 4, "num_kv_heads": 2,
-              "num_layers": 2, "activate_fn": "silu", "eps": 1e-5, "init_std": 0.1, "scale": True, "scale_emb": 12,
-              "scale_depth": 1.4, "dim_model_base": 16, "tie_lm_head": True, "half": False, "dtype": "fp32"}
-
-
-def write_index(path: Path, records: list[dict]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    offsets = [0]
-    with open(path / "data.jsonl", "wb") as f:
-        for rec in records:
-            line = (json.dumps(rec) + "\n").encode()
-            f.write(line)
-            offsets.append(offsets[-1] + len(line))
-    (path / "index").write_text("\n".join(map(str, offsets)) + "\n")
-
-
-def records(prefix: str, n: int, seed: int, instr: bool = False) -> list[dict]:
-    rng = random.Random(seed)
-    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))
-    if instr:
-        return [{"input": f"{prefix}{i} {words(rng.randint(1, 4))}", "output": words(rng.randint(1, 5))}
-                for i in range(n)]
-    return [{"input": "", "output": f"{prefix}{i} {words(rng.randint(1, 6))}"} for i in range(n)]
-
-
-def make_run(tmp: Path, *, repeat: bool, n_a: int = 300, n_b: int = 200, **train) -> Path:
-    """Writes a tiny model config, a two-task mixture and a train config; returns the train config path."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "model.json").write_text(json.dumps(TINY_MODEL))
-    write_index(tmp / "data" / "a", records("a", n_a, 1))
-    write_index(tmp / "data" / "b", records("b", n_b, 2, instr=True))
-    (tmp / "data" / "mix.json").write_text(json.dumps([
-        {"task_name": "a", "abs_weight": 2.0, "path": "a", "allow_repeat": repeat},
-        {"task_name": "b", "abs_weight": 1.0, "path": "b", "allow_repeat": repeat}]))
-    cfg = {"model_unique": "run", "config": str(tmp / "model.json"), "dataset_config": str(tmp / "data" / "mix.json"),
-           "tokenizer_path": str(ROOT / "quick_start" / "tokenizer.model"), "engine": "fsdp", "max_length": 64,
-           "batch_size": 2, "train_iters": 40, "save_iters": 20, "lr": 0.01, "warmup_iters": 4,
-           "lr_scheduler": "Cosine", "inspect_iters": 0, "seed": 7, "save": str(tmp / "ckpt"),
-           "tensorboard": str(tmp / "tb"), "resume_ckpt": "latest"}
-    cfg.update(train)
-    path = tmp / "train.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def launch(config: Path, nproc: int = 2, env: dict | None = None, args: tuple = (), wait: bool = True,
-           timeout: int = 240):
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    full_env.update(env or {})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", str(APP), "--config", str(config), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if not wait:
-        return proc
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def stats(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(x) for x in (run_dir / "train_stats.jsonl").read_text().splitlines() if x.strip()]
-    return {r["iter"]: r for r in rows}  # a resumed run appends again: the last row per iteration wins
+from tests.helpers import children, launch, make_run, stats
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -188,13 +121,6 @@ def test_resume_two_to_one_process_until_data_ends(tmp_path):
     assert (run / str(last) / "COMPLETE").is_file() and last > 2  # final checkpoint at the end of data
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(x) for x in (task / "children").read_text().split()]
-    return kids
-
-
 def _rank_of(pid: int) -> int | None:
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     for item in env:
@@ -212,7 +138,7 @@ def test_sigterm_on_one_rank_saves_and_exits_zero(tmp_path):
     while time.time() < deadline and (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 3):
         time.sleep(0.2)
     assert jsonl.exists(), proc.communicate()[0]
-    rank0 = [p for p in _children(proc.pid) if _rank_of(p) == 0]
+    rank0 = [p for p in children(proc.pid) if _rank_of(p) == 0]
     assert rank0
     os.kill(rank0[0], signal.SIGTERM)  # only rank 0 gets it: the ranks must agree through the all-reduce
     out, _ = proc.communicate(timeout=120)

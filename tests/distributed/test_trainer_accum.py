@@ -14,7 +14,7 @@ from fm.data.loader import build_train_loader
 from fm.tokenizer import Tokenizer
 from fm.train.config import load_config
 from fm.train.trainer import Trainer
-from tests.distributed.test_trainer import ROOT, TINY_MODEL, make_run
+from tests.helpers import ROOT, TINY_MODEL, make_run
 
 
 def split_rows(batch: dict, a: int, b: int) -> dict:
@@ -92,7 +92,7 @@ def test_only_run_dataloader_reports_throughput(tmp_path, caplog):
 
 def test_resume_no_optimze_rewarms_and_only_load_model_restarts(tmp_path):
     from fm.train.trainer import run
-    from tests.distributed.test_trainer import stats
+    from tests.helpers import stats
 
     path = make_run(tmp_path, repeat=True, train_iters=4, save_iters=2, warmup_iters=0, lr_scheduler="constant",
                     lr=0.01)

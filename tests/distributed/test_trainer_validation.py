@@ -21,7 +21,7 @@ from fm.eval.validation import fixed_batches
 from fm.tokenizer import Tokenizer
 from fm.train.config import ConfigError, load_config
 from fm.train.trainer import Trainer, run
-from tests.distributed.test_trainer import ROOT, launch, make_run, records, stats, write_index
+from tests.helpers import ROOT, launch, make_run, records, stats, write_index
 
 TOKENIZER = str(ROOT / "quick_start" / "tokenizer.model")
 

@@ -197,7 +197,7 @@ def part_train_tiny(args) -> dict:
         raise NotRun("no CUDA")
     _need_bmtrain()
     sys.path.insert(0, str(ROOT))
-    from tests.distributed.test_trainer import launch, make_run, stats
+    from tests.helpers import launch, make_run, stats
 
     tmp = Path(tempfile.mkdtemp(prefix="fm-gpu-tiny-"))
     losses, seconds = {}, {}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shlex
 import shutil
 import signal
@@ -17,25 +16,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, clean_env, complete_steps, make_launch_run
+
 LAUNCHERS = sorted(ROOT.glob("apps/*/*.sh"))
 SHELL_SCRIPTS = sorted({*ROOT.glob("apps/*/*.sh"), *ROOT.glob("quick_start/*.sh"), *ROOT.glob("quick_start/*.sbatch"),
                         *ROOT.glob("tests/**/*.sh")})
-TOPOLOGY_VARS = ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "RANK", "MASTER_ENDPOINT", "MASTER_PORT", "TRAIN_CONFIG",
-                 "APP", "REQUEUE", "RDZV_NAME", "RDZV_DIR", "RDZV_TIMEOUT", "SIGNALS_TO_HANDLE", "CUDA_VISIBLE_DEVICES")
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
-TINY_MODEL = {"vocab_size": 8000, "dim_model": 64, "dim_ff": 128, "dim_head": 16, "num_heads": 4, "num_kv_heads": 2,
-              "num_layers": 2, "activate_fn": "silu", "eps": 1e-5, "init_std": 0.1, "scale": True, "scale_emb": 12,
-              "scale_depth": 1.4, "dim_model_base": 16, "tie_lm_head": True, "half": False, "dtype": "fp32"}
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without topology or slurm variables, with the venv's torchrun on PATH."""
-    env = {k: v for k, v in os.environ.items() if k not in TOPOLOGY_VARS and not k.startswith(("SLURM_", "PET_"))}
-    venv = Path(os.environ.get("VIRTUAL_ENV") or ROOT / ".venv")
-    env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}", OMP_NUM_THREADS="1")
-    env.update(extra)
-    return env
 
 
 def dry_run(script: Path, *args: str, rc: int = 0, **env: str) -> tuple[list[str], str]:
@@ -52,38 +37,6 @@ def opts(cmd: list[str]) -> dict[str, str]:
     return dict(a[2:].split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
 
 
-def make_run(tmp: Path, **train) -> Path:
-    """A tiny model, a two-task mixture (text index, repeated) and a train config; returns the config path."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "model.json").write_text(json.dumps(TINY_MODEL))
-    rng = random.Random(3)
-    for name, n in (("a", 200), ("b", 100)):
-        d = tmp / "data" / name
-        d.mkdir(parents=True)
-        offsets, lines = [0], []
-        for i in range(n):
-            line = (json.dumps({"input": "", "output": f"{name}{i} " + " ".join(rng.choices(WORDS, k=5))}) + "\n")
-            lines.append(line)
-            offsets.append(offsets[-1] + len(line.encode()))
-        (d / "data.jsonl").write_text("".join(lines))
-        (d / "index").write_text("\n".join(map(str, offsets)) + "\n")
-    (tmp / "data" / "mix.json").write_text(json.dumps([
-        {"task_name": "a", "abs_weight": 2.0, "path": "a", "allow_repeat": True},
-        {"task_name": "b", "abs_weight": 1.0, "path": "b", "allow_repeat": True}]))
-    cfg = {"model_unique": "run", "config": str(tmp / "model.json"), "dataset_config": str(tmp / "data" / "mix.json"),
-           "tokenizer_path": str(ROOT / "quick_start" / "tokenizer.model"), "engine": "fsdp", "max_length": 64,
-           "batch_size": 2, "train_iters": 6, "save_iters": 3, "lr": 0.01, "warmup_iters": 2, "inspect_iters": 0,
-           "seed": 7, "save": str(tmp / "elsewhere"), "tensorboard": "", "resume_ckpt": "latest"}
-    cfg.update(train)
-    path = tmp / "train.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def complete_steps(run: Path) -> list[int]:
-    return sorted(int(d.name) for d in run.iterdir() if d.name.isdigit() and (d / "COMPLETE").is_file())
-
-
 # ------------------------------------------------------------------------------------------ launchers
 # (the logic is fm.launch's, unit-tested in tests/unit/test_launcher.py; here: each script's wiring, end to end)
 WIRING = {"pretrain_dragonfly.sh": ("apps/fm9g_2b/pretrain_dragonfly.py", "apps/fm9g_2b/train_configs/2.4b.json"),
@@ -93,7 +46,7 @@ WIRING = {"pretrain_dragonfly.sh": ("apps/fm9g_2b/pretrain_dragonfly.py", "apps/
 
 @pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda p: p.name)
 def test_launcher_composes_torchrun_from_env_and_checks_first(launcher, tmp_path):
-    cfg = make_run(tmp_path)
+    cfg = make_launch_run(tmp_path)
     cmd, out = dry_run(launcher, "--exp_group", "a b 'c'", "--config", str(cfg), GPUS_PER_NODE="3", NNODES="2",
                        NODE_RANK="1", MASTER_ENDPOINT="g3002", MASTER_PORT="12346", RANK="5")
     o = opts(cmd)
@@ -123,7 +76,7 @@ def test_launcher_defaults_and_a_failed_preflight(launcher):
 
 def test_node_scripts_dry_run(tmp_path):
     env = {"RDZV_DIR": str(tmp_path)}
-    cfg = str(make_run(tmp_path / "run"))
+    cfg = str(make_launch_run(tmp_path / "run"))
     out = subprocess.run(["bash", "quick_start/run_master.sh", "--dry-run", "--nnodes", "2", "--port", "23456",
                           "--config", cfg, "--save", str(tmp_path / "a b")], cwd=ROOT,
                          env=clean_env(**env), capture_output=True, text=True, timeout=120)
@@ -161,7 +114,7 @@ def test_slave_times_out_with_a_clear_error_and_ignores_a_stale_file(tmp_path):
 def test_master_forwards_usr1_to_the_workers(tmp_path):
     """A signal to the node script (as slurm's --signal=B:USR1 does) reaches the training process, which saves
     a checkpoint; torchrun is not signalled, so everything exits 0."""
-    cfg = make_run(tmp_path, train_iters=100000, save_iters=0)
+    cfg = make_launch_run(tmp_path, train_iters=100000, save_iters=0)
     proc = subprocess.Popen(["bash", "quick_start/run_master.sh", "--config", str(cfg), "--save", str(tmp_path / "ck")],
                             cwd=ROOT, env=clean_env(RDZV_DIR=str(tmp_path / "rdzv")), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -182,7 +135,7 @@ def test_master_forwards_usr1_to_the_workers(tmp_path):
 
 def test_two_nodes_on_one_machine(tmp_path):
     """run_master.sh and run_slave.sh as plain bash: 2 nodes × 1 process form one world of size 2."""
-    cfg = make_run(tmp_path)
+    cfg = make_launch_run(tmp_path)
     env = clean_env(RDZV_DIR=str(tmp_path / "rdzv"), RDZV_POLL="0.5")
     common = ["--config", str(cfg), "--save", str(tmp_path / "ckpt dir")]
     slave = subprocess.Popen(["bash", "quick_start/run_slave.sh", *common], cwd=ROOT, env=env,
@@ -214,7 +167,7 @@ def test_shellcheck(script):
 
 
 def test_multinode_sbatch_dry_run(tmp_path):
-    cfg = str(make_run(tmp_path))
+    cfg = str(make_launch_run(tmp_path))
     out = subprocess.run(["bash", "quick_start/train_multinode.sbatch", "--dry-run", "--port", "29400",
                           "--config", cfg, "--save", "/tmp/a b"], cwd=ROOT,
                          env=clean_env(SLURM_JOB_NUM_NODES="3", SLURM_JOB_ID="77", MASTER_ENDPOINT="g3002"),
@@ -236,7 +189,7 @@ def test_multinode_sbatch_dry_run(tmp_path):
 def test_usr1_during_setup_still_checkpoints(tmp_path):
     """slurm's warning can come while the model is still being built: the stop request must survive until
     the first step, which then saves and exits 0 (launch fix: handlers installed at the top of run())."""
-    cfg = make_run(tmp_path, train_iters=100000, save_iters=0)
+    cfg = make_launch_run(tmp_path, train_iters=100000, save_iters=0)
     proc = subprocess.Popen(["bash", "quick_start/run_master.sh", "--config", str(cfg), "--save", str(tmp_path / "ck")],
                             cwd=ROOT, env=clean_env(RDZV_DIR=str(tmp_path / "rdzv")), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

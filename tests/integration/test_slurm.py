@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_launch import ROOT, clean_env, complete_steps, make_run
+from tests.helpers import ROOT, clean_env, complete_steps, make_launch_run
 
 pytestmark = pytest.mark.slurm
 SETUP = ROOT / "tests" / "slurm" / "setup_slurm.sh"
@@ -86,7 +86,7 @@ def steps_logged(run: Path) -> int:
 
 # ------------------------------------------------------------------------------------------ tests
 def test_master_and_slave_jobs_train_as_one_world(slurm, tmp_path):
-    cfg = make_run(tmp_path)
+    cfg = make_launch_run(tmp_path)
     common = ("--config", str(cfg), "--rdzv-dir", str(tmp_path / "rdzv"), "--save", str(tmp_path / "ckpt"))
     m_log, s_log = tmp_path / "master.out", tmp_path / "slave.out"
     slave = sbatch(slurm, s_log, *ONE_CPU, "quick_start/run_slave.sh", *common)
@@ -102,7 +102,7 @@ def test_master_and_slave_jobs_train_as_one_world(slurm, tmp_path):
 
 
 def test_multinode_sbatch_trains(slurm, tmp_path):
-    cfg = make_run(tmp_path)
+    cfg = make_launch_run(tmp_path)
     log = tmp_path / "job.out"
     job = sbatch(slurm, log, *TWO_CPUS, "quick_start/train_multinode.sbatch", "--config", str(cfg),
                  "--save", str(tmp_path / "ckpt"))
@@ -114,7 +114,7 @@ def test_multinode_sbatch_trains(slurm, tmp_path):
 
 
 def test_usr1_to_master_job_checkpoints_both_nodes_and_exits_cleanly(slurm, tmp_path):
-    cfg = make_run(tmp_path, train_iters=100000, save_iters=0)
+    cfg = make_launch_run(tmp_path, train_iters=100000, save_iters=0)
     common = ("--config", str(cfg), "--rdzv-dir", str(tmp_path / "rdzv"), "--save", str(tmp_path / "ckpt"))
     m_log, s_log = tmp_path / "master.out", tmp_path / "slave.out"
     master = sbatch(slurm, m_log, *ONE_CPU, "quick_start/run_master.sh", "--nnodes", "2", *common)
@@ -132,7 +132,7 @@ def test_usr1_to_master_job_checkpoints_both_nodes_and_exits_cleanly(slurm, tmp_
 
 
 def test_usr1_with_requeue_resumes_from_latest(slurm, tmp_path):
-    cfg = make_run(tmp_path, train_iters=30, save_iters=1000)
+    cfg = make_launch_run(tmp_path, train_iters=30, save_iters=1000)
     log = tmp_path / "job.out"
     job = sbatch(slurm, log, *TWO_CPUS, "quick_start/train_multinode.sbatch", "--requeue", "--config", str(cfg),
                  "--save", str(tmp_path / "ckpt"))

@@ -49,9 +49,9 @@ def test_app_options_anywhere(tmp_path):
 
 
 def _good_run(tmp_path: Path) -> Path:
-    from tests.integration.test_launch import make_run
+    from tests.helpers import make_launch_run
 
-    return make_run(tmp_path)
+    return make_launch_run(tmp_path)
 
 
 def test_dry_run_prints_the_command_and_the_plan(tmp_path, capsys):

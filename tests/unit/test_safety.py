@@ -21,16 +21,9 @@ import torch
 
 from fm.io import CorruptFileError, UnsafeFileError, load_pickle, load_torch
 from fm.train import checkpoint as ck
+from tests.helpers import Payload
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture
@@ -267,7 +260,7 @@ def test_export_on_a_full_disk_says_so_in_one_line(tmp_path):
 def test_transform_errors_give_the_line_number_people_count(tmp_path, tokenizer):
     from fm.data.loader import build_train_loader
     from fm.data.mixture import TransformError
-    from tests.distributed.test_trainer import write_index
+    from tests.helpers import write_index
 
     write_index(tmp_path / "d", [{"input": "", "output": f"text {i}"} for i in range(5)])
     (tmp_path / "t.py").write_text("def transform(data, num_sample, r):\n"
