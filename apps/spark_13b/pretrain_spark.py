@@ -13,8 +13,8 @@ APP_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(APP_DIR.parents[1]))  # run from a checkout without installing
 
 from fm.train.cli import main as train_main  # noqa: E402
-from fm.train.cli import normalise_flags, qualify_model_config  # noqa: E402,F401 - the app's API
-from fm.train.config import TrainConfig  # noqa: E402
+from fm.train.cli import normalise_flags  # noqa: E402,F401 - the app's API
+from fm.train.config import TrainConfig, qualify_model_config  # noqa: E402
 
 DEFAULT_TRAIN_CONFIG = APP_DIR / "train_configs" / "13b_pretrain.json"
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fm.train.config import ConfigError, TrainConfig, config_from_argv
+from fm.train.config import ConfigError, config_from_argv, qualify_model_config
 
 TRAIN_CONFIG_FLAGS = ("--config", "--train_config", "--config-file", "--config_file")
 
@@ -25,14 +25,6 @@ def normalise_flags(argv: Sequence[str]) -> list[str]:
         if arg == "--lora" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             out.append("true")
     return out
-
-
-def qualify_model_config(cfg: TrainConfig, family: str | None) -> TrainConfig:
-    """An app of one family reads an unqualified shipped name as its own (``config: "tiny"`` in a Spark config
-    is ``spark/tiny``); elsewhere unqualified names are dragonfly's."""
-    if family and "/" not in cfg.config and not Path(cfg.config).is_file():
-        cfg.config = f"{family}/{cfg.config}"
-    return cfg
 
 
 def main(argv: Sequence[str] | None = None, *, default_config: str | Path | None = None,

@@ -297,6 +297,14 @@ def config_from_argv(argv: list[str] | None = None) -> TrainConfig:
     return load_config(path, cli=cli)
 
 
+def qualify_model_config(cfg: TrainConfig, family: str | None) -> TrainConfig:
+    """An app of one family reads an unqualified shipped name as its own (``config: "tiny"`` in a Spark config
+    is ``spark/tiny``); elsewhere unqualified names are dragonfly's."""
+    if family and "/" not in cfg.config and not Path(cfg.config).is_file():
+        cfg.config = f"{family}/{cfg.config}"
+    return cfg
+
+
 def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
     """Raise one :class:`ConfigError` with every problem :func:`cross_problems` finds."""
     problems = cross_problems(cfg, source)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fm.train.config import TrainConfig, load_config, parse_cli
+from fm.train.config import TrainConfig, load_config, parse_cli, qualify_model_config
 
 
 @dataclass
@@ -53,8 +53,6 @@ def preflight(train_config: str, overrides: list[str], world_size: int = 1, fami
     cfg = load_config(path or train_config, cli=cli, collect=problems) if _readable(train_config, problems) else None
     if cfg is None:
         return report
-    from fm.train.cli import qualify_model_config
-
     report.cfg = cfg = qualify_model_config(cfg, family)
     model = _model(cfg, report)
     tok = _tokenizer(cfg, report)
