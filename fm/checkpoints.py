@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 
+from fm.train.lora_adapter import ADAPTER_CONFIG, load_adapter, merge_state_dict
+
 log = logging.getLogger(__name__)
 
 MODEL_RE = re.compile(r"^fm9g_live_checkpoint-(\d+)\.pt$")
-ADAPTER_CONFIG = "adapter_config.json"
 NOT_MODELS = {"scheduler.pt"}  # .pt files of a step directory that hold no weights
 KINDS = ("pt", "step", "lora", "hf")
 
@@ -81,7 +82,7 @@ class Checkpoint:
         if self.config_hint is not None:
             return load_model_config(self.config_hint, self.family), self.config_hint
         if self.kind == "hf":
-            from fm.export.hf import dragonfly_config_from_hf
+            from fm.export.llama import dragonfly_config_from_hf
 
             cfg_path = self.path / "config.json"
             return dragonfly_config_from_hf(_read_json(cfg_path)), str(cfg_path)
@@ -106,15 +107,13 @@ class Checkpoint:
         from fm.io import load_torch
 
         if self.kind == "hf":
-            from fm.export.hf import hf_to_dragonfly, load_hf_state_dict
+            from fm.export.llama import hf_to_dragonfly, load_hf_state_dict
 
             state, _ = hf_to_dragonfly(load_hf_state_dict(self.path), _read_json(self.path / "config.json"))
             return state
         if self.kind == "lora":
-            from fm.train import lora
-
-            adapter_cfg, adapter = lora.load_adapter(self.path)
-            return lora.merge_state_dict(self.require_base().state_dict(mmap=mmap), adapter, adapter_cfg)
+            adapter_cfg, adapter = load_adapter(self.path)
+            return merge_state_dict(self.require_base().state_dict(mmap=mmap), adapter, adapter_cfg)
         return extract_state_dict(load_torch(self.weights, mmap=mmap), str(self.weights))
 
     def require_base(self) -> Checkpoint:

@@ -23,17 +23,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fm.models.config import DTYPES  # noqa: E402
-from fm.train import lora  # noqa: E402
+from fm.train import lora, lora_adapter  # noqa: E402
 
 log = logging.getLogger("spark.merge_lora")
 
 
 def merge(base: str | Path | None, adapter_dir: str | Path, output: str | Path, dtype: str | None = None) -> Path:
-    cfg, adapter = lora.load_adapter(adapter_dir)
+    cfg, adapter = lora_adapter.load_adapter(adapter_dir)
     out = Path(output)
     lora.merge_adapter(adapter_dir, base, out, DTYPES[dtype] if dtype else None)
     log.info("merged %d adapted weights (r=%s, alpha=%s, scale %.4g) into %s", len(adapter) // 2, cfg["r"],
-             cfg["lora_alpha"], lora.scaling(cfg), out)
+             cfg["lora_alpha"], lora_adapter.scaling(cfg), out)
     return out
 
 

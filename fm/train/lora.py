@@ -2,8 +2,9 @@
 
 Adapters come from ``peft`` (``inject_adapter_in_model``), so they are PEFT's own ``lora.Linear``
 modules and an adapter directory is PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``
-with keys ``base_model.model.<module path>.lora_{A,B}.weight``. ``PeftModel.from_pretrained(model, DIR)``
-and ``set_peft_model_state_dict`` read it back onto a freshly built model.
+with keys ``base_model.model.<module path>.lora_{A,B}.weight`` (written, read and merged by
+:mod:`fm.train.lora_adapter`). ``PeftModel.from_pretrained(model, DIR)`` and ``set_peft_model_state_dict``
+read it back onto a freshly built model.
 
 Flow in the trainer (``lora: true``)::
 
@@ -27,7 +28,6 @@ it too).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fm.train.lora_adapter import ADAPTER_CONFIG, LoraError, load_adapter, save_adapter, write_adapter_files
+
 if TYPE_CHECKING:
     from peft import LoraConfig
 
@@ -48,8 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
 
@@ -74,10 +74,6 @@ TARGET_ALIASES: dict[str, dict[str, str]] = {
 
 # Wrappers that insert name parts (bmtrain Block, activation-checkpoint wrappers, torch.compile).
 _WRAPPER_PARTS = ("._module.", "._checkpoint_wrapped_module.", "._orig_mod.", "._fsdp_wrapped_module.")
-
-
-class LoraError(ValueError):
-    """Bad LoRA settings or an adapter that does not fit the model; the message says how to fix it."""
 
 
 @dataclass
@@ -246,94 +242,11 @@ def _peft_state(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {model_key_to_peft(k): v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in named.items()}
 
 
-# ----------------------------------------------------------------------------- files
-def _config_json(cfg: LoraConfig | Mapping[str, Any], base_model: str | None) -> bytes:
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
-    d["peft_type"] = str(getattr(d.get("peft_type"), "value", d.get("peft_type") or "LORA"))
-    d["task_type"] = getattr(d.get("task_type"), "value", d.get("task_type"))
-    if base_model is not None:
-        d["base_model_name_or_path"] = base_model
-    return (json.dumps(d, indent=2, ensure_ascii=False, default=str) + "\n").encode()
-
-
-def write_adapter_files(directory: str | Path, state: Mapping[str, torch.Tensor], cfg: LoraConfig | Mapping[str, Any],
-                        base_model: str | None = None) -> list[str]:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory`` (each file atomically);
-    returns their names."""
-    from safetensors.torch import save as st_save
-
-    from fm.io import atomic_write_bytes
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(st_save(dict(state), metadata={"format": "pt"}), d / ADAPTER_WEIGHTS)
-    atomic_write_bytes(_config_json(cfg, base_model), d / ADAPTER_CONFIG)
-    return [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
-
-
-def save_adapter(directory: str | Path, state: Mapping[str, torch.Tensor], cfg: LoraConfig | Mapping[str, Any],
-                 base_model: str | None = None) -> Path:
-    """A complete adapter directory at ``directory``, made in a temp dir and renamed (never half written)."""
-    from fm.io import atomic_dir
-
-    with atomic_dir(directory, overwrite=True) as tmp:
-        write_adapter_files(tmp, state, cfg, base_model)
-    return Path(directory)
-
-
-def load_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(adapter_config dict, PEFT-format state dict)`` from an adapter (or LoRA checkpoint) directory."""
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    cfg_path, w_path = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
-    if not cfg_path.is_file() or not w_path.is_file():
-        raise FileNotFoundError(f"{d} is not a PEFT adapter directory: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise LoraError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    return cfg, load_file(str(w_path))
-
-
 def settings_from_adapter_config(cfg: Mapping[str, Any]) -> LoraSettings:
     targets = cfg.get("target_modules") or ()
     targets = parse_targets(targets) if isinstance(targets, str) else tuple(targets)
     return LoraSettings(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
                         targets=targets)
-
-
-def scaling(cfg: Mapping[str, Any]) -> float:
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
-
-# ----------------------------------------------------------------------------- merge
-def merge_state_dict(base: Mapping[str, torch.Tensor], adapter: Mapping[str, torch.Tensor],
-                     cfg: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Dense state dict with the adapter folded in: ``W += (B @ A) · scale`` (in fp32, cast back)."""
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise LoraError("adapters with rank_pattern/alpha_pattern are not supported by this merge")
-    scale = scaling(cfg)
-    out = dict(base)
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in adapter.items():
-        m = re.match(r"^(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.default)?\.weight$", key)
-        if m is None:
-            raise LoraError(f"adapter key {key!r} is not a LoRA A/B weight (bias adapters are not supported)")
-        modules.setdefault(m.group(1), {})[m.group(2)] = t
-    for mod, ab in sorted(modules.items()):
-        wkey = f"{mod}.weight"
-        if wkey not in out:
-            raise LoraError(f"adapter module {mod!r} has no weight {wkey!r} in the base state dict: wrong base model?")
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise LoraError(f"adapter module {mod!r} lacks {sorted({'lora_A', 'lora_B'} - set(ab))}")
-        w = out[wkey]
-        delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * scale
-        if delta.shape != w.shape:
-            raise LoraError(f"{wkey}: adapter delta {tuple(delta.shape)} != weight {tuple(w.shape)}")
-        out[wkey] = (w.float() + delta.to(w.device)).to(w.dtype)
-    return out
 
 
 # ----------------------------------------------------------------------------- engine glue
@@ -428,12 +341,12 @@ def dragonfly_adapter_to_hf(adapter_dir: str | Path, output: str | Path, model_c
     Module paths are renamed to Llama's (``model.layers.{i}.self_attn.q_proj`` …) and ``lora_B`` of
     ``o_proj``/``down_proj`` is multiplied by ``scale_depth/√L``, the factor the export folded into
     those weights, so ``PeftModel.from_pretrained(LlamaForCausalLM, output)`` equals our model + adapter."""
-    from fm.export.hf import _LAYER_MAP, as_config, mup_factors
+    from fm.export.llama import LAYER_MAP, as_config, mup_factors
 
     cfg_d, state = load_adapter(adapter_dir)
     mc = as_config(model_config)
     _, residual, _ = mup_factors(mc)
-    module_map = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in _LAYER_MAP.items() if k.endswith(".weight")}
+    module_map = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in LAYER_MAP.items() if k.endswith(".weight")}
     out: dict[str, torch.Tensor] = {}
     hf_targets: set[str] = set()
     for key, t in state.items():

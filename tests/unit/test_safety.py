@@ -65,7 +65,7 @@ def test_no_loader_runs_code_from_a_file(tmp_path, marker, name):
 
 
 def test_importers_refuse_payloads(tmp_path, marker):
-    from fm.export.hf import load_hf_state_dict
+    from fm.export.llama import load_hf_state_dict
     from fm.export.spark_import import import_megatron
 
     hf_dir = tmp_path / "hf"
