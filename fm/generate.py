@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -470,6 +469,8 @@ def _run(args: Any, model: torch.nn.Module, tok: Any, records: list[dict[str, An
     import json
     import sys
 
+    from fm.io import atomic_write
+
     stops = [tok.eos_id]
     for piece in args.stop + (["<end>"] if args.template == "spark" else []):
         tid = tok.piece_to_id(piece)
@@ -484,10 +485,7 @@ def _run(args: Any, model: torch.nn.Module, tok: Any, records: list[dict[str, An
         repetition_penalty_increase=args.repetition_penalty_increase, stop_token_ids=tuple(stops),
         seed=args.seed, use_cache=not args.no_cache)
     spark = args.template == "spark"
-    # the output jsonl is written under a temp name and renamed when complete
-    tmp_out = f"{args.output}.tmp{os.getpid()}" if args.output else None
-    out_f = open(tmp_out, "w", encoding="utf-8") if tmp_out else None  # noqa: SIM115
-    try:
+    def run(out_f: Any) -> None:
         batch = 1 if args.stream else max(1, args.batch_size)
         for start in range(0, len(records), batch):
             chunk = records[start:start + batch]
@@ -510,15 +508,12 @@ def _run(args: Any, model: torch.nn.Module, tok: Any, records: list[dict[str, An
                 else:
                     print(json.dumps(rec, ensure_ascii=False))
                 if out_f:
-                    out_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    except BaseException:
-        if out_f:
-            out_f.close()
-            os.unlink(tmp_out)
-        raise
-    if out_f:
-        out_f.close()
-        os.replace(tmp_out, args.output)
+                    out_f.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    if args.output:
+        atomic_write(args.output, run)  # the output jsonl appears under its name only when complete
+    else:
+        run(None)
     return 0
 
 

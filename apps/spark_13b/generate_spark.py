@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ sys.path.insert(0, str(APP_DIR.parents[1]))
 import torch  # noqa: E402
 
 from fm.generate import GenerationConfig, generate  # noqa: E402
+from fm.io import atomic_write_bytes  # noqa: E402
 
 SPARK_PROMPT = "<User> {}<end><Bot> "
 _TRUE, _FALSE = {"true", "1", "yes", "on", "t", "y"}, {"false", "0", "no", "off", "f", "n", ""}
@@ -190,11 +190,8 @@ def run(args: argparse.Namespace, out=sys.stdout) -> list[dict[str, Any]]:
             results.append(rec)
             out.write("\n" if args.streamer else json.dumps(rec, ensure_ascii=False) + "\n")
     if args.json_output_path:
-        path = Path(args.json_output_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
-        os.replace(tmp, path)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+        atomic_write_bytes(text.encode("utf-8"), args.json_output_path)
     return results
 
 

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fm.io import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
@@ -79,9 +81,7 @@ class RunLock:
                                "stop it, or give this one another model_unique or save directory")
         log.warning("%s: taking over the lock of pid %s on %s, which is gone", self.path.parent, holder.get("pid"),
                     holder.get("host"))
-        tmp = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}")
-        tmp.write_text(json.dumps(self.me))
-        os.replace(tmp, self.path)
+        atomic_write_bytes(json.dumps(self.me).encode(), self.path)
 
     def _refresh(self) -> None:
         while not self._stop.wait(REFRESH_S):

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fm.io import atomic_write
+
 log = logging.getLogger("fm.train")
 
 # bf16 dense tensor-core peaks (TFLOP/s) by substring of torch.cuda.get_device_name().
@@ -290,11 +292,10 @@ def plot_loss_curve(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
     return png_path
 
 
