@@ -63,7 +63,7 @@ def encode_only(cfg: str, tok, seconds: float = 3.0) -> float:
     makes (``refill_lines``); the better of list output (``encode_batch``, SentencePiece's default threads)
     and int32 arrays in one thread (``encode_batch_arrays``, what the loader calls)."""
     from fm.data.indexed import IndexedDataset
-    from fm.data.loader import refill_lines
+    from fm.data.sources import refill_lines
 
     path = json.load(open(cfg))[0]["path"]
     ds = IndexedDataset(path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
@@ -162,6 +163,7 @@ def coerce(value: Any, tp: Any, *, from_cli: bool, normalise: Callable[[str], st
     return value
 
 
+@functools.cache  # resolving type hints is slow, and a mixture config checks the same class once per entry
 def fields_of(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     hints = typing.get_type_hints(cls)
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if f.init}

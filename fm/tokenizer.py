@@ -70,9 +70,14 @@ class Tokenizer:
     def encode_batch_arrays(self, texts: Sequence[str], threads: int = 1) -> list[np.ndarray]:
         """:meth:`encode_batch` as int32 arrays: no Python int per token (the training loader's hot path).
         ``threads``: SentencePiece threads for the call (1: the caller's processes are the parallelism)."""
-        if self._special_re is None:
-            return self.sp.encode(list(texts), return_type="numpy", num_threads=threads)
-        return [np.asarray(self._encode_with_specials(t), dtype=np.int32) for t in texts]
+        if self._special_re is not None:
+            return [np.asarray(self._encode_with_specials(t), dtype=np.int32) for t in texts]
+        if threads == 1:
+            # SentencePiece's batch call hands the work to a thread even for one thread: a fixed cost per call
+            # (hundreds of µs on a busy machine) that the loader's many small refills would pay each time.
+            encode = self.sp.encode
+            return [encode(t, return_type="numpy") for t in texts]
+        return self.sp.encode(list(texts), return_type="numpy", num_threads=threads)
 
     def _encode_with_specials(self, text: str) -> list[int]:
         ids: list[int] = []

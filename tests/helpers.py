@@ -27,10 +27,26 @@ def write_index(path: Path, records: list[dict]) -> None:
     offsets = [0]
     with open(path / "data.jsonl", "wb") as f:
         for rec in records:
-            line = (json.dumps(rec) + "\n").encode()
+            line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
             f.write(line)
             offsets.append(offsets[-1] + len(line))
     (path / "index").write_text("\n".join(map(str, offsets)) + "\n")
+
+
+def text(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def make_mixture(tmp_path: Path, datasets: dict, name: str = "mix.json") -> str:
+    """datasets: task → (records, extra keys). Writes index dirs + config; returns the config path."""
+    entries = []
+    for task, (recs, extra) in datasets.items():
+        if not (tmp_path / task).is_dir():
+            write_index(tmp_path / task, recs)
+        entries.append({"task_name": task, "abs_weight": 1.0, "path": task, **extra})
+    cfg = tmp_path / name
+    cfg.write_text(json.dumps(entries))
+    return str(cfg)
 
 
 def records(prefix: str, n: int, seed: int, instr: bool = False) -> list[dict]:

@@ -19,9 +19,8 @@ from operator import attrgetter
 import msgspec
 import numpy as np
 
-FORMAT_VERSION = 1
-DATA_FILE = "data.jsonl"
-META_FILE = "meta.json"
+from fm.data.indexed import DATA_FILE, FORMAT_VERSION, META_FILE  # noqa: F401 - the converter's names too
+
 BUCKETS = ("less_4k", "4k-8k", "8k-16k", "16k-32k", "32k-64k", "64k-128k", "128k-256k", "more_256k")
 # Upstream's bucket edges are decimal thousands (4000, not 4096); kept so statistics stay comparable.
 BUCKET_EDGES = np.array([4000, 8000, 16000, 32000, 64000, 128000, 256000], dtype=np.float64)
@@ -36,7 +35,8 @@ NON_FATAL = frozenset({"empty_line"})
 MAX_REPORTED = 20
 EXIT_ERROR = 1
 EXIT_STRICT = 2
-DEFAULT_CHUNK = 1 << 20  # a chunk, its masks and its decoded strings stay in the CPU caches: 1.5x faster than 16 MB
+# A chunk, its masks and its decoded strings stay in the CPU caches (docs/benchmarks.md measures the sizes).
+DEFAULT_CHUNK = 1 << 20
 TOKENIZER_CHUNK = 4 << 20  # token ids of a chunk are held at once: keep it smaller
 # With several workers the input is cut into pieces handed out one at a time (PieceQueue).
 PIECES_PER_WORKER = 16
@@ -52,16 +52,69 @@ class StrictError(ConvertError):
     exit_code = EXIT_STRICT
 
 
-class _Record(msgspec.Struct, gc=False):  # holds only strings: no cycles, so not tracked by the GC (faster)
-    output: str
-    input: str | None = None
-
-
-_record_decoder = msgspec.json.Decoder(_Record)
-_decode_record = _record_decoder.decode
-_decode_records = _record_decoder.decode_lines
+DEFAULT_JSON_KEYS = ("input", "output")
 _decode_any = msgspec.json.Decoder().decode
 _get_output = attrgetter("output")
+
+
+class RecordFormat:
+    """Which keys of a record hold its text (``--json-keys``): ``(output,)`` or ``(input, output)``.
+
+    The output is trained on; the input, when there is one, is the prompt (masked from the loss, optional in
+    every record). Records decode into a typed struct whose fields are renamed to those keys.
+    """
+
+    def __init__(self, keys: Sequence[str] = DEFAULT_JSON_KEYS):
+        keys = tuple(keys)
+        if len(keys) not in (1, 2) or not all(isinstance(k, str) and k for k in keys) or len(set(keys)) != len(keys):
+            raise ConvertError(f"--json-keys {' '.join(map(str, keys))}: give one key (the text trained on) or two "
+                               "different keys (the input, masked, then the output, trained on)")
+        self.keys = keys
+        self.input_key, self.output_key = (None, keys[0]) if len(keys) == 1 else keys
+        fields: list[tuple] = [("output", str)]
+        rename = {"output": self.output_key}
+        if self.input_key is not None:
+            fields.append(("input", str | None, None))
+            rename["input"] = self.input_key
+        # Structs that hold only strings have no cycles, so they need not be tracked by the GC (faster).
+        struct = msgspec.defstruct("Record", fields, rename=rename, gc=False)
+        decoder = msgspec.json.Decoder(struct)
+        self.decode, self.decode_lines = decoder.decode, decoder.decode_lines
+
+    def __reduce__(self):  # workers rebuild the struct (a class made at run time does not pickle)
+        return RecordFormat, (self.keys,)
+
+    def classify(self, line: bytes) -> str | None:
+        """The reason ``line`` (without its newline) is bad, or None if it is a valid record."""
+        if not line.strip():
+            return "empty_line"
+        if b"\x00" in line:
+            return "nul_byte"
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return "invalid_utf8"
+        try:
+            obj = _decode_any(line)
+        except (msgspec.DecodeError, ValueError):
+            return "invalid_json"
+        if not isinstance(obj, dict):
+            return "not_object"
+        if self.output_key not in obj:
+            return "missing_output"
+        if not isinstance(obj[self.output_key], str):
+            return "output_not_string"
+        if self.input_key is not None and obj.get(self.input_key) is not None \
+                and not isinstance(obj[self.input_key], str):
+            return "input_not_string"
+        try:
+            self.decode(line)
+        except (msgspec.DecodeError, ValueError):  # pragma: no cover - the checks above should cover it
+            return "invalid_json"
+        return None
+
+
+DEFAULT_FORMAT = RecordFormat()
 
 
 # ----------------------------------------------------------------------------------------------- options
@@ -78,6 +131,7 @@ class Options:
     piece_size: int = 0  # 0: automatic (see piece_count); bytes per piece handed to a worker
     progress: bool | None = None  # None: when stderr is a TTY
     fsync: bool = True
+    json_keys: tuple[str, ...] = DEFAULT_JSON_KEYS  # (output,) or (input, output): see RecordFormat
 
     def resolved_chunk(self) -> int:
         return self.chunk_size or (TOKENIZER_CHUNK if self.tokenizer else DEFAULT_CHUNK)
@@ -115,7 +169,7 @@ def _count_per_line(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> n
     if len(starts) == 0:
         return np.zeros(0, dtype=np.int64)
     # reduceat over the bytes with the narrowest accumulator that holds the longest line's count: no casting at
-    # all for lines under 256 bytes, and 16 bits (2x faster than 32) for lines under 64 KB, the usual case.
+    # all for lines under 256 bytes, and 16 bits (half the memory traffic of 32) for lines under 64 KB, the usual case.
     longest = int((ends - starts).max()) + 1
     acc = next(t for t in (np.uint8, np.uint16, np.int32, np.int64) if longest <= np.iinfo(t).max)
     return np.add.reduceat(mask.view(np.uint8), starts, dtype=acc).astype(np.int64)
@@ -146,7 +200,7 @@ class TokenCounter:
             self.method = "estimate"
 
     def counts(self, a: np.ndarray, starts: np.ndarray, ends: np.ndarray, ascii_only: bool,
-               recs: list[_Record], scratch: Scratch) -> np.ndarray:
+               recs: list, scratch: Scratch) -> np.ndarray:
         """``a``: the chunk's bytes; line i is ``a[starts[i]:ends[i]]`` and ``a[ends[i]]`` is its newline."""
         if self._tok is not None:
             return self._token_counts(recs)
@@ -164,8 +218,10 @@ class TokenCounter:
             ids = self._tok.sp.encode(texts, return_type="numpy", num_threads=self.threads)
         return np.fromiter(map(len, ids), np.int64, len(texts))
 
-    def _token_counts(self, recs: list[_Record]) -> np.ndarray:
+    def _token_counts(self, recs: list) -> np.ndarray:
         counts = self._encode_lengths(list(map(_get_output, recs)))
+        if not recs or not hasattr(recs[0], "input"):  # --json-keys with one key: no input
+            return counts
         nonempty = [i for i, r in enumerate(recs) if r.input]
         if nonempty:
             counts[np.asarray(nonempty)] += self._encode_lengths([recs[i].input for i in nonempty])
@@ -174,33 +230,9 @@ class TokenCounter:
 
 # ----------------------------------------------------------------------------------------------- scanning
 
-def classify(line: bytes) -> str | None:
-    """The reason ``line`` (without its newline) is bad, or None if it is a valid record."""
-    if not line.strip():
-        return "empty_line"
-    if b"\x00" in line:
-        return "nul_byte"
-    try:
-        line.decode("utf-8")
-    except UnicodeDecodeError:
-        return "invalid_utf8"
-    try:
-        obj = _decode_any(line)
-    except (msgspec.DecodeError, ValueError):
-        return "invalid_json"
-    if not isinstance(obj, dict):
-        return "not_object"
-    if "output" not in obj:
-        return "missing_output"
-    if not isinstance(obj["output"], str):
-        return "output_not_string"
-    if obj.get("input") is not None and not isinstance(obj["input"], str):
-        return "input_not_string"
-    try:
-        _decode_record(line)
-    except (msgspec.DecodeError, ValueError):  # pragma: no cover - the checks above should cover it
-        return "invalid_json"
-    return None
+def classify(line: bytes, fmt: RecordFormat = DEFAULT_FORMAT) -> str | None:
+    """The reason ``line`` (without its newline) is bad, or None if it is a valid record of ``fmt``."""
+    return fmt.classify(line)
 
 
 def _utf8_ok(view: memoryview, ascii_only: bool) -> bool:
@@ -232,7 +264,8 @@ def _line_bounds(a: np.ndarray, scratch: Scratch) -> tuple[np.ndarray, np.ndarra
     return starts, ends
 
 
-def _decode_all(view: memoryview, a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[_Record] | None:
+def _decode_all(view: memoryview, a: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                fmt: RecordFormat) -> list | None:
     """Records of every line, or None if some line is bad (then the caller looks line by line).
 
     ``decode_lines`` alone would accept two objects on one line, or one object over two lines. But if every
@@ -242,19 +275,20 @@ def _decode_all(view: memoryview, a: np.ndarray, starts: np.ndarray, ends: np.nd
     n = len(ends)
     if n and np.all(a[starts] == 123) and np.all(a[ends - 1] == 125):
         try:
-            recs = _decode_records(view)
+            recs = fmt.decode_lines(view)
         except (msgspec.DecodeError, ValueError):
             return None
         return recs if len(recs) == n else None
     try:  # lines with surrounding whitespace (e.g. \r\n endings): decode one by one
         lines = bytes(view).split(b"\n")
         lines.pop()
-        return list(map(_decode_record, lines))
+        return list(map(fmt.decode, lines))
     except (msgspec.DecodeError, ValueError):
         return None
 
 
-def scan_chunk(buf: bytes | bytearray, cut: int, counter: TokenCounter, scratch: Scratch) -> ChunkResult:
+def scan_chunk(buf: bytes | bytearray, cut: int, counter: TokenCounter, scratch: Scratch,
+               fmt: RecordFormat = DEFAULT_FORMAT) -> ChunkResult:
     """Validate the lines of ``buf[:cut]`` (complete lines, each ending in \\n)."""
     view = memoryview(buf)[:cut]
     a = np.frombuffer(buf, np.uint8, count=cut)
@@ -263,7 +297,7 @@ def scan_chunk(buf: bytes | bytearray, cut: int, counter: TokenCounter, scratch:
     ascii_only = not np.greater_equal(a, 0x80, out=scratch.mask[:cut]).any()
     recs = None
     if buf.find(b"\x00", 0, cut) < 0 and _utf8_ok(view, ascii_only):
-        recs = _decode_all(view, a, starts, ends)
+        recs = _decode_all(view, a, starts, ends, fmt)
     if recs is not None:  # fast path: every line is valid, write the chunk as it is
         counts = counter.counts(a, starts, ends, ascii_only, recs, scratch)
         first = bytes(view[: int(ends[0]) + 1]) if n else None
@@ -272,7 +306,7 @@ def scan_chunk(buf: bytes | bytearray, cut: int, counter: TokenCounter, scratch:
     lines.pop()
     good, bad = [], []
     for i, line in enumerate(lines):
-        reason = classify(line)
+        reason = fmt.classify(line)
         if reason is None:
             good.append(line)
         else:
@@ -282,7 +316,7 @@ def scan_chunk(buf: bytes | bytearray, cut: int, counter: TokenCounter, scratch:
     kept = b"\n".join(good) + b"\n"
     ka = np.frombuffer(kept, np.uint8)
     kstarts, kends = _line_bounds(ka, scratch)
-    recs = list(map(_decode_record, good))
+    recs = list(map(fmt.decode, good))
     counts = counter.counts(ka, kstarts, kends, kept.isascii(), recs, scratch)
     return ChunkResult(kept, kends - kstarts + 1, counts, good[0] + b"\n", bad, n)
 
@@ -382,7 +416,7 @@ class PartResult:
 
 def format_offsets(values: np.ndarray) -> bytes:
     """Offsets as the text index writes them: one decimal number per line."""
-    return ("%d\n" * len(values) % tuple(values.tolist())).encode()  # 2x faster than joining str()s
+    return ("%d\n" * len(values) % tuple(values.tolist())).encode()  # one format call instead of a str() per value
 
 
 def _bucket_counts(tokens: np.ndarray) -> np.ndarray:
@@ -436,12 +470,13 @@ def convert_pieces(files: Sequence[str], pieces: Sequence[Sequence[Segment]], po
     # One SentencePiece thread per worker when there are several: more would only compete for the same cores.
     counter = TokenCounter(opts.language, opts.tokenizer, threads=1 if opts.workers > 1 else -1)
     scratch = Scratch(opts.resolved_chunk())
+    fmt = RecordFormat(opts.json_keys)
     results: dict[int, PartResult] = {}
     with open(data_path, "r+b") as out, open(side + ".len", "wb") as lens, open(side + ".txt", "wb") as txt:
         while (k := queue.take()) is not None:
             res = results[k] = PartResult(side=side, len_at=lens.tell(), txt_at=txt.tell())
             convert_piece(files, pieces[k], out, positions[k], lens, txt, res, opts, counter, scratch, progress,
-                          parent_pid)
+                          parent_pid, fmt)
             res.txt_end = txt.tell()
             if res.strict_error is not None:  # later pieces cannot hold the first bad line: stop everyone
                 queue.stop()
@@ -457,7 +492,8 @@ def convert_pieces(files: Sequence[str], pieces: Sequence[Sequence[Segment]], po
 
 def convert_piece(files: Sequence[str], segments: Sequence[Segment], out, data_pos: int, lens, txt,
                   res: PartResult, opts: Options, counter: TokenCounter, scratch: Scratch,
-                  progress: Callable[[int], None] | None = None, parent_pid: int | None = None) -> None:
+                  progress: Callable[[int], None] | None = None, parent_pid: int | None = None,
+                  fmt: RecordFormat = DEFAULT_FORMAT) -> None:
     """Convert one piece into the open files (see ``convert_pieces``), filling in ``res``."""
     buckets = np.zeros(len(BUCKETS), dtype=np.int64)
     out.seek(data_pos)
@@ -467,7 +503,7 @@ def convert_piece(files: Sequence[str], segments: Sequence[Segment], out, data_p
         for cut in iter_chunks(files[seg.file_idx], seg.start, seg.end, scratch):
             if parent_pid is not None and os.getppid() != parent_pid:
                 raise SystemExit("convert worker: parent process died")
-            chunk = scan_chunk(scratch.buf, cut, counter, scratch)
+            chunk = scan_chunk(scratch.buf, cut, counter, scratch, fmt)
             for i, reason in chunk.bad:
                 res.skipped[reason] = res.skipped.get(reason, 0) + 1
                 if len(res.first_bad) < MAX_REPORTED:

@@ -5,7 +5,8 @@ Output directory (see docs/data-preparation.md):
 * ``data.jsonl`` — byte copy of the valid input lines, each ending in ``\\n``;
 * ``index`` — text, n+1 byte offsets starting at 0 (upstream wrote n, losing line 0 on read);
 * ``index.h5`` — the same offsets as an int64 HDF5 dataset ``index`` (contiguous, so readers memory-map it);
-* ``meta.json`` — upstream's fields plus ``format_version``, ``token_count_method`` and the skipped-line report.
+* ``meta.json`` — upstream's fields plus ``format_version``, ``json_keys`` (the records' text keys, ``--json-keys``),
+  ``token_count_method`` and the skipped-line report.
 
 Speed comes from working on large byte chunks (1 MB, buffers reused): newline positions and statistics
 from numpy, one msgspec ``decode_lines`` call validating every line of the chunk into a typed struct, and
@@ -52,6 +53,7 @@ from fm.data._convert_worker import (  # noqa: F401 - re-exported: the converter
     Options,
     PartResult,
     PieceQueue,
+    RecordFormat,
     Segment,
     StrictError,
     TokenCounter,
@@ -404,6 +406,7 @@ def convert(path: str, output: str, opts: Options) -> dict:
         except FileNotFoundError:
             raise ConvertError(f"--tokenizer {opts.tokenizer}: file not found (a SentencePiece .model file, or "
                                "'demo' for the shipped demo tokenizer)") from None
+    RecordFormat(opts.json_keys)  # a bad --json-keys fails before anything is read
     check_paths(path, output, name, opts.overwrite)
     files = find_inputs(path)
     sizes = [os.path.getsize(f) for f in files]
@@ -469,8 +472,14 @@ def _convert_into(files: list[str], sizes: list[int], tmp: str, opts: Options) -
     nlines = sum(r.nlines for r in results)
     _print_report(report)
     if nlines == 0:
+        fmt = RecordFormat(opts.json_keys)
+        hint = ""
+        if "missing_output" in report.skipped:
+            hint = (f"; {report.skipped['missing_output']} line(s) have no {fmt.output_key!r} key: if the text is "
+                    "under another key (e.g. {\"text\": ...}), name it with --json-keys text "
+                    "(or --json-keys INPUT OUTPUT)")
         raise ConvertError(f"no valid line in {len(files)} input file(s) ({sum(report.skipped.values())} skipped); "
-                           "every line must be a JSON object with a string \"output\"")
+                           f"every line must be a JSON object with a string {fmt.output_key!r}{hint}")
     data_path = os.path.join(tmp, DATA_FILE)
     nbytes = [r.nbytes for r in results]
     compact(data_path, positions, nbytes)
@@ -489,6 +498,7 @@ def _convert_into(files: list[str], sizes: list[int], tmp: str, opts: Options) -
         "hdfs_path": opts.index_name,
         "data_sample": cut_sample(json.loads(sample)),
         "format_version": FORMAT_VERSION,
+        "json_keys": list(opts.json_keys),
         "index_name": opts.index_name,
         "token_count_method": f"tokenizer:{os.path.abspath(opts.tokenizer)}" if opts.tokenizer else "estimate",
         "skipped": {"total": sum(report.skipped.values()), "by_reason": report.skipped, "first": report.first},
@@ -555,7 +565,8 @@ def _install(tmp: str, output: str, fsync: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fm convert",
-        description="Convert jsonl files ({\"input\": ..., \"output\": ...} per line) into an index directory: "
+        description="Convert jsonl files ({\"input\": ..., \"output\": ...} per line, or {\"text\": ...} with "
+                    "--json-keys text) into an index directory: "
                     "data.jsonl (the valid lines), index (text offsets), index.h5 (the same offsets, memory-mappable) "
                     "and meta.json (statistics and the skipped-line report). Bad lines are skipped, counted and "
                     "reported (file:line and reason). The output is written to a temporary directory and renamed "
@@ -574,6 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hdfs_name", "-hdfs", default="index", metavar="NAME",
                    help="file name of the offsets index (NAME and NAME.h5; default: index); kept for upstream "
                         "compatibility, nothing is uploaded")
+    p.add_argument("--json-keys", nargs="+", default=["input", "output"], metavar="KEY",
+                   help="the keys of each record's text: one key (e.g. --json-keys text, Megatron's name for the "
+                        "option) is trained on whole; two keys INPUT OUTPUT are a prompt (masked: no loss, may be "
+                        "missing) and its answer (trained on). Default: input output. Other keys are kept in "
+                        "data.jsonl for transforms; the keys are recorded in meta.json for the loader")
     p.add_argument("--tokenizer", metavar="MODEL",
                    help="SentencePiece model (or 'demo', the shipped one): count tokens exactly (input + output "
                         "tokens per line) instead of estimating them")
@@ -598,7 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers = args.workers if args.workers > 0 else (os.cpu_count() or 1)
     opts = Options(language=args.language, index_name=args.hdfs_name, tokenizer=args.tokenizer, workers=workers,
                    strict=args.strict, overwrite=args.overwrite, chunk_size=int(args.chunk_mb * (1 << 20)),
-                   progress=False if args.no_progress else None, fsync=not args.no_fsync)
+                   progress=False if args.no_progress else None, fsync=not args.no_fsync,
+                   json_keys=tuple(args.json_keys))
     # SIGTERM (e.g. from slurm) becomes SystemExit so the temp directory is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:

@@ -27,6 +27,10 @@ MAGIC = b"MMIDIDX\x00\x00"
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
           8: np.uint16}
 _HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8
+VERSION = 1
+# A .bin up to this size is scanned whole for out-of-vocabulary ids when opened (about a second); of a larger
+# one only the first SCAN_BYTES are, and every document is checked when it is read.
+SCAN_BYTES = 2 << 30
 
 
 def _strip_suffix(prefix: str) -> str:
@@ -52,8 +56,9 @@ class MegatronDataset:
         if len(header) < _HEADER_SIZE or header[: len(MAGIC)] != MAGIC:
             raise ValueError(f"{self.idx_path}: not a Megatron-Core index (bad magic {header[:9]!r})")
         version, code, self.num_sequences, doc_count = struct.unpack("<QBQQ", header[len(MAGIC):])
-        if version != 1:
-            raise ValueError(f"{self.idx_path}: unsupported index version {version} (expected 1)")
+        if version != VERSION:
+            raise ValueError(f"{self.idx_path}: index format version {version} is not supported (this fm reads "
+                             f"version {VERSION}, what megatron-core writes)")
         if code not in DTYPES:
             raise ValueError(f"{self.idx_path}: unknown dtype code {code}")
         self.dtype = np.dtype(DTYPES[code])
@@ -102,6 +107,29 @@ class MegatronDataset:
     def document_length(self, i: int) -> int:
         a, b = self.document_span(i)
         return int(self.sequence_lengths[a:b].sum())
+
+    def check_ids(self, vocab_size: int, where: str = "", scan_bytes: int | None = None) -> None:
+        """Raise ValueError naming the file and the largest id if a token id is outside ``[0, vocab_size)``.
+
+        Scans the first ``scan_bytes`` of the .bin (all of it when smaller); ids a dtype cannot hold beyond the
+        vocabulary need no scan.
+        """
+        info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
+        if info is not None and info.min >= 0 and info.max < vocab_size:
+            return
+        step = max(1, (64 << 20) // self.dtype.itemsize)
+        scan_bytes = SCAN_BYTES if scan_bytes is None else scan_bytes
+        n = min(len(self._bin), max(0, scan_bytes) // self.dtype.itemsize)
+        top, low = -1, 0
+        for a in range(0, n, step):
+            chunk = self._bin[a:min(n, a + step)]
+            top, low = max(top, int(chunk.max())), min(low, int(chunk.min()))
+        if top >= vocab_size or low < 0:
+            scanned = "" if n == len(self._bin) else f" (in its first {n * self.dtype.itemsize} bytes)"
+            raise ValueError(f"{self.bin_path}{' (' + where + ')' if where else ''}: largest token id {top}"
+                             f"{f', smallest {low}' if low < 0 else ''}{scanned}, but the model's vocabulary is "
+                             f"[0, {vocab_size}): the data was tokenized with another tokenizer; tokenize it again "
+                             "with the model's tokenizer")
 
     def __getstate__(self) -> dict:
         return {"prefix": self.prefix}

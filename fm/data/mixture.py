@@ -9,6 +9,7 @@ Paths (``path`` and ``transforms``) are relative to the directory of the config 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -18,6 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
+from fm.data.datasets import json_keys, open_dataset, shared_opens
+from fm.data.indexed import read_meta, valid_json_keys
 from fm.schema import check, fields_of, key
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,9 @@ class MixtureEntry:
         None, "a sample longer than max_length: drop it, keep its head, or cut it into rows (default: head for "
         "instruction data, segment for plain text)")
     format: Literal["jsonl", "megatron"] = key("jsonl", "an fm/upstream index (jsonl) or a megatron-core dataset")
+    json_keys: list[str] | None = key(
+        None, "the records' text keys: [\"text\"] (trained on whole) or [INPUT, OUTPUT] (prompt masked, answer "
+        "trained on); default: what fm convert --json-keys recorded, else [\"input\", \"output\"]")
 
 
 _ENTRY_FIELDS = fields_of(MixtureEntry)
@@ -85,6 +93,7 @@ class DatasetSpec:
     total_tokens: float | None = None
     incontext_weight: list[float] | None = None
     is_long: bool = False
+    json_keys: list[str] | None = None  # None: meta.json's, else input/output (see fm.data.sources.json_keys)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,8 +114,25 @@ class MixtureConfig:
 
 # --------------------------------------------------------------------------------------------- transforms
 
+_TRANSFORMS: dict[tuple[str, int, int], Transform] = {}
+
+
 def load_transform(script: str) -> Transform:
-    """Import ``script`` (a .py file) and return its ``transform`` function."""
+    """Import ``script`` (a .py file) and return its ``transform`` function.
+
+    A script is imported once per process (and again when the file changes): the datasets of a large mixture
+    usually share a few scripts, so they share the module, as functions of one module share its globals.
+    """
+    path = os.path.abspath(script)
+    st = os.stat(path)
+    cache_key = (path, st.st_mtime_ns, st.st_size)
+    fn = _TRANSFORMS.get(cache_key)
+    if fn is None:
+        fn = _TRANSFORMS[cache_key] = _import_transform(path)
+    return fn
+
+
+def _import_transform(script: str) -> Transform:
     name = "fm_transform_" + str(abs(hash(os.path.abspath(script))))
     spec = importlib.util.spec_from_file_location(name, script)
     if spec is None or spec.loader is None:
@@ -165,6 +191,16 @@ def _check_entry(i: int, raw: Any, base_dir: str, problems: list[str]) -> Datase
         if values.get(k) == "":
             found.append(f"{k}: must be a non-empty string")
     fmt = values.get("format", "jsonl")
+    keys = values.get("json_keys")
+    if keys is not None:
+        if not valid_json_keys(keys):
+            found.append(f"json_keys: give one key (the text trained on) or two different keys (input, then output), "
+                         f"got {keys!r}")
+        elif fmt == "megatron":
+            found.append("json_keys: a 'megatron' dataset holds token ids, not records; remove 'json_keys'")
+        elif values.get("transforms"):
+            found.append("json_keys: a transform reads the record's keys itself; remove 'json_keys' (or the "
+                         "transform)")
     abs_path = abs_script = None
     if values.get("path"):
         abs_path = _resolve(base_dir, values["path"])
@@ -186,26 +222,42 @@ def _check_entry(i: int, raw: Any, base_dir: str, problems: list[str]) -> Datase
         entry.task_name, transforms=abs_script, allow_repeat=entry.allow_repeat, format=entry.format,
         oversize_rule=entry.oversize_rule, do_compact=entry.do_compact, nlines=entry.nlines,
         ave_tokens_per_line=entry.ave_tokens_per_line, total_tokens=entry.total_tokens,
-        incontext_weight=entry.incontext_weight, is_long=entry.is_long,
+        incontext_weight=entry.incontext_weight, is_long=entry.is_long, json_keys=entry.json_keys,
     )
 
 
 def _check_data_files(where: str, path: str, fmt: str, problems: list[str]) -> None:
     if fmt == "megatron":
         prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
+        if os.path.isfile(os.path.join(path, "data.jsonl")):
+            problems.append(f"{where}: {path} is an index directory (data.jsonl), not a megatron-core dataset: "
+                            "remove \"format\": \"megatron\" from this entry")
+            return
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 problems.append(f"{where}: {prefix + ext} not found ('path' of a megatron dataset is the prefix "
                                 "of its .bin/.idx pair)")
         return
+    prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
+    if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"):
+        problems.append(f"{where}: {path} is a megatron-core dataset ({prefix}.bin/.idx), not an index directory: "
+                        f"add \"format\": \"megatron\" to this entry, with \"path\" the prefix {prefix}")
+        return
     if not os.path.isdir(path):
         problems.append(f"{where}: path not found: {path} (create it with fm convert)")
         return
+    found = len(problems)
     if not os.path.isfile(os.path.join(path, "data.jsonl")):
         problems.append(f"{where}: {path}/data.jsonl not found (not an index directory; "
                         "create it with fm convert)")
     if not (os.path.isfile(os.path.join(path, "index")) or os.path.isfile(os.path.join(path, "index.h5"))):
         problems.append(f"{where}: {path} has no 'index' or 'index.h5' (rebuild it with fm convert)")
+    if len(problems) > found:
+        return
+    try:
+        read_meta(path)  # its format_version and json_keys
+    except ValueError as e:
+        problems.append(f"{where}: {e}")
 
 
 def _check_transform_runs(spec: DatasetSpec, problems: list[str]) -> None:
@@ -219,15 +271,8 @@ def _check_transform_runs(spec: DatasetSpec, problems: list[str]) -> None:
     except Exception as e:  # any import-time error of the user's script
         problems.append(f"{where}: transform {spec.transforms} failed to import: {type(e).__name__}: {e}")
         return
-    try:
-        from fm.data.indexed import IndexedDataset
-
-        ds = IndexedDataset(spec.path)
-        if len(ds) == 0:
-            return
-        record = ds.record(0)
-    except Exception as e:
-        problems.append(f"{where}: cannot read the first record of {spec.path}: {e}")
+    record = _first_record(spec, problems)
+    if record is None:
         return
     try:
         out = fn(record, 0, random.Random(0))
@@ -239,6 +284,29 @@ def _check_transform_runs(spec: DatasetSpec, problems: list[str]) -> None:
         check_transformed(out, spec.task_name, record)
     except TransformError as e:
         problems.append(f"{e} (line 0, transform {spec.transforms})")
+
+
+def _first_record(spec: DatasetSpec, problems: list[str]) -> dict | None:
+    try:
+        ds = open_dataset(spec.path, spec.format)
+        return ds.record(0) if len(ds) else None
+    except Exception as e:
+        problems.append(f"task {spec.task_name!r}: cannot read the first record of {spec.path}: {e}")
+        return None
+
+
+def _check_keys(spec: DatasetSpec, problems: list[str]) -> None:
+    """The first record of a jsonl dataset without a transform has its output key (a common corpus stored as
+    ``{"text": ...}`` must say so with json_keys, or every line would train on nothing)."""
+    record = _first_record(spec, problems)
+    if record is None:
+        return
+    _, out_key = json_keys(spec.json_keys, open_dataset(spec.path, spec.format))
+    if out_key not in record:
+        text_keys = [k for k, v in record.items() if isinstance(v, str)][:6]
+        problems.append(f"task {spec.task_name!r}: line 1 of {spec.path}/data.jsonl has no {out_key!r} key (its text "
+                        f"keys: {text_keys}): name the text's key with \"json_keys\", e.g. \"json_keys\": "
+                        f"[{json.dumps(text_keys[0] if text_keys else 'text')}], or add a transform")
 
 
 def parse_mixture(entries: Any, config_path: str = "<mixture>", base_dir: str | None = None,
@@ -263,9 +331,12 @@ def parse_mixture(entries: Any, config_path: str = "<mixture>", base_dir: str | 
         if spec is not None:
             specs.append(spec)
     if check_transforms:
-        for spec in specs:
-            if spec.transforms is not None:
-                _check_transform_runs(spec, problems)
+        with shared_opens():
+            for spec in specs:
+                if spec.transforms is not None:
+                    _check_transform_runs(spec, problems)
+                elif spec.format == "jsonl":
+                    _check_keys(spec, problems)
     if problems:
         raise MixtureConfigError(config_path, problems)
     for spec in specs:
@@ -277,8 +348,6 @@ def parse_mixture(entries: Any, config_path: str = "<mixture>", base_dir: str | 
 
 def load_mixture(config_path: str, check_transforms: bool = True) -> MixtureConfig:
     """Read and validate ``dataset_configs/*.json``."""
-    import json
-
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"dataset config not found: {config_path}")
     with open(config_path, encoding="utf-8") as f:
@@ -298,22 +367,48 @@ class TokenShareMixer:
     Picks the active dataset maximising ``w_d·T − t_d`` (T: tokens so far, t_d: tokens from d; ties go to
     the earlier dataset). Each dataset's token count then stays within one sample of ``w_d·T`` at every
     prefix, with no randomness: the same counters always give the same choice, so the mixer's whole state
-    is the counters.
+    is the counters. A mixture of many datasets is picked with numpy (the same float64 arithmetic, so the
+    same choices): a Python loop over a thousand datasets per sample would cost more than the sample.
     """
+
+    VECTOR_FROM = 16  # datasets from which one numpy argmax beats the Python loop
 
     def __init__(self, weights: Sequence[float], tokens: Sequence[int] | None = None):
         total = float(sum(weights))
         self.weights = [w / total for w in weights]
-        self.tokens = list(tokens) if tokens is not None else [0] * len(self.weights)
-        self.total = sum(self.tokens)
+        # float64 holds token counts exactly (up to 2**53) and is what the deficits are computed in
+        self.tokens = np.array(tokens if tokens is not None else [0] * len(self.weights), dtype=np.float64)
+        self.total = int(self.tokens.sum())
+        self._vector = len(self.weights) >= self.VECTOR_FROM
+        self._w = np.asarray(self.weights, dtype=np.float64)
+        self._open = [True] * len(self.weights)
+        self._left = len(self.weights)
+        self._minus = self.tokens.copy()  # tokens, +inf for datasets that ran out: w·T − this is the deficit
+        self._buf = np.empty(len(self.weights), dtype=np.float64)
 
-    def pick(self, active: Sequence[bool]) -> int:
-        if len(self.tokens) == 1:  # one dataset: nothing to choose (the loop below gives the same answer)
-            return 0 if active[0] else -1
+    def close(self, d: int) -> None:
+        """Dataset d is used up: never pick it again."""
+        if self._open[d]:
+            self._open[d] = False
+            self._left -= 1
+            self._minus[d] = math.inf
+
+    def pick(self, active: Sequence[bool] | None = None) -> int:
+        """The next dataset (-1 when none is left); ``active`` marks the open datasets (default: not closed)."""
+        if active is not None:
+            for d, a in enumerate(active):
+                if not a:
+                    self.close(d)
+        if not self._left:
+            return -1
+        if self._vector:
+            buf = np.multiply(self._w, float(self.total), out=self._buf)
+            buf -= self._minus
+            return int(buf.argmax())
         best, best_deficit = -1, -math.inf
         total = self.total
-        for d, (w, t) in enumerate(zip(self.weights, self.tokens)):
-            if active[d]:
+        for d, (w, t, is_open) in enumerate(zip(self.weights, self.tokens.tolist(), self._open)):
+            if is_open:
                 deficit = w * total - t
                 if deficit > best_deficit:
                     best, best_deficit = d, deficit
@@ -321,4 +416,6 @@ class TokenShareMixer:
 
     def add(self, d: int, ntokens: int) -> None:
         self.tokens[d] += ntokens
+        if self._open[d]:
+            self._minus[d] += ntokens
         self.total += ntokens

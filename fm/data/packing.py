@@ -186,7 +186,7 @@ class PackedBatchBuilder:
         return True
 
     def finish(self) -> dict:
-        """The batch dict of contract 2 (torch tensors)."""
+        """The batch dict the trainer consumes (torch tensors; keys in docs/mixtures.md)."""
         return to_torch(self.finish_numpy())
 
     def finish_numpy(self) -> dict:

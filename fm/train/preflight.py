@@ -60,9 +60,10 @@ def preflight(train_config: str, overrides: list[str], world_size: int = 1, fami
         problems.append(f"tokenizer_path: {tok.path} has {tok.vocab_size} pieces but the model config's vocab_size "
                         f"is {model.vocab_size}: ids from {model.vocab_size} on have no embedding row; use the "
                         "model's tokenizer or a config with vocab_size >= the tokenizer's")
-    _data(cfg, cfg.dataset_config, "dataset_config", report, required=True)
+    vocab = model.vocab_size if model is not None else None
+    _data(cfg, cfg.dataset_config, "dataset_config", report, required=True, vocab_size=vocab)
     if cfg.eval_dataset_config:
-        _data(cfg, cfg.eval_dataset_config, "eval_dataset_config", report, required=False)
+        _data(cfg, cfg.eval_dataset_config, "eval_dataset_config", report, required=False, vocab_size=vocab)
     _weights(cfg, report)
     _outputs(cfg, report)
     if cfg.engine == "bmtrain" and importlib.util.find_spec("bmtrain") is None:
@@ -119,7 +120,9 @@ def _tokenizer(cfg: TrainConfig, report: Report) -> Any:
     return tok
 
 
-def _data(cfg: TrainConfig, spec: str, key: str, report: Report, *, required: bool) -> None:
+def _data(cfg: TrainConfig, spec: str, key: str, report: Report, *, required: bool,
+          vocab_size: int | None = None) -> None:
+    from fm.data.datasets import open_dataset
     from fm.data.mixture import MixtureConfigError, load_mixture
 
     if not spec:
@@ -134,6 +137,12 @@ def _data(cfg: TrainConfig, spec: str, key: str, report: Report, *, required: bo
     except MixtureConfigError as e:
         report.problems += [f"{key} {spec}: {p}" for p in e.problems]
         return
+    for ds in mix.datasets:  # token ids the model has no embedding for (jsonl: the tokenizer check above)
+        if ds.format == "megatron" and vocab_size is not None:
+            try:
+                open_dataset(ds.path, ds.format).check_ids(vocab_size, where=f"task {ds.task_name!r}")
+            except ValueError as e:
+                report.problems.append(f"{key} {spec}: {e}")
     shares = ", ".join(f"{t} {w:.0%}" for t, w in zip(mix.task_names, mix.weights()))
     report.facts["data" if key == "dataset_config" else "validation data"] = (
         f"{spec}: {len(mix.datasets)} dataset(s), token shares {shares}")

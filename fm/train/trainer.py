@@ -180,8 +180,18 @@ class Trainer:
         self.loader = build_train_loader(
             self.cfg.dataset_config, self.tokenizer, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
             rank=e.rank, world_size=e.world_size, num_workers=self.cfg.dataloader_num_workers,
-            prefetch_factor=self.cfg.dataloader_prefetch_factor, seed=self.cfg.seed)
+            prefetch_factor=self.cfg.dataloader_prefetch_factor, seed=self.cfg.seed,
+            vocab_size=self._vocab_size())
         return self.loader
+
+    def _vocab_size(self) -> int | None:
+        """The model's vocabulary, which the loader checks every dataset's token ids against."""
+        mc = getattr(self, "model_config", None)
+        if mc is None and self.cfg.config:
+            from fm.models.registry import load_model_config
+
+            mc = load_model_config(self.cfg.config)
+        return getattr(mc, "vocab_size", None)
 
     def build_validation(self) -> None:
         """The fixed validation set: the first ``eval_iters`` batches per rank of ``eval_dataset_config``

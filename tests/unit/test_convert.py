@@ -97,7 +97,7 @@ def test_round_trip_and_meta(tmp_path, corpus, language):
     assert meta["data_sample"]["output"] == (first["output"][:50] + "..." if len(first["output"]) > 50
                                              else first["output"])
     assert meta["data_sample"]["source"] == {"name": "x" * 50 + "...", "tags": [1]}  # upstream cut rules
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2 and meta["json_keys"] == ["input", "output"]
     assert meta["token_count_method"] == "estimate"
     assert meta["skipped"] == {"total": 0, "by_reason": {}, "first": []}
     assert meta["source_files"] == 2

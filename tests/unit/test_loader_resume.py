@@ -13,46 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from fm.data.loader import STAT_KEYS, build_train_loader, compact_layers, merge_states, permute
-
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
-
-
-def write_index(path, records) -> None:
-    """An index directory as convert_json2index writes it: data.jsonl + n+1 text offsets."""
-    os.makedirs(path, exist_ok=True)
-    offsets = [0]
-    with open(os.path.join(path, "data.jsonl"), "wb") as f:
-        for rec in records:
-            line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
-            f.write(line)
-            offsets.append(offsets[-1] + len(line))
-    with open(os.path.join(path, "index"), "w") as f:
-        f.write("\n".join(map(str, offsets)) + "\n")
-
-
-def text(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
-
-def make_mixture(tmp_path, datasets: dict, name: str = "mix.json", **overrides) -> str:
-    """datasets: task → (records, extra keys). Writes index dirs + config; returns the config path."""
-    entries = []
-    for task, (records, extra) in datasets.items():
-        if not os.path.isdir(tmp_path / task):
-            write_index(tmp_path / task, records)
-        entries.append({"task_name": task, "abs_weight": 1.0, "path": task, **extra})
-    cfg = tmp_path / name
-    cfg.write_text(json.dumps(entries))
-    return str(cfg)
-
-
-def short_records(prefix: str, n: int, seed: int, instr: bool = False) -> list[dict]:
-    rng = random.Random(seed)
-    if instr:
-        return [{"input": f"{prefix}{i} {text(rng, rng.randint(1, 4))}", "output": text(rng, rng.randint(1, 5))}
-                for i in range(n)]
-    return [{"input": "", "output": f"{prefix}{i} {text(rng, rng.randint(1, 6))}"} for i in range(n)]
+from fm.data.loader import build_train_loader, compact_layers, merge_states, permute
+from tests.helpers import make_mixture, text, write_index
+from tests.helpers import records as short_records
 
 
 @pytest.fixture()
@@ -172,19 +135,19 @@ def test_reshard_trains_every_line_once(mix, tokenizer, phases):
     used = lines_used(batches)
     expected = Counter([("a", i) for i in range(60)] + [("b", i) for i in range(40)])
     assert used == expected
-    lines = {t["task"]: dict(zip(STAT_KEYS, t["base"]))["lines"] for t in state["tasks"]}
+    lines = {t["task"]: t["stats"]["lines"] for t in state["datasets"]}
     assert lines == {"a": 60, "b": 40}  # statistics survive resharding
 
 
 def test_layers_describe_exactly_the_remaining_positions():
-    from fm.data.loader import _build_chain
+    from fm.data.order import build_chain
 
     rng = np.random.default_rng(0)
     for root_len in (None, 97):
         taken: set[int] = set()
         layers: list = []
         for V in (3, 5, 2, 4, 3):
-            chain = _build_chain(layers, root_len)
+            chain = build_chain(layers, root_len)
             length = chain[-1].length if chain else root_len
             counters = [int(x) for x in rng.integers(0, 7, size=V)]
             if length is not None:  # a stream cannot take more than its share
@@ -203,10 +166,10 @@ def test_layers_describe_exactly_the_remaining_positions():
 
 
 def _to_root(layers, root_len, top):
-    from fm.data.loader import _build_chain
+    from fm.data.order import build_chain
 
     g = top
-    for layer in reversed(_build_chain(layers, root_len)):
+    for layer in reversed(build_chain(layers, root_len)):
         g = layer.map(g)
     return g
 
@@ -251,9 +214,10 @@ def test_state_is_small_for_100_datasets_after_a_million_lines(tmp_path, tokeniz
     rng = random.Random(0)
     for ld in loaders:  # advance every counter synthetically: 10,000 lines per dataset, 1M lines in all
         for snap in ld._streams:
-            snap["b"] = 125_000
-            for c in snap["c"]:
-                c[:] = [1250 + rng.randint(-40, 40), 0, 3_000_000_000 // 800, 1_250_000, 1250, 1250, 3, 0, 5, 7]
+            snap.batches = 125_000
+            snap.line[:] = [1250 + rng.randint(-40, 40) for _ in range(100)]
+            snap.mixer_tokens[:] = 3_000_000_000 // 800
+            snap.stats[:] = [1_250_000, 1250, 1250, 3, 0, 5, 7]
     state = merge_states([ld.state_dict() for ld in loaders])
     assert len(json.dumps(state)) < 64 * 1024
     resharded = loader(cfg, tokenizer, rank=0, world_size=3, num_workers=1)
@@ -347,7 +311,7 @@ def test_reshard_puts_partly_used_lines_back(long_mix, tokenizer):
     for batch in it:  # stop at the first batch that ends inside a segmented line
         phase1.append(batch)
         state = roundtrip(merge_states([ld.state_dict()]))
-        partial = [c[1] for c in state["streams"]["0"]["c"]]  # chunks already taken of the current line
+        partial = state["streams"]["0"]["chunk"]  # chunks already taken of the current line
         if any(partial):
             break
     assert sum(1 for p in partial if p > 0) == 1 and len(phase1) < 20
@@ -378,3 +342,47 @@ def test_upstream_index_without_leading_zero(tmp_path, tokenizer):
             if b["task_ids"].flatten()[s] >= 0:
                 seen[next(lines)] = tokenizer.decode(flat[s + 1:e])
     assert seen == {i: r["output"] for i, r in enumerate(records)}  # line 0 included
+
+
+# --------------------------------------------------------------------------------------------- state versions
+
+V1_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "loader_state_v1.json")
+
+
+def test_version_1_state_resumes_exactly(tmp_path, tokenizer):
+    """A state saved by fm before the state became dataclasses (version 1, positional lists) continues with the
+    batches that fm produced next (recorded in the fixture), on both ranks."""
+    fixture = json.loads(open(V1_FIXTURE).read())
+    assert fixture["state"]["version"] == 1
+    cfg = make_mixture(tmp_path, {
+        "a": (short_records("a", 60, 1), {"abs_weight": 2.0, "allow_repeat": False}),
+        "b": (short_records("b", 40, 2, instr=True), {"abs_weight": 1.0, "allow_repeat": True}),
+    })
+    for rank in range(2):
+        ld = loader(cfg, tokenizer, rank=rank, world_size=2)
+        ld.load_state_dict(fixture["state"])
+        got = take(iter(ld), len(fixture["next_batches"][rank]))
+        for b, want in zip(got, fixture["next_batches"][rank], strict=True):
+            assert b["inputs"].tolist() == want["inputs"] and b["targets"].tolist() == want["targets"]
+            assert b["indexes"] == want["indexes"]
+        state = ld.state_dict()
+        assert state["version"] == 2 and set(state["streams"][str(rank)]) == {"batches", "line", "chunk",
+                                                                              "mixer_tokens", "finished"}
+
+
+def test_state_round_trips_and_refuses_unknown_versions(mix, tokenizer):
+    from fm.data.state import LoaderState
+
+    ld = loader(mix, tokenizer, num_workers=2)
+    take(iter(ld), 3)
+    state = roundtrip(merge_states([ld.state_dict()]))
+    assert LoaderState.from_dict(state).to_dict() == state
+    assert state["total_streams"] == 2 and [d["task"] for d in state["datasets"]] == ["a", "b"]
+    with pytest.raises(ValueError, match="state version 7 is not supported .*load_dataloader_ckpt: false"):
+        loader(mix, tokenizer).load_state_dict(dict(state, version=7))
+    broken = roundtrip(state)
+    broken["streams"]["0"]["line"] = [1]
+    with pytest.raises(ValueError, match="'line' has 1 entries for 2 datasets"):
+        loader(mix, tokenizer, num_workers=2).load_state_dict(broken)
+    with pytest.raises(ValueError, match="not a data loader state"):
+        loader(mix, tokenizer).load_state_dict({"kind": "something else"})

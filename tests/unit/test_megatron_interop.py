@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import megatron.core.datasets.indexed_dataset as mcore  # pinned in requirements-dev.txt: missing is a failure
 import numpy as np
 import pytest
+import torch
 
 from fm.data.megatron import MegatronDataset
-
-mcore = pytest.importorskip("megatron.core.datasets.indexed_dataset")
-torch = pytest.importorskip("torch")
 
 
 def _build(prefix, docs, dtype):

@@ -9,7 +9,8 @@ import pytest
 
 from fm.data.loader import build_train_loader
 from fm.data.mixture import MixtureConfigError, TokenShareMixer, TransformError, load_mixture
-from tests.unit.test_loader_resume import make_mixture, short_records, text, write_index
+from tests.helpers import make_mixture, text, write_index
+from tests.helpers import records as short_records
 
 
 def assert_shares_within_one_sample(picks, weights):
@@ -207,3 +208,40 @@ def test_shipped_configs_and_transforms(tmp_path, repo_root):
             e["path"] = str(tmp_path / "d")
         mixture = parse_mixture(entries, str(cfg))
         assert len(mixture.datasets) == len(entries)
+
+
+def _reference_pick(weights, tokens, active):
+    """The rule as first written: a Python loop, largest deficit first, ties to the earlier dataset."""
+    total_w = float(sum(weights))
+    ws = [w / total_w for w in weights]
+    total = sum(tokens)
+    best, best_deficit = -1, -float("inf")
+    for d, (w, t) in enumerate(zip(ws, tokens)):
+        if active[d]:
+            deficit = w * total - t
+            if deficit > best_deficit:
+                best, best_deficit = d, deficit
+    return best
+
+
+@pytest.mark.parametrize("datasets", [3, 40, 1200])
+def test_mixer_picks_as_the_reference_rule(datasets):
+    """Small mixtures loop, large ones use numpy: both pick exactly what the plain rule picks."""
+    rng = random.Random(datasets)
+    weights = [1.0 / (i + 1) for i in range(datasets)]
+    mixer = TokenShareMixer(weights)
+    tokens, active = [0] * datasets, [True] * datasets
+    for step in range(3000):
+        if step % 97 == 0 and sum(active) > 1:
+            d = rng.randrange(datasets)
+            active[d] = False
+            mixer.close(d)
+        want = _reference_pick(weights, tokens, active)
+        assert mixer.pick() == want
+        n = rng.randint(1, 300)
+        mixer.add(want, n)
+        tokens[want] += n
+    assert mixer.tokens.tolist() == tokens
+    for d in range(datasets):
+        mixer.close(d)
+    assert mixer.pick() == -1

@@ -18,7 +18,8 @@ from fm.data.packing import (
     PackedBatchBuilder,
     build_samples,
 )
-from tests.unit.test_loader_resume import make_mixture, short_records, text, write_index
+from tests.helpers import make_mixture, text, write_index
+from tests.helpers import records as short_records
 
 BOS, EOS = 1, 2
 
