@@ -16,6 +16,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from fm.chat import FORMATS, render, render_prompt
+
 PenaltyMode = Literal["multiplicative", "subtractive"]
 
 
@@ -362,11 +364,6 @@ def generate_text(model: torch.nn.Module, prompts: str | Sequence[str], tokenize
 # ---------------------------------------------------------------------------------------------
 # CLI: fm generate --checkpoint CKPT --prompt "…" (python -m fm.generate)
 
-TEMPLATES = {
-    "none": "{q}",
-    "fm9g": "<用户>{q}<AI>",  # upstream FM9G chat format
-    "spark": "<User> {q}<end><Bot> ",  # iFlytekSpark chat format
-}
 
 
 def _read_questions(args: Any) -> list[dict[str, Any]]:
@@ -383,8 +380,10 @@ def _read_questions(args: Any) -> list[dict[str, Any]]:
         items = json.loads(text) if text.lstrip().startswith("[") else [
             json.loads(line) for line in text.splitlines() if line.strip()]
         for n, item in enumerate(items, 1):
-            if not isinstance(item, dict) or not isinstance(item.get("input"), str):
-                raise ValueError(f"{args.input_file}: record {n} has no string 'input' field")
+            if not isinstance(item, dict) or not (isinstance(item.get("input"), str)
+                                                  or isinstance(item.get("messages"), list)):
+                raise ValueError(f"{args.input_file}: record {n} has neither a string 'input' field nor a "
+                                 "'messages' list (a conversation: [{\"role\": \"user\", \"content\": ...}, ...])")
             records.append(dict(item))
     if not records:
         raise ValueError("nothing to generate: give --prompt, --predict-data or --input-file")
@@ -444,9 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the checkpoint's own)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--predict-data", help="questions joined by '##' (Spark's predict_data)")
-    p.add_argument("--input-file", help="json/jsonl with an 'input' field per record")
+    p.add_argument("--input-file", help="json/jsonl with an 'input' field per record, or a 'messages' list (a "
+                   "multi-turn conversation of {role: system|user|assistant, content}) rendered with --template")
     p.add_argument("--output", help="jsonl to write: the input records plus a 'generate' field")
-    p.add_argument("--template", choices=sorted(TEMPLATES), default="none", help="chat template around each input")
+    p.add_argument("--template", choices=FORMATS, default="none",
+                   help="chat format around each input (fm.chat; the same as the chat_template fm export writes)")
     p.add_argument("--max-new-tokens", "--predict-length", dest="max_new_tokens", type=int, default=128)
     p.add_argument("--batch-size", "--predict-batch", dest="batch_size", type=int, default=8)
     p.add_argument("--do-sample", action="store_true")
@@ -489,9 +490,9 @@ def _run(args: Any, model: torch.nn.Module, tok: Any, records: list[dict[str, An
         batch = 1 if args.stream else max(1, args.batch_size)
         for start in range(0, len(records), batch):
             chunk = records[start:start + batch]
-            texts = [TEMPLATES[args.template].format(q=r["input"]) for r in chunk]
-            if spark:  # Spark's tokenizer writes newlines and tabs as <ret> / <tab>
-                texts = [t.replace("\n", "<ret>").replace("\t", "<tab>") for t in texts]
+            # Spark's format writes newlines and tabs as its tokenizer expects them (<ret>, <tab>)
+            texts = [render(r["messages"], args.template) if "messages" in r else
+                     render_prompt(r["input"], args.template) for r in chunk]
 
             def stream(row: int, tid: int | None, text: str) -> None:
                 sys.stdout.write(text.replace("<ret>", "\n").replace("<tab>", "\t") if spark else text)

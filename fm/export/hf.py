@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fm.chat import FORMATS
 from fm.checkpoints import open_checkpoint
 from fm.export.llama import (
     dragonfly_to_hf,
@@ -53,8 +54,11 @@ def _parse_dtype(name: str | None) -> torch.dtype | None:
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
                       config: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
                       dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
-                      overwrite: bool = False) -> Path:
-    """Write a Hugging Face Llama directory for a dragonfly checkpoint; returns the directory."""
+                      overwrite: bool = False, chat_template: str = "fm9g") -> Path:
+    """Write a Hugging Face Llama directory for a dragonfly checkpoint; returns the directory.
+
+    ``chat_template``: the fm.chat format the tokenizer's ``chat_template`` renders (``none``: no template).
+    """
     ck = open_checkpoint(checkpoint, model_config=config, tokenizer=tokenizer)
     cfg = ck.model_config
     if not isinstance(cfg, DragonflyConfig):
@@ -74,7 +78,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
         if sp_model is not None:
-            write_tokenizer_files(sp_model, tmp)
+            write_tokenizer_files(sp_model, tmp, chat_format=None if chat_template == "none" else chat_template)
         else:
             log.warning("no tokenizer given (--tokenizer): the export has weights and config only")
     log.info("exported %s → %s (%d weight file(s), %s)", ck.describe(), output, len(files), out_dtype)
@@ -112,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", help="bf16 | fp16 | fp32 (default: the checkpoint's dtype)")
     ex.add_argument("--max-shard-size", default="5GB", help="split weights above this size (default 5GB)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ex.add_argument("--chat-template", choices=FORMATS, default="fm9g",
+                    help="the conversation format the tokenizer's chat_template renders, as fm generate --template "
+                         "does (default fm9g: <用户>…<AI>; none: no chat_template)")
     im = sub.add_parser("import", help="Hugging Face Llama directory → our state dict .pt + model config json")
     im.add_argument("--hf-dir", required=True, help="directory with config.json and safetensors/bin weights")
     im.add_argument("--output", required=True, help="state dict .pt to write")
@@ -129,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "export":
             print(export_checkpoint(args.checkpoint, args.output, config=args.config, tokenizer=args.tokenizer,
-                                    dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite))
+                                    dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                    chat_template=args.chat_template))
         else:
             pt, cfg = import_hf(args.hf_dir, args.output, config_output=args.config_output, dtype=args.dtype)
             print(pt)

@@ -324,12 +324,27 @@ def load_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------- tokenizer
 
 
-def write_tokenizer_files(sp_model: Path, out_dir: Path) -> None:
+# Written by transformers 5's save_pretrained but runtime state, or spelled so transformers 4 cannot read it.
+_DROP_KEYS = ("is_local", "local_files_only", "backend")
+CHAT_SAMPLES = ([{"role": "user", "content": "你好，介绍一下你自己。"}],
+                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!\n\tWho are you?"},
+                 {"role": "assistant", "content": "A model."}, {"role": "user", "content": "2 + 2 = ?"}])
+
+
+def write_tokenizer_files(sp_model: Path, out_dir: Path, chat_format: str | None = "fm9g") -> None:
     """``tokenizer.model`` + ``tokenizer_config.json`` (and ``tokenizer.json`` via transformers when
     it is installed, which vLLM and fast loaders prefer). ``add_prefix_space`` follows the
-    SentencePiece normalizer, otherwise transformers would prepend "▁" that SentencePiece does not."""
+    SentencePiece normalizer, otherwise transformers would prepend "▁" that SentencePiece does not.
+
+    ``chat_format`` (see fm.chat) becomes the ``chat_template``, checked to give the ids fm generate feeds the
+    model. The config loads in transformers 4.4x–4.57 and 5.x alike: the special tokens are listed as
+    ``additional_special_tokens`` (transformers 5 reads that name and writes ``extra_special_tokens``, a list
+    that transformers 4 takes for a dict).
+    """
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
+
+    from fm.chat import jinja_template, render
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(sp_model).read_bytes())
@@ -352,7 +367,9 @@ def write_tokenizer_files(sp_model: Path, out_dir: Path) -> None:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000,
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    if chat_format is not None:
+        tok_cfg["chat_template"] = jinja_template(chat_format)
+    _write_config(out_dir, tok_cfg)
     try:
         from transformers import AutoTokenizer
     except ImportError:  # pragma: no cover - transformers is a test dependency
@@ -364,10 +381,34 @@ def write_tokenizer_files(sp_model: Path, out_dir: Path) -> None:
         log.warning("transformers' tokenizer encodes differently from SentencePiece; kept tokenizer.model only")
         return
     hf_tok.save_pretrained(str(out_dir))
-    # save_pretrained rewrites tokenizer_config.json: keep our explicit flags in it.
     saved = json.loads((out_dir / "tokenizer_config.json").read_text())
+    specials = saved.pop("extra_special_tokens", None) or saved.pop("additional_special_tokens", None)
+    if isinstance(specials, dict):  # named extra tokens (transformers 4's meaning of the key): keep them named
+        saved["extra_special_tokens"] = specials
+    elif specials:
+        saved["additional_special_tokens"] = list(specials)
+    for k in _DROP_KEYS:
+        saved.pop(k, None)
+    # save_pretrained rewrites tokenizer_config.json: keep our explicit flags (and the template) in it.
     saved.update({k: tok_cfg[k] for k in ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy")})
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n")
+    if chat_format is not None:
+        saved["chat_template"] = tok_cfg["chat_template"]
+        (out_dir / "chat_template.jinja").unlink(missing_ok=True)  # one home: tokenizer_config.json
+    _write_config(out_dir, saved)
+    if chat_format is not None:
+        hf_tok = AutoTokenizer.from_pretrained(str(out_dir))
+        for messages in CHAT_SAMPLES:
+            want = [sp.bos_id()] + sp.encode(render(messages, chat_format))
+            got = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            got = got["input_ids"] if isinstance(got, Mapping) else list(got)
+            if got != want:
+                raise ValueError(f"the {chat_format} chat template tokenizes {messages} as {got}, but fm generate "
+                                 f"feeds {want}: the tokenizer {sp_model} does not hold the format's markers as "
+                                 "single pieces; export with --chat-template none")
+
+
+def _write_config(out_dir: Path, cfg: Mapping[str, Any]) -> None:
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def special_ids(sp_model: Path | None) -> tuple[int, int, int | None]:

@@ -56,7 +56,7 @@ class DragonflyConfig:
     qk_norm: bool = False
     dropout_p: float = 0.0
     sliding_window: int | None = None
-    max_length: int = 4096
+    max_length: int = 8192  # the context length an export declares (upstream dragonfly's default)
     dtype: str | None = None  # default: half_type when half, else fp32
     half: bool = True
     half_type: str = "bf16"

@@ -91,6 +91,15 @@ def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def checkpoint_model_config(model_config, trained_length: int) -> dict:
+    """The model config a checkpoint records: ``max_length`` (the context an export declares) is at least the
+    rows the model was trained on."""
+    out = config_to_dict(model_config)
+    if "max_length" in out:
+        out["max_length"] = max(int(out["max_length"]), trained_length)
+    return out
+
+
 def setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     root = logging.getLogger()
@@ -424,7 +433,8 @@ class Trainer:
 
             make_parts = functools.partial(lora_lib.adapter_parts, lora_config=self.lora_config)
         parts = make_parts(e, step, log_ckpt=log_ckpt, dataset_state=merged, config=cfg.to_dict(),
-                           model_config=config_to_dict(self.model_config), tokenizer_path=self.tokenizer.path,
+                           model_config=checkpoint_model_config(self.model_config, cfg.max_length),
+                           tokenizer_path=self.tokenizer.path,
                            scheduler_state=self.scheduler.state_dict())
         final = self.ckpt.save(step, parts)
         self._last_saved = step

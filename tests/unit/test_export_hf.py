@@ -64,6 +64,8 @@ def test_export_files_and_config(exported):
     assert hf_cfg["architectures"] == ["LlamaForCausalLM"] and hf_cfg["tie_word_embeddings"] is False
     assert hf_cfg["num_key_value_heads"] == 2 and hf_cfg["rms_norm_eps"] == 1e-5
     assert hf_cfg["rope_parameters"]["rope_theta"] == 10000.0
+    assert hf_cfg["max_position_embeddings"] == cfg.max_length == 256  # the model config's context
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"].startswith("{{ bos_token }}")
     assert not any(p.name.endswith(".tmp") for p in out.parent.iterdir())
 
 
@@ -207,3 +209,13 @@ def test_bf16_round_trip(tmp_path):
     for k, v in model.state_dict().items():
         assert state[k].dtype == torch.bfloat16
         torch.testing.assert_close(state[k], v, rtol=2e-2, atol=0)
+
+
+def test_exported_context_is_what_the_model_was_trained_for():
+    from fm.train.trainer import checkpoint_model_config
+
+    cfg = load_model_config("2.4b", "dragonfly")
+    assert cfg.max_length == 8192  # upstream dragonfly's default, when the config does not say
+    assert checkpoint_model_config(cfg, 4096)["max_length"] == 8192
+    short = load_model_config({**TINY, "max_length": 256}, "dragonfly")
+    assert checkpoint_model_config(short, 1024)["max_length"] == 1024  # trained on longer rows than it declared
