@@ -14,7 +14,7 @@ import transformers
 from fm.chat import jinja_template, render, render_prompt
 from fm.export.llama import write_tokenizer_files
 from fm.generate import main as generate_main
-from tests.envs import EnvUnavailable, cached_env
+from tests.envs import EnvUnavailable, ensure, python
 
 CONVERSATIONS = [
     [{"role": "user", "content": "你好"}],
@@ -84,11 +84,11 @@ def test_export_tokenizer_loads_in_transformers_4(export_dir, tokenizer, version
     """Many serving stacks still run transformers 4: the same files load there and give the same ids."""
     fmt, out = export_dir
     try:
-        python = cached_env(f"transformers-{version}", [f"transformers=={version}", "sentencepiece==0.2.1",
-                                                        "protobuf==5.29.6", "jinja2==3.1.6"])
+        env = ensure(f"transformers-{version}", [f"transformers=={version}", "sentencepiece==0.2.1",
+                                                 "protobuf==5.29.6", "jinja2==3.1.6"], check="import transformers")
     except EnvUnavailable as e:
         pytest.skip(f"cannot build a transformers {version} environment: {e}")
-    proc = subprocess.run([str(python), "-c", CHECK_IN_OTHER_ENV, str(out), json.dumps(_expected(tokenizer, fmt)),
+    proc = subprocess.run([str(python(env)), "-c", CHECK_IN_OTHER_ENV, str(out), json.dumps(_expected(tokenizer, fmt)),
                            json.dumps(CONVERSATIONS)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
