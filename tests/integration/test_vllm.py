@@ -259,7 +259,9 @@ def vllm_python() -> Path:
 
 @pytest.fixture(scope="module")
 def server(vllm_python, models):
-    with serve(vllm_python, models.hf, models.hf.parent / "vllm.log") as s:
+    """One server for every check (a start costs ~40 s here): the base model, and the adapter beside it."""
+    with serve(vllm_python, models.hf, models.hf.parent / "vllm.log", "--enable-lora", "--max-lora-rank", "8",
+               "--max-loras", "1", "--lora-modules", f"{LORA_NAME}={models.hf_adapter}") as s:
         yield s
 
 
@@ -312,7 +314,7 @@ def test_chat_completions_equal_fm_generate_with_the_template(server, models):
     assert any(len(ids) < MAX_NEW for ids in want_ids), want_ids  # some answer ends with EOS: the stop path is seen
 
 
-def test_lora_adapter_served_equals_fm_generate_on_the_merged_model(vllm_python, models):
+def test_lora_adapter_served_equals_fm_generate_on_the_merged_model(server, models):
     # the merged .pt has its model config beside it, not the tokenizer
     tok = models.base / "tokenizer.model"
     _, merged_ids = fm_ids(models.merged, LORA_QUESTIONS, "fm9g", tok)
@@ -320,14 +322,12 @@ def test_lora_adapter_served_equals_fm_generate_on_the_merged_model(vllm_python,
     _, base_ids = fm_ids(models.base, LORA_QUESTIONS, "fm9g")
     base = fm_generate(models.base, LORA_QUESTIONS, "fm9g")
     assert all(m != b for m, b in zip(merged, base)), (merged, base)  # the adapter changes every answer
-    with serve(vllm_python, models.hf, models.hf.parent / "vllm-lora.log", "--enable-lora", "--max-lora-rank", "8",
-               "--max-loras", "1", "--lora-modules", f"{LORA_NAME}={models.hf_adapter}") as server:
-        listed = {m["id"] for m in json.loads(urllib.request.urlopen(server.url + "/v1/models", timeout=30).read())[
-            "data"]}
-        assert {NAME, LORA_NAME} <= listed, f"{listed}\n{server.tail()}"
-        for model, want_ids, want in ((LORA_NAME, merged_ids, merged), (NAME, base_ids, base)):  # base unchanged
-            got = [_choice(server, server.post("/v1/chat/completions", {
-                "model": model, "messages": [{"role": "user", "content": q}], "max_tokens": MAX_NEW,
-                "temperature": 0, "return_token_ids": True})) for q in LORA_QUESTIONS]
-            _compare(server, f"{model}: generated ids", [g[1] for g in got], want_ids)
-            _compare(server, f"{model}: text", [g[2] for g in got], want)
+    listed = {m["id"] for m in json.loads(urllib.request.urlopen(server.url + "/v1/models", timeout=30).read())[
+        "data"]}
+    assert {NAME, LORA_NAME} <= listed, f"{listed}\n{server.tail()}"
+    for model, want_ids, want in ((LORA_NAME, merged_ids, merged), (NAME, base_ids, base)):  # base unchanged
+        got = [_choice(server, server.post("/v1/chat/completions", {
+            "model": model, "messages": [{"role": "user", "content": q}], "max_tokens": MAX_NEW,
+            "temperature": 0, "return_token_ids": True})) for q in LORA_QUESTIONS]
+        _compare(server, f"{model}: generated ids", [g[1] for g in got], want_ids)
+        _compare(server, f"{model}: text", [g[2] for g in got], want)
