@@ -18,7 +18,8 @@ Its model config is ``model_config=`` when given (a JSON file or a shipped name)
 ``<name>.json`` beside a lone ``<name>.pt`` (what ``fm import`` and ``fm lora merge`` write), ``model_config.json``
 (every checkpoint we write has one), else a ``config.json`` that is a model config, nests
 one under ``model_config``/``model``, or is the train config whose ``config`` key names it. Its tokenizer is
-``tokenizer=`` when given, else the ``tokenizer.model`` in it (every checkpoint we write has one).
+``tokenizer=`` when given, else the ``tokenizer.model`` in it (every checkpoint we write has one; a lone ``.pt``:
+``<stem>.tokenizer.model`` beside it, else ``tokenizer.model`` in its directory).
 Nothing here runs code from the files (:func:`fm.io.load_torch`).
 """
 
@@ -246,7 +247,15 @@ def _open_base(adapter_dir: Path, base: str | Path | None, family: str | None) -
     return opened
 
 
+def tokenizer_beside(weights: str | Path) -> Path:
+    """``<weights stem>.tokenizer.model``: the tokenizer of a lone ``.pt`` (fm lora merge writes it)."""
+    weights = Path(weights)
+    return weights.with_name(weights.stem + ".tokenizer.model")
+
+
 def _tokenizer_in(ck: Checkpoint) -> Path | None:
+    if ck.path.is_file() and tokenizer_beside(ck.path).is_file():
+        return tokenizer_beside(ck.path)
     homes = [ck.path] if ck.path.is_dir() else [ck.path.parent]
     if ck.base is not None:
         homes.append(ck.base.path if ck.base.path.is_dir() else ck.base.path.parent)

@@ -264,8 +264,9 @@ def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
 def merge_adapter(adapter_dir: str | Path, base: str | Path | None = None, output: str | Path | None = None,
                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The dense state dict of an adapter folded into its base (``base``, else the adapter's recorded base);
-    with ``output``, also written there (atomically) with its model config beside it (``<output stem>.json``)."""
-    from fm.checkpoints import CheckpointFormError, open_checkpoint, write_config_beside
+    with ``output``, also written there (atomically) with its model config and tokenizer beside it
+    (``<output stem>.json``, ``<output stem>.tokenizer.model``)."""
+    from fm.checkpoints import CheckpointFormError, open_checkpoint, tokenizer_beside, write_config_beside
 
     ck = open_checkpoint(adapter_dir, base=base)
     if ck.kind != "lora":
@@ -281,6 +282,11 @@ def merge_adapter(adapter_dir: str | Path, base: str | Path | None = None, outpu
             write_config_beside(output, ck.model_config)
         except CheckpointFormError as e:  # an upstream adapter and base with no config anywhere: weights only
             log.warning("%s; wrote the weights only", e)
+        if ck.tokenizer is not None:  # so fm generate / export / eval find it without --tokenizer
+            from fm.io import atomic_write
+
+            data = Path(ck.tokenizer).read_bytes()
+            atomic_write(tokenizer_beside(output), lambda f: f.write(data))
     return merged
 
 

@@ -315,10 +315,10 @@ def test_chat_completions_equal_fm_generate_with_the_template(server, models):
 
 
 def test_lora_adapter_served_equals_fm_generate_on_the_merged_model(server, models):
-    # the merged .pt has its model config beside it, not the tokenizer
-    tok = models.base / "tokenizer.model"
+    # the merge wrote the base's tokenizer beside the .pt (fm generate finds it there too)
+    tok = models.merged.with_name("merged.tokenizer.model")
     _, merged_ids = fm_ids(models.merged, LORA_QUESTIONS, "fm9g", tok)
-    merged = fm_generate(models.merged, LORA_QUESTIONS, "fm9g", "--tokenizer", str(tok))
+    merged = fm_generate(models.merged, LORA_QUESTIONS, "fm9g")  # no --tokenizer: found beside the .pt
     _, base_ids = fm_ids(models.base, LORA_QUESTIONS, "fm9g")
     base = fm_generate(models.base, LORA_QUESTIONS, "fm9g")
     assert all(m != b for m, b in zip(merged, base)), (merged, base)  # the adapter changes every answer

@@ -174,6 +174,24 @@ def test_merge_parity_and_cli(repo_root, tmp_path):
     assert mod.main(bad) == 2
 
 
+def test_merged_weights_carry_their_tokenizer(repo_root, tmp_path, tokenizer_path):
+    """fm lora merge writes <stem>.tokenizer.model beside the .pt, which the opener finds (no --tokenizer)."""
+    import shutil
+
+    from fm.checkpoints import open_checkpoint
+
+    cfg, model, base_sd, lc = _adapted(repo_root)
+    adir = lora.save_adapter(tmp_path / "adapter", lora.adapter_state_dict(model), lc)
+    (tmp_path / "base").mkdir()
+    torch.save(base_sd, tmp_path / "base" / "base.pt")
+    shutil.copyfile(tokenizer_path, tmp_path / "base" / "tokenizer.model")
+    (tmp_path / "out").mkdir()
+    lora.merge_adapter(adir, base=tmp_path / "base" / "base.pt", output=tmp_path / "out" / "merged.pt")
+    beside = tmp_path / "out" / "merged.tokenizer.model"
+    assert beside.read_bytes() == (tmp_path / "base" / "tokenizer.model").read_bytes()
+    assert open_checkpoint(tmp_path / "out" / "merged.pt").tokenizer == beside
+
+
 def test_dragonfly_adapter_on_hf_llama_export(tmp_path, tokenizer_path):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
