@@ -26,6 +26,11 @@ def spark_text(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\n", "<ret>").replace("\t", "<tab>")
 
 
+def from_spark_text(text: str) -> str:
+    """Spark's ``<ret>`` / ``<tab>`` back as newlines and tabs (in what the model generates)."""
+    return text.replace("<ret>", "\n").replace("<tab>", "\t")
+
+
 def _check(messages: Sequence[Mapping[str, str]], fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown chat format {fmt!r}: choose one of {', '.join(FORMATS)}")

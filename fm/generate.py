@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from fm.chat import FORMATS, render, render_prompt
+from fm.chat import FORMATS, from_spark_text, render, render_prompt
 
 PenaltyMode = Literal["multiplicative", "subtractive"]
 
@@ -495,14 +495,14 @@ def _run(args: Any, model: torch.nn.Module, tok: Any, records: list[dict[str, An
                      render_prompt(r["input"], args.template) for r in chunk]
 
             def stream(row: int, tid: int | None, text: str) -> None:
-                sys.stdout.write(text.replace("<ret>", "\n").replace("<tab>", "\t") if spark else text)
+                sys.stdout.write(from_spark_text(text) if spark else text)
                 sys.stdout.flush()
 
             outs = generate(model, texts, tokenizer=tok, config=cfg, stream=stream if args.stream else None)
             for rec, ids in zip(chunk, outs):
                 text = tok.decode(ids)
                 if spark:
-                    text = text.replace("<ret>", "\n").replace("<tab>", "\t")
+                    text = from_spark_text(text)
                 rec = {**rec, "generate": text}
                 if args.stream:
                     sys.stdout.write("\n")

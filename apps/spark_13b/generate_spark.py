@@ -34,6 +34,7 @@ sys.path.insert(0, str(APP_DIR.parents[1]))
 
 import torch  # noqa: E402
 
+from fm.chat import from_spark_text, spark_text  # noqa: E402
 from fm.generate import GenerationConfig, generate  # noqa: E402
 from fm.io import atomic_write_bytes  # noqa: E402
 
@@ -70,18 +71,10 @@ def parse_predict_data(spec: str) -> list[dict[str, Any]]:
     return [{"input": q} for q in s.split("##") if q.strip()]
 
 
-def to_spark_text(text: str) -> str:
-    return text.replace("\r\n", "\n").replace("\n", "<ret>").replace("\t", "<tab>")
-
-
-def from_spark_text(text: str) -> str:
-    return text.replace("<ret>", "\n").replace("<tab>", "\t")
-
-
 def format_prompt(template: str, question: str) -> str:
     if "{}" not in template:
         raise ValueError(f"--prompt {template!r} must contain '{{}}' where the question goes")
-    return to_spark_text(template.replace("{}", question, 1))
+    return spark_text(template.replace("{}", question, 1))
 
 
 def generation_config(args: argparse.Namespace, stop_ids: Sequence[int]) -> GenerationConfig:
