@@ -94,8 +94,18 @@ def _train_worker(rank: int, world: int, port: int, tmp: str, phase: str, cpu: b
     engine.barrier()
 
 
+def _run_then_exit(rank: int, fn, *args) -> None:
+    """Run a worker, then leave without interpreter teardown: BMTrain keeps its communicators for the process's
+    life, and destroying the CPU backend's gloo threads at teardown sometimes aborts a worker whose work is done
+    ("terminate called without an active exception"). An exception in ``fn`` still fails the spawn."""
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _spawn(fn, world: int, *args) -> None:
-    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+    mp.spawn(_run_then_exit, args=(fn, world, free_port(), *args), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("first_world,resume_world", [(2, 3), (3, 2)])
