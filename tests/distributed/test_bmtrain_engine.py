@@ -94,18 +94,8 @@ def _train_worker(rank: int, world: int, port: int, tmp: str, phase: str, cpu: b
     engine.barrier()
 
 
-def _run_then_exit(rank: int, fn, *args) -> None:
-    """Run a worker, then leave without interpreter teardown: BMTrain keeps its communicators for the process's
-    life, and destroying the CPU backend's gloo threads at teardown sometimes aborts a worker whose work is done
-    ("terminate called without an active exception"). An exception in ``fn`` still fails the spawn."""
-    fn(rank, *args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def _spawn(fn, world: int, *args) -> None:
-    mp.spawn(_run_then_exit, args=(fn, world, free_port(), *args), nprocs=world, join=True)
+    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("first_world,resume_world", [(2, 3), (3, 2)])
@@ -296,6 +286,59 @@ def test_nccl_calls_carried_by_gloo(tmp_path, world):
         assert out["grouped_before_end"] == 0 and out["grouped"] == out["gather"]  # NCCL runs a group at its end
         assert "different collectives" in out["mismatch"] and "count=3" in out["mismatch"], out["mismatch"]
         assert out["inblock"] != "equal"  # never silently right: a count mismatch or another tensor's bytes
+
+
+# ---------------------------------------------------------------------------------------- exit
+_EXIT_WORKER = """
+import os, sys
+sys.path.insert(0, {root!r})
+from fm.distributed import bmtrain_cpu
+bmtrain_cpu.install()
+import bmtrain as bmt
+bmt.init_distributed(seed=0, pipe_size=2)
+bmt.synchronize()
+"""
+
+
+def _gloo_worker_threads() -> int:
+    return sum(Path(f"/proc/self/task/{t}/comm").read_text().strip() == "pt_gloo_runloop"
+               for t in os.listdir("/proc/self/task"))
+
+
+def _teardown_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    _env(rank, world, port)
+    from fm.distributed import bmtrain_cpu
+
+    bmtrain_cpu.install()
+    import bmtrain as bmt
+
+    bmt.init_distributed(seed=0, pipe_size=2)
+    bmt.synchronize()
+    before = _gloo_worker_threads()
+    bmt.nccl._shutdown_live_groups()  # what runs at exit
+    Path(tmp, f"threads-{rank}.json").write_text(json.dumps([before, _gloo_worker_threads()]))
+
+
+def test_exit_joins_every_gloo_worker_thread(tmp_path):
+    """A gloo worker thread that drops the last reference to a finished collective's tensors needs the GIL; once
+    the interpreter is finalizing, taking it ends the thread inside a noexcept destructor and the finished worker
+    aborts (SIGABRT). So the exit hook destroys every group, which joins its threads while the GIL is free;
+    ``shutdown()`` alone leaves gloo's threads running."""
+    _spawn(_teardown_worker, 2, str(tmp_path))
+    for rank in range(2):
+        before, after = json.loads((tmp_path / f"threads-{rank}.json").read_text())
+        assert before > 0 and after == 0, (before, after)
+
+
+def test_finished_workers_exit_cleanly_under_torchrun(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_EXIT_WORKER.format(root=str(ROOT)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    for _ in range(2):  # before the fix: 8 aborts in 8 runs with pipe_size=2
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(script)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0 and "terminate called" not in out.stderr, out.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------- the backend

@@ -98,9 +98,13 @@ _live: weakref.WeakSet[NCCLCommunicator] = weakref.WeakSet()
 
 @atexit.register
 def _shutdown_live_groups() -> None:
-    """Shut down the gloo groups BMTrain never destroys (it keeps its communicators for the process's life):
-    left to interpreter teardown, a group's threads are sometimes destroyed while still joinable, and the process
-    aborts ("terminate called without an active exception") after its work is done."""
+    """Destroy the gloo groups BMTrain never destroys (it keeps its communicators for the process's life).
+
+    A gloo worker thread drops its reference to a finished collective a moment after ``wait()`` returns; when that
+    is the last reference to a tensor Python has seen, the thread takes the GIL to release the Python object. If
+    the interpreter is finalizing by then, taking the GIL ends the thread (``pthread_exit``) inside a noexcept
+    destructor and the finished process aborts ("terminate called without an active exception"). Destroying the
+    group before finalization joins its threads with the GIL released, so they finish that release first."""
     for comm in list(_live):
         if not comm._destroyed:
             commDestroy(comm)
@@ -203,6 +207,9 @@ def commDestroy(comm: NCCLCommunicator) -> None:
     group = comm.ptr._group
     if group is not None:
         group.shutdown()
+    # shutdown() leaves gloo's worker threads running; dropping the last reference destroys the group, which joins
+    # them (with the GIL released)
+    comm._group = None
     comm._destroy_ptr()
 
 
