@@ -60,16 +60,20 @@ def test_launcher_composes_torchrun_from_env_and_checks_first(launcher, tmp_path
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda p: p.name)
-def test_launcher_defaults_and_a_failed_preflight(launcher):
-    # the launcher's own default train config (the big one), whose data and weights are not on this machine:
-    # the command is still printed, then every problem, and nothing starts (exit 2)
-    args = ("--lora",) if launcher.name == "sft_spark.sh" else ()
+def test_launcher_defaults_and_a_failed_preflight(launcher, tmp_path):
+    # the launcher's own default train config (the big one), with its mixture pointed at a file that does not
+    # exist (the checkout's own data may or may not be there, e.g. after the demo): the command is still printed,
+    # then every problem, and nothing starts (exit 2)
+    missing = tmp_path / "absent" / "mix.json"
+    args = (*(("--lora",) if launcher.name == "sft_spark.sh" else ()), "--dataset_config", str(missing))
     cmd, out = dry_run(launcher, *args, rc=2, RANK="2", NNODES="3")
     o = opts(cmd)
     assert (o["node_rank"], o["nnodes"]) == ("2", "3")
     assert o["rdzv_endpoint"] == "localhost:12345"  # across nodes the port must be fixed, not random
-    assert cmd[-5 if args else -3:][:3] == [WIRING[launcher.name][0], "--config", WIRING[launcher.name][1]]
-    assert "preflight: " in out and "nothing was started" in out
+    worker = cmd.index(WIRING[launcher.name][0])
+    assert cmd[worker:worker + 3] == [WIRING[launcher.name][0], "--config", WIRING[launcher.name][1]]
+    assert cmd[cmd.index("--dataset_config") + 1] == str(missing)
+    assert "preflight: " in out and "nothing was started" in out and str(missing) in out
     if shutil.which("nvidia-smi") is None:
         assert o["nproc_per_node"] == "1"  # CPU: one process
 
