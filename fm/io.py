@@ -47,14 +47,14 @@ def umask() -> int:
     return old
 
 
-def _as_if_created(path: str | Path, directory: bool = False) -> None:
+def as_if_created(path: str | Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
 def make_temp_dir(prefix: str, parent: str | Path) -> Path:
     """``mkdtemp`` in ``parent`` with the permissions ``mkdir`` would give (not 0700)."""
     d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    _as_if_created(d, directory=True)
+    as_if_created(d, directory=True)
     return d
 
 
@@ -123,7 +123,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
                 if err is not None:
                     raise OSError(err.errno, err.strerror, str(path)) from e
                 raise
-        _as_if_created(tmp)
+        as_if_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -263,6 +263,8 @@ def parse_size(text: str | int) -> int:
 
 
 def _save_file(save_file: Any, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    from fm.io import as_if_created
+
     try:
         save_file(tensors, str(path), metadata={"format": "pt"})
     except Exception as exc:  # safetensors reports a full disk as "I/O error: ... (os error 28)"
@@ -270,6 +272,7 @@ def _save_file(save_file: Any, tensors: Mapping[str, torch.Tensor], path: Path) 
         if errno is None:
             raise
         raise OSError(int(errno.group(1)), os.strerror(int(errno.group(1))), str(path)) from exc
+    as_if_created(path)  # safetensors creates its file 0600: a serving job under another uid could not read it
 
 
 def save_safetensors_sharded(state: Mapping[str, torch.Tensor], out_dir: Path, max_shard_size: int) -> list[str]:

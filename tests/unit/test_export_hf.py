@@ -69,6 +69,21 @@ def test_export_files_and_config(exported):
     assert not any(p.name.endswith(".tmp") for p in out.parent.iterdir())
 
 
+def test_export_is_readable_by_others_as_the_umask_allows(exported, tmp_path):
+    # a serving job under another uid reads the export: every file as a plain open() would create it (0644 under
+    # umask 022), the weights included (safetensors alone creates them 0600), shards too
+    from fm.io import umask
+
+    *_, out = exported
+    sharded = tmp_path / "hf"
+    main(["--checkpoint", str(exported[2]), "--output", str(sharded), "--max-shard-size", "400KB"])
+    files = [*out.iterdir(), *sharded.iterdir()]
+    assert sum(p.name.endswith(".safetensors") for p in files) > 2
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask(), (f, oct(f.stat().st_mode))
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask()
+
+
 def test_hf_logits_match_unpacked(exported):
     _, model, _, out = exported
     hf = _hf(out)
