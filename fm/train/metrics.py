@@ -204,20 +204,22 @@ def inspect_stats(model: nn.Module, all_reduce, shapes: dict[str, Any] | None = 
     """Per-parameter statistics over the FULL (all-ranks) tensor, from local shards + two all-reduces.
 
     ``all_reduce(tensor, op)`` is the engine's; ``shapes`` the full shapes by name (``Engine.param_shapes``).
-    Everything stays on the parameters' device until the one copy of the two reduced tables to the host
-    (``to_host``, default ``Tensor.cpu``). Collective: every rank must call it."""
+    Whether a parameter has a gradient is decided across ranks too: under ZeRO a rank whose shard of it is empty
+    holds no ``.grad``. Gradient statistics are over the elements that have one; ``has_grad`` is False (and they
+    are NaN) only for a parameter with no gradient on any rank (frozen). Everything stays on the parameters' device
+    until the one copy of the two reduced tables to the host (``to_host``, default ``Tensor.cpu``). Collective:
+    every rank must call it."""
     shapes = shapes or {}
     rows, sums, maxes = [], [], []
     for name, p in model.named_parameters():
         x = _local(p.detach()).float()
         g = _local(p.grad.detach()).float() if p.grad is not None else None
         zero = x.new_zeros(())  # constants on the parameter's device: a CPU tensor cannot join a device stack
-        sums.append(torch.stack([x.sum(), (x * x).sum(), x.new_tensor(float(x.numel())),
-                                 g.sum() if g is not None else zero, (g * g).sum() if g is not None else zero]))
+        grad = [g.sum(), (g * g).sum(), x.new_tensor(float(g.numel())), x.new_ones(())] if g is not None else [zero] * 4
+        sums.append(torch.stack([x.sum(), (x * x).sum(), x.new_tensor(float(x.numel())), *grad]))
         maxes.append(torch.stack([x.abs().max() if x.numel() else zero,
                                   g.abs().max() if g is not None and g.numel() else zero]))
-        rows.append({"name": name, "shape": tuple(shapes.get(name) or getattr(p, "_original_shape", None) or p.shape),
-                     "has_grad": g is not None})
+        rows.append({"name": name, "shape": tuple(shapes.get(name) or getattr(p, "_original_shape", None) or p.shape)})
     if not rows:
         return []
     to_host = to_host or (lambda t: t.cpu())
@@ -229,20 +231,24 @@ def inspect_stats(model: nn.Module, all_reduce, shapes: dict[str, Any] | None = 
         r["mean"] = mean
         r["std"] = math.sqrt(max(0.0, s[1] / n - mean * mean))
         r["max_abs"] = m[0]
-        gmean = s[3] / n
-        r["grad_std"] = math.sqrt(max(0.0, s[4] / n - gmean * gmean)) if r["has_grad"] else float("nan")
+        r["has_grad"] = s[6] > 0
+        gn = max(1.0, s[5])
+        gmean = s[3] / gn
+        r["grad_std"] = math.sqrt(max(0.0, s[4] / gn - gmean * gmean)) if r["has_grad"] else float("nan")
         r["grad_max_abs"] = m[1] if r["has_grad"] else float("nan")
     return rows
 
 
 def format_inspect_table(rows: list[dict[str, Any]]) -> str:
+    """The inspect table; a parameter with no gradient on any rank (frozen) shows ``-`` as its grad std."""
     width = max([len(r["name"]) for r in rows] + [4])
     head = f"{'name':<{width}} {'shape':>18} {'mean':>11} {'std':>11} {'max|.|':>11} {'grad std':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         shape = "x".join(str(d) for d in r["shape"])
+        grad = f"{r['grad_std']:>11.3e}" if r["has_grad"] else f"{'-':>11}"
         lines.append(f"{r['name']:<{width}} {shape:>18} {r['mean']:>11.3e} {r['std']:>11.3e} "
-                     f"{r['max_abs']:>11.3e} {r['grad_std']:>11.3e}")
+                     f"{r['max_abs']:>11.3e} {grad}")
     return "\n".join(lines)
 
 

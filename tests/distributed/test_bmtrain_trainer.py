@@ -32,7 +32,19 @@ def _run(tmp: Path, engine: str, env: dict | None = None, **overrides) -> Path:
     rc, out = launch(cfg, env={**BMT, **(env or {})})
     if not (env or {}).get("FM_TEST_DIE_AFTER"):
         assert rc == 0, out[-4000:]
+        _assert_inspect_tables(out)
     return tmp / "ckpt" / "run"
+
+
+def _assert_inspect_tables(out: str) -> None:
+    """Every parameter trains here, so the inspect table has a gradient for each one, on every engine: under ZeRO
+    a rank whose shard of a parameter is empty must still print the parameter's gradient (not nan)."""
+    tables = out.split("parameter statistics at iteration")[1:]
+    assert tables, out[-4000:]
+    for table in tables:
+        lines = table.splitlines()[3:]  # after the iteration, the header and the rule
+        rows = lines[:next((i for i, ln in enumerate(lines) if len(ln.split()) != 6), len(lines))]
+        assert len(rows) > 10 and all(ln.split()[-1] not in ("nan", "-") for ln in rows), table
 
 
 def _assert_same_training(a: dict[int, dict], b: dict[int, dict], rel: float = 1e-5) -> None:

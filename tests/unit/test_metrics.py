@@ -112,7 +112,43 @@ def test_inspect_stats_never_mix_host_tensors_into_device_work():
     rows = inspect_stats(m, all_reduce, to_host=lambda t: torch.ones(t.shape))
     assert seen == [("meta", "sum"), ("meta", "max")]
     assert [r["name"] for r in rows] == ["0.weight", "0.bias", "1.weight", "1.bias"]
-    assert rows[3]["has_grad"] is False and rows[0]["max_abs"] == 1.0
+    assert rows[0]["max_abs"] == 1.0 and all(r["has_grad"] for r in rows)  # decided from the reduced table
+
+
+def _shards(values: dict[str, torch.Tensor | None], grads: dict[str, torch.Tensor | None]) -> torch.nn.Module:
+    m = torch.nn.Module()
+    for name, v in values.items():
+        m.register_parameter(name, torch.nn.Parameter(v))
+        m.get_parameter(name).grad = grads.get(name)
+    return m
+
+
+def test_inspect_decides_has_grad_across_ranks():
+    # ZeRO: rank 0's shard of "w" is empty and holds no .grad, rank 1's holds all of it; "frozen" has no gradient
+    # anywhere. Rank 0 must report w's gradient (not NaN) and "-" only for the frozen parameter.
+    full_w, full_g = torch.arange(6.0), torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0, -1.0])
+    frozen = torch.ones(4)
+    ranks = [_shards({"w": torch.empty(0), "frozen": frozen[:2]}, {}),
+             _shards({"w": full_w.clone(), "frozen": frozen[2:]}, {"w": full_g.clone()})]
+    tables = [[], []]
+    for r, m in enumerate(ranks):  # what each rank contributes to the two all-reduces
+        inspect_stats(m, lambda t, op, r=r: tables[r].append(t) or t)
+
+    def all_reduce(t, op):
+        mine = tables[0][0 if op == "sum" else 1]
+        other = tables[1][0 if op == "sum" else 1]
+        assert torch.equal(t, mine)
+        return mine + other if op == "sum" else torch.maximum(mine, other)
+
+    rows = {r["name"]: r for r in inspect_stats(ranks[0], all_reduce, shapes={"w": (6,), "frozen": (4,)})}
+    assert rows["w"]["has_grad"] is True
+    assert rows["w"]["grad_std"] == pytest.approx(full_g.std(unbiased=False).item(), rel=1e-6)
+    assert rows["w"]["grad_max_abs"] == 3.0 and rows["w"]["std"] == pytest.approx(full_w.std(unbiased=False).item())
+    assert rows["frozen"]["has_grad"] is False
+    table = format_inspect_table(list(rows.values())).splitlines()
+    assert "nan" not in "\n".join(table)
+    assert table[3].split()[0] == "frozen" and table[3].split()[-1] == "-"
+    assert table[2].split()[-1] == f"{full_g.std(unbiased=False).item():.3e}"
 
 
 def test_metrics_cli(tmp_path):
