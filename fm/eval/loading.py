@@ -9,6 +9,7 @@ come with the checkpoint unless ``--model-config``/``--tokenizer`` are given.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -41,6 +42,12 @@ class HFCausalLM(nn.Module):
 def load_hf_model(path: str | os.PathLike, *, device: torch.device, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    from fm.io import load_torch
+
+    # transformers refuses a pickled .bin that would run code too, but with a traceback that names no file: read
+    # each one with fm's loader first (memory-mapped, so cheap), which refuses it in one line naming the file
+    for weights in sorted(Path(path).glob("pytorch_model*.bin")):
+        load_torch(weights, mmap=True)
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return HFCausalLM(hf).to(device).eval()
 

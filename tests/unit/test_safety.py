@@ -78,6 +78,24 @@ def test_importers_refuse_payloads(tmp_path, marker):
         import_megatron(meg, None)
 
 
+def test_fm_eval_refuses_a_hostile_hf_directory_in_one_line(tmp_path, marker, capsys, tokenizer_path):
+    # an HF directory goes to transformers (any causal LM can be scored); its pickled weights are read by fm first
+    from fm.eval.__main__ import main
+
+    hf_dir = tmp_path / "hf"
+    bad = _payload_pt(hf_dir / "pytorch_model.bin", marker)
+    (hf_dir / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 8000, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    mmlu = tmp_path / "mmlu"
+    for split in ("test", "dev"):
+        (mmlu / split).mkdir(parents=True)
+        (mmlu / split / f"x_{split}.csv").write_text("q,a,b,c,d,A\n")
+    assert main(["--checkpoint", str(hf_dir), "--mmlu-dir", str(mmlu), "--tokenizer", tokenizer_path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: refused for safety") and len(err.strip().splitlines()) == 1, err
+
+
 def test_released_megatron_shards_still_load(tmp_path):
     # Megatron-DeepSpeed pickles its args and numpy RNG states beside the weights: exactly those are allowed
     from fm.export.spark_import import _load
