@@ -142,8 +142,8 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = key(("q", "k", "v"), "modules to adapt: a list or a comma string of `q k v out "
                                         "fc0 fc1 fc2` (aliases `o`, `gate`=fc0, `up`=fc1, `down`=fc2) or module names")
 
-    # resolved at validation time (not user keys)
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    # not a user key: the keys the user set (file, overrides, command line), so a no-op key is reported only then
+    given: frozenset[str] = field(default_factory=frozenset, repr=False)
 
     # -------------------------------------------------------------------------------------------
     def resolved_warmup(self) -> int:
@@ -154,7 +154,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("extra", None)
+        d.pop("given", None)
         return d
 
     def dumps(self) -> str:
@@ -205,7 +205,7 @@ def _apply(values: dict[str, Any], cfg: dict[str, Any], where: str, problems: li
         log.warning('%s: save=%r is upstream\'s flag form; using the default directory "data/checkpoints"',
                     where, save)
         values["save"] = "data/checkpoints"
-    converted, found = check(TrainConfig, values, from_cli=from_cli, ignore=("extra",))
+    converted, found = check(TrainConfig, values, from_cli=from_cli, ignore=("given",))
     cfg.update(converted)
     problems.extend((where, p) for p in found)
 
@@ -282,7 +282,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         _apply(overrides, cfg, "overrides", problems, from_cli=False)
     if cli:
         _apply(cli, cfg, "command line", problems, from_cli=True)
-    out = TrainConfig(**cfg)  # the keys with problems keep their defaults, so the checks across keys still run
+    # the keys with problems keep their defaults, so the checks across keys still run
+    out = TrainConfig(**cfg, given=frozenset(cfg))
     if validate_:
         problems += [(str(path) if path else "config", p) for p in cross_problems(out, str(path) if path else "config")]
     if collect is not None:
@@ -359,8 +360,10 @@ def cross_problems(cfg: TrainConfig, source: str = "config") -> list[str]:
 
 
 def log_no_ops(cfg: TrainConfig, logger: logging.Logger = log) -> None:
+    """One line per no-op key the user set (a key left at its default says nothing)."""
     for name, why in NO_OPS.items():
-        logger.info("config: %s=%r has no effect here: %s", name, getattr(cfg, name), why)
+        if name in cfg.given:
+            logger.info("config: %s=%r has no effect here: %s", name, getattr(cfg, name), why)
 
 
 # ---------------------------------------------------------------------------------------------- help

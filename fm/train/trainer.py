@@ -172,7 +172,8 @@ class Trainer:
             self.engine.init()
         setup_logging(self.engine.rank)
         if self.engine.is_main:
-            log.info("resolved train config:\n%s", self.cfg.dumps())
+            # one line, whole: a multi-line record can be cut or interleaved by what collects the workers' output
+            log.info("resolved train config: %s", json.dumps(self.cfg.to_dict(), ensure_ascii=False))
             log_no_ops(self.cfg, log)
 
     def build_loader(self):

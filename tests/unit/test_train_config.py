@@ -110,6 +110,20 @@ def test_every_upstream_key_is_implemented_or_rejected_or_documented_noop(caplog
         log_no_ops(cfg)
     for key in NO_OPS:
         assert f"config: {key}=" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fm.train.config"):
+        log_no_ops(load_config(None, cli={"lr": "0.1", "flash": "cuda"}))
+    assert caplog.text.count("has no effect here") == 1 and "config: flash='cuda'" in caplog.text  # only what was set
+
+
+def test_shipped_train_configs_carry_no_dead_keys(repo_root):
+    from fm.train.config import NO_OPS, REJECTED
+
+    files = sorted({*repo_root.glob("apps/*/train_configs/*.json"), *repo_root.glob("fm/assets/train_configs/*.json")})
+    assert len(files) >= 4
+    for f in files:
+        dead = sorted(set(json.loads(f.read_text())) & (NO_OPS.keys() | REJECTED.keys()))
+        assert not dead, f"{f}: keys that do nothing or are refused: {dead}"
 
 
 def test_shipped_train_configs_load(repo_root):
@@ -181,7 +195,7 @@ def test_train_help_lists_every_key():
     from fm.train.config import keys_help
 
     text = keys_help()
-    names = [f.name for f in fields(TrainConfig) if f.name != "extra"]
+    names = [f.name for f in fields(TrainConfig) if f.name != "given"]
     for name in names:
         assert f"  --{name} " in text, name
     assert "--engine {auto,bmtrain,fsdp}  [default \"auto\"]" in text
