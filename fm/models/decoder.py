@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm.nn.attention import flash_available, positions_from_cu_seqlens, prepare_attention
+from fm.nn.attention import positions_from_cu_seqlens, prepare_attention, select_kernel
 from fm.nn.kv_cache import KVCache
 from fm.nn.rotary import RotaryEmbedding
 from fm.nn.utils import init_linear
@@ -118,8 +118,10 @@ class DecoderLM(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         hidden_states = self.embed(input_ids)
+        dropout_p = getattr(self.config, "dropout_p", 0.0) if self.training else 0.0
         args, position_ids = _attention_args(
-            input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache, self.config.sliding_window, hidden_states
+            input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache, self.config.sliding_window, hidden_states,
+            dropout_p,
         )
         cos, sin = self.rotary(position_ids)
         hidden_states = self.encoder(hidden_states, cos, sin, *args)
@@ -129,7 +131,7 @@ class DecoderLM(nn.Module):
 
 
 
-def _attention_args(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache, window, hidden_states):
+def _attention_args(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache, window, hidden_states, dropout_p):
     """Per-forward attention inputs shared by all layers: ``(mask, cu_seqlens, max_seqlen, kv_cache)``."""
     batch, seqlen = input_ids.shape
     device = input_ids.device
@@ -152,7 +154,7 @@ def _attention_args(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache, w
         max_seqlen,
         window,
         device=device,
-        use_flash=flash_available(hidden_states),
+        use_flash=select_kernel(hidden_states, dropout_p, window) != "sdpa",
         dtype=hidden_states.dtype,
     )
     return (mask, cu_seqlens, max_seqlen), position_ids

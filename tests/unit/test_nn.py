@@ -314,20 +314,6 @@ def test_sdpa_reference_sanity():
     torch.testing.assert_close(naive_attention(q[0], k[0], v[0], naive_allowed(5)), ref[0].transpose(0, 1))
 
 
-def test_large_sdpa_mask_warns_once_on_a_gpu(caplog):
-    import importlib
-
-    A = importlib.import_module("fm.nn.attention")  # the module (fm.nn.attention is also the function's name)
-    A._warned.clear()
-    with caplog.at_level("WARNING", logger="fm.nn.attention"):
-        A._warn_if_mask_is_large(1, 32768, torch.device("cuda"), torch.bfloat16)  # 2 GiB
-        A._warn_if_mask_is_large(1, 32768, torch.device("cuda"), torch.bfloat16)
-        A._warn_if_mask_is_large(4, 1024, torch.device("cuda"), torch.bfloat16)  # 8 MiB: fine
-        A._warn_if_mask_is_large(1, 32768, torch.device("cpu"), torch.bfloat16)  # no flash-attn on CPUs anyway
-    warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 1 and "1 x 1 x 32768 x 32768 mask (2.0 GiB" in warned[0] and "flash-attn" in warned[0]
-
-
 def test_cu_seqlens_on_the_device_is_not_read():
     # checking a device copy would wait for the device: only host copies are checked (and segment ids come out)
     bad = torch.tensor([0, 3, 12], dtype=torch.int32)
