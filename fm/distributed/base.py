@@ -98,8 +98,17 @@ class Engine(abc.ABC):
         dtype: torch.dtype | None = None,
         activation_checkpointing: bool = False,
         state_dict: Mapping[str, torch.Tensor] | str | Path | None = None,
+        checkpoint_every: int = 1,
+        offload: bool = False,
+        compile: bool = False,
     ) -> nn.Module:
         """Materialise and shard ``model`` (preferably built on ``device="meta"``), one layer at a time.
+
+        ``activation_checkpointing`` recomputes a layer's activations in backward; with ``checkpoint_every`` k only
+        layers 0, k, 2k, ... are checkpointed (selective: memory for speed). ``offload`` keeps what the engine can
+        on the CPU (fsdp: parameters, gradients and optimizer state; bmtrain: the optimizer's, through
+        :meth:`build_optimizer`). ``compile`` compiles each transformer layer in place with ``torch.compile`` before it
+        is wrapped (fsdp: sharded; bmtrain: put in its ``bmt.Block``).
 
         Each layer of ``model.encoder.layers`` is moved to the device, initialised with
         ``layer.init_weights()`` and sharded before the next one is touched, so host memory per rank

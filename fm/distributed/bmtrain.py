@@ -184,7 +184,13 @@ class BMTrainEngine(Engine):
         dtype: torch.dtype | None = None,
         activation_checkpointing: bool = False,
         state_dict: Mapping[str, torch.Tensor] | str | Path | None = None,
+        checkpoint_every: int = 1,
+        offload: bool = False,
+        compile: bool = False,
     ) -> nn.Module:
+        del offload  # BMTrain offloads the optimizer: build_optimizer(offload=True)
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         bmt = self.bmt
         if not isinstance(model, nn.Module):
             with torch.device("meta"):
@@ -201,7 +207,10 @@ class BMTrainEngine(Engine):
             materialise(layer, device, sd, f"encoder.layers.{i}.")
             cast_parameters(layer, dtype)
             distribute_parameters(layer, bmt)  # this rank keeps its slice; the full layer is freed
-            blocks.append(bmt.Block(layer, use_checkpoint=activation_checkpointing, zero_level=self.zero_level))
+            if compile:  # the layer inside the bmt.Block, in place (names stay): Block's hooks run around it
+                layer.compile()
+            use_checkpoint = activation_checkpointing and i % checkpoint_every == 0
+            blocks.append(bmt.Block(layer, use_checkpoint=use_checkpoint, zero_level=self.zero_level))
         layers = model.encoder.layers
         model.encoder.layers = nn.ModuleList()  # hide the layers while the root unit is materialised
         try:

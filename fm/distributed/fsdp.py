@@ -140,11 +140,14 @@ class FSDPEngine(Engine):
             self._device = torch.device("cuda", self._local)
         if not dist.is_initialized():
             timeout = datetime.timedelta(seconds=self.timeout_s)
+            # device_id binds NCCL's communicator to this GPU at once (no guessing, no lazy init in a collective)
+            bound = {"device_id": self._device} if use_cuda else {}
             if "RANK" in env and "WORLD_SIZE" in env:
                 dist.init_process_group(backend, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
-                                        timeout=timeout)
+                                        timeout=timeout, **bound)
             else:  # plain `python script.py`: a world of one, no rendezvous needed
-                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                        **bound)
             self._owns_pg = True
         self._rank, self._world = dist.get_rank(), dist.get_world_size()
         self.mesh = init_device_mesh(self._device.type, (self._world,))
@@ -187,7 +190,13 @@ class FSDPEngine(Engine):
         dtype: torch.dtype | None = None,
         activation_checkpointing: bool = False,
         state_dict: Mapping[str, torch.Tensor] | str | Path | None = None,
+        checkpoint_every: int = 1,
+        offload: bool = False,
+        compile: bool = False,
     ) -> nn.Module:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        self.cpu_offload = self.cpu_offload or offload
         if not isinstance(model, nn.Module):
             with torch.device("meta"):
                 model = model()
@@ -196,15 +205,17 @@ class FSDPEngine(Engine):
         if sd is not None:
             check_keys(self._state_keys, set(sd), "shard(state_dict=...)")
         kw: dict[str, Any] = {"mesh": self.mesh, "mp_policy": self._mp_policy(dtype)}
-        if self.cpu_offload:
-            kw["offload_policy"] = CPUOffloadPolicy()
+        if self.cpu_offload:  # page-locked host copies need an accelerator
+            kw["offload_policy"] = CPUOffloadPolicy(pin_memory=self._device.type == "cuda")
         self._param_shapes = {n: p.shape for n, p in model.named_parameters()}
         layers = model.encoder.layers
         for i, layer in enumerate(layers):
             materialise(layer, self._device, sd, f"encoder.layers.{i}.")
             cast_parameters(layer, torch.float32)  # fp32 master weights; `dtype` is the compute dtype (MP policy)
-            if activation_checkpointing:
+            if activation_checkpointing and i % checkpoint_every == 0:
                 checkpoint_forward(layer)
+            if compile:  # each block before sharding (torchtitan's order); in place, so parameter names stay
+                layer.compile()
             fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **kw)
         # The root unit holds embedding, final norm and (tied) head; hide the layers while materialising it.
         model.encoder.layers = nn.ModuleList()
@@ -232,10 +243,13 @@ class FSDPEngine(Engine):
         offload: bool = False,
     ) -> torch.optim.Optimizer:
         if offload and not self.cpu_offload:
-            log.warning("fsdp: optimizer offload is an engine option (FSDPEngine(cpu_offload=True)); ignoring offload")
+            raise ValueError("fsdp offloads at shard time: call shard(..., offload=True) (or FSDPEngine(cpu_offload="
+                             "True)) before build_optimizer(offload=True)")
         groups = [_group(g, lr, weight_decay) for g in param_groups]
+        # the fused kernel on CUDA parameters (offloaded ones live on the CPU: foreach there)
+        fused = self._device.type == "cuda" and not self.cpu_offload
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                           foreach=True)
+                                           **({"fused": True} if fused else {"foreach": True}))
         return self.optimizer
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fm.nn.loss import IGNORE_INDEX
+
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-IGNORE_INDEX = -100
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:

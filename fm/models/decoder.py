@@ -13,6 +13,7 @@ from torch import nn
 
 from fm.nn.attention import positions_from_cu_seqlens, prepare_attention, select_kernel
 from fm.nn.kv_cache import KVCache
+from fm.nn.loss import IGNORE_INDEX, linear_cross_entropy
 from fm.nn.rotary import RotaryEmbedding
 from fm.nn.utils import init_linear
 
@@ -42,11 +43,15 @@ class Encoder(nn.Module):
 class DecoderLM(nn.Module):
     """Shared skeleton of the decoder-only models: embedding → ``encoder`` (layers + final norm) → head.
 
-    ``model(input_ids [B,S], position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None) -> logits [B,S,V]``.
+    ``model(input_ids [B,S], position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None) -> logits [B,S,V]``;
+    with ``targets [B,S]`` it returns the per-token cross-entropy ``[B*S]`` (fp32, 0 where the target is -100)
+    instead, the head and the loss computed ``loss_chunk`` tokens at a time (:func:`fm.nn.loss.linear_cross_entropy`),
+    so the full-vocabulary logits never exist. (In ``forward``, so that an engine that gathers parameters around
+    forward, FSDP2's root, has the head's weight at hand.)
     Built on the meta device and materialised (``to_empty`` + ``init_weights``) unless ``device``
     names a real device, in which case that is done here. Logits are in the model dtype.
     Subclasses set ``layer_cls`` (called ``layer_cls(config, index, dtype)``) and ``norm_cls``, and may
-    override ``embed`` / ``project`` (dragonfly's muP factors).
+    override ``embed`` / ``head_input`` (dragonfly's muP factors).
     """
 
     layer_cls: type[nn.Module]
@@ -105,9 +110,17 @@ class DecoderLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.input_embedding(input_ids)
 
+    def head_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What the head multiplies (the final norm's output; dragonfly scales it)."""
+        return hidden_states
+
+    def head_weight(self) -> torch.Tensor:
+        return self.input_embedding.weight if self.lm_head is None else self.lm_head.weight
+
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.input_embedding.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden_states, weight)
+        if self.lm_head is not None and type(self.lm_head) is not nn.Linear:  # e.g. a LoRA adapter on the head
+            return self.lm_head(self.head_input(hidden_states))
+        return F.linear(self.head_input(hidden_states), self.head_weight())
 
     def forward(
         self,
@@ -116,6 +129,8 @@ class DecoderLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         kv_cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        loss_chunk: int = 1024,
     ) -> torch.Tensor:
         hidden_states = self.embed(input_ids)
         dropout_p = getattr(self.config, "dropout_p", 0.0) if self.training else 0.0
@@ -127,7 +142,12 @@ class DecoderLM(nn.Module):
         hidden_states = self.encoder(hidden_states, cos, sin, *args)
         if kv_cache is not None:
             kv_cache.end()
-        return self.project(hidden_states)
+        if targets is None:
+            return self.project(hidden_states)
+        if self.lm_head is not None and type(self.lm_head) is not nn.Linear:
+            return F.cross_entropy(self.project(hidden_states).flatten(0, 1).float(), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="none")
+        return linear_cross_entropy(self.head_input(hidden_states), self.head_weight(), targets, loss_chunk)
 
 
 

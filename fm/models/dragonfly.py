@@ -221,7 +221,5 @@ class Dragonfly(DecoderLM):
         h = self.input_embedding(input_ids)
         return h * self.config.scale_emb if self.config.scale else h
 
-    def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.config.scale:
-            hidden_states = hidden_states / self.config.scale_width
-        return super().project(hidden_states)
+    def head_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states / self.config.scale_width if self.config.scale else hidden_states

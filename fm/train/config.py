@@ -98,7 +98,17 @@ class TrainConfig:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = key("auto", "`bf16`, `fp16` (loss scaling), `fp32`; auto = "
                                                           "bf16 on CUDA, fp32 on CPU")
     flash: Literal["cuda", "triton", "1d", "none"] = key("cuda", "accepted, no effect")
-    use_checkpoint: bool = key(False, "activation checkpointing of every transformer layer")
+    use_checkpoint: bool = key(False, "activation checkpointing of transformer layers (all of them, or every "
+                               "`checkpoint_every`-th): recompute in backward, for memory")
+    checkpoint_every: int = key(1, "with `use_checkpoint`: checkpoint layers 0, k, 2k, ... only (1 = every layer); "
+                                "selective checkpointing trades memory back for speed", min=1)
+    offload: bool = key(False, "keep optimizer state on the CPU (upstream's `--offload`): bmtrain's "
+                        "AdamOffloadOptimizer; fsdp's CPUOffloadPolicy (parameters, gradients and optimizer state)")
+    compile: bool = key(False, "compile each transformer layer with torch.compile before the engine wraps it "
+                        "(fsdp: before sharding; bmtrain: the layer inside its bmt.Block)")
+    loss_chunk: int = key(1024, "tokens of the LM head and cross-entropy computed at a time (recomputed in "
+                          "backward), so the full-vocabulary logits never exist; 0 = all logits at once (the "
+                          "engine's loss: more memory, no recompute)", min=0)
     tp_size: int = key(1, "rejected when > 1")
     ignore_cuda_oom: bool = key(False, "rejected when true")
     # ---- data loader ----
@@ -189,7 +199,7 @@ NO_OPS: dict[str, str] = {
     "parallel_load_datastate": "the data-loader state is a few KB (positions, not bitsets) and loads at once",
     "stop_when_end": "training always ends cleanly, with a final checkpoint, once every dataset is exhausted",
     "local": "data is always read from the local filesystem (no HDFS)",
-    "grad_ckpt_num": "use_checkpoint applies activation checkpointing to every layer",
+    "grad_ckpt_num": "use_checkpoint with checkpoint_every chooses the checkpointed layers",
 }
 
 def _apply(values: dict[str, Any], cfg: dict[str, Any], where: str, problems: list[tuple[str, str]], *,

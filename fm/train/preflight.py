@@ -72,7 +72,10 @@ def preflight(train_config: str, overrides: list[str], world_size: int = 1, fami
     tokens = cfg.batch_size * cfg.grad_accum * cfg.max_length * world_size
     report.facts["steps"] = (f"{cfg.train_iters} x (batch {cfg.batch_size} x grad_accum {cfg.grad_accum} x "
                              f"{world_size} process(es)) rows of {cfg.max_length} tokens = {tokens:,} tokens per step")
-    report.facts["engine"] = f"{cfg.engine}, dtype {cfg.dtype}" + (", LoRA adapters only" if cfg.lora else "")
+    report.facts["engine"] = (f"{cfg.engine}, dtype {cfg.dtype}" + (", LoRA adapters only" if cfg.lora else "")
+                              + (", compiled layers" if cfg.compile else "") + (", offload" if cfg.offload else "")
+                              + (f", activation checkpointing every {cfg.checkpoint_every} layer(s)"
+                                 if cfg.use_checkpoint else ""))
     return report
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from fm.nn.loss import IGNORE_INDEX
+
 DEVICE_KEYS = ("inputs", "targets", "task_ids", "position_ids")  # what the device needs of a micro-batch
 
 

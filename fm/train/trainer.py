@@ -263,19 +263,23 @@ class Trainer:
                 log.info("LoRA %s: %s", sorted(self.lora_config.target_modules),
                          lora_lib.describe(*lora_lib.count_parameters(meta)))
         self.dtype = _dtype(cfg, e.device)
-        self.model = e.shard(meta, dtype=self.dtype, activation_checkpointing=cfg.use_checkpoint)
+        self.model = e.shard(meta, dtype=self.dtype, activation_checkpointing=cfg.use_checkpoint,
+                             checkpoint_every=cfg.checkpoint_every, offload=cfg.offload, compile=cfg.compile)
         groups = mup_param_groups(self.model, weight_decay=cfg.weight_decay, scale_width=scale_width,
                                   scaled_names=scaled, shapes=e.param_shapes)
         self.optimizer = e.build_optimizer(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=cfg.eps,
-                                           weight_decay=cfg.weight_decay)
+                                           weight_decay=cfg.weight_decay, offload=cfg.offload)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.n_params = count_non_embedding_params(self.model, e.param_shapes)
         mc = self.model_config
         self.flops_per_token = flops_per_token(self.n_params, mc.num_layers, mc.dim_model, cfg.max_length)
         self.peak_flops = (cfg.peak_tflops or guess_peak_tflops(e.device)) * 1e12
         if e.is_main:
-            log.info("model %s: %d non-embedding parameters, dtype %s, engine %s, world size %d",
-                     cfg.config, self.n_params, self.dtype, e.name, e.world_size)
+            log.info("model %s: %d non-embedding parameters, dtype %s, engine %s, world size %d, compile %s, "
+                     "loss in chunks of %s tokens, activation checkpointing %s, offload %s", cfg.config,
+                     self.n_params, self.dtype, e.name, e.world_size, "on" if cfg.compile else "off",
+                     cfg.loss_chunk or "all", (f"every {cfg.checkpoint_every} layer(s)" if cfg.use_checkpoint
+                                                else "off"), "on" if cfg.offload else "off")
 
     def claim_run_dir(self) -> None:
         """Rank 0 locks the run directory (one writer: a live holder makes every rank fail at once, naming it) and
@@ -476,16 +480,22 @@ class Trainer:
         poison = self.hooks.poisons(e.rank, self.iteration + 1)
         for m in micros:
             d = micro_to_device(m, e.device)
-            logits = self.model(d["inputs"], position_ids=d["position_ids"], cu_seqlens=m["cu_seqlens"],
-                                max_seqlen=m["max_seqlen"])
-            per_token = e.loss(logits, d["targets"])
+            per_token = self._per_token_loss(d, m)
             if poison:
                 per_token = per_token * float("nan")
             e.backward(per_token.sum() / total_targets)
             sums.add(per_token, d["targets"], d["task_ids"])
             self.hooks.record(e.rank, self.iteration + 1, m)
-            del logits, per_token
+            del per_token
         return sums
+
+    def _per_token_loss(self, d: dict, m: dict) -> torch.Tensor:
+        """The micro-batch's per-token losses ``[B*S]``: the head and loss in chunks inside the model's forward
+        (``loss_chunk``), or the full logits through the engine's loss (``loss_chunk`` 0)."""
+        kw = dict(position_ids=d["position_ids"], cu_seqlens=m["cu_seqlens"], max_seqlen=m["max_seqlen"])
+        if self.cfg.loss_chunk:
+            return self.model(d["inputs"], targets=d["targets"], loss_chunk=self.cfg.loss_chunk, **kw)
+        return self.engine.loss(self.model(d["inputs"], **kw), d["targets"])
 
     def update(self, agreed: Agreement) -> bool:
         """Apply the step, or skip it everywhere (non-finite loss or gradient norm on any rank). True when taken.

@@ -61,7 +61,8 @@ class MetaEngine(FSDPEngine):
     def init(self) -> None:
         pass
 
-    def shard(self, model, *, dtype=None, activation_checkpointing=False, state_dict=None):
+    def shard(self, model, *, dtype=None, activation_checkpointing=False, state_dict=None, checkpoint_every=1,
+              offload=False, compile=False):
         self._param_shapes = {n: p.shape for n, p in model.named_parameters()}
         self._state_keys = set(model.state_dict())
         self.model = model

@@ -1,0 +1,125 @@
+"""The LM head and cross-entropy in chunks (fm.nn.loss) against the full-logits path: F.linear + F.cross_entropy on
+fp32 logits, per token, with their gradients; inside the models (tied head, muP's head scaling, an untied head)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fm.models.registry import build_model, load_model_config
+from fm.nn.loss import linear_cross_entropy
+from tests.helpers import TINY_MODEL
+
+
+def _full(h, w, t):
+    return F.cross_entropy(F.linear(h, w).float(), t, ignore_index=-100, reduction="none")
+
+
+def _case(n=37, d=16, v=50, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * 0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+    t[[0, 5, 6, 36]] = -100  # ignored, at a chunk's start and end too
+    weights = torch.rand(n, generator=g)  # an arbitrary upstream gradient per token, not only a mean
+    return h, w, t, weights
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 37, 1000])
+def test_losses_and_gradients_equal_the_full_logits(chunk):
+    h, w, t, weights = _case()
+    ref = _full(h, w, t)
+    (ref * weights).sum().backward()
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got = linear_cross_entropy(h, w, t, chunk)
+    (got * weights).sum().backward()
+    assert got.dtype == torch.float32 and torch.equal(got[t == -100], torch.zeros(4))
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h.grad, ref_gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, ref_gw, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_rounds_as_the_full_path():
+    h, w, t, weights = _case(dtype=torch.bfloat16)
+    ref = _full(h, w, t)
+    (ref * weights).sum().backward()
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got = linear_cross_entropy(h, w, t, 8)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)  # same bf16 logits, same fp32 softmax
+    assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(h.grad, ref_gh, rtol=2e-2, atol=1e-3)  # w's grad: chunk sums in fp32, then rounded
+    torch.testing.assert_close(w.grad, ref_gw, rtol=2e-2, atol=1e-3)
+
+
+def test_a_non_finite_hidden_state_gives_nan_not_an_error():
+    h, w, t, _ = _case()
+    h = h.detach().clone()
+    h[3] = float("inf")
+    got = linear_cross_entropy(h, w.detach(), t, 8)
+    assert not torch.isfinite(got[3]) and torch.isfinite(got[7])
+
+
+def test_chunk_must_be_positive():
+    h, w, t, _ = _case()
+    with pytest.raises(ValueError, match="chunk must be positive"):
+        linear_cross_entropy(h, w, t, 0)
+
+
+@pytest.mark.parametrize("overrides", [{"tie_lm_head": True, "scale": True}, {"tie_lm_head": False, "scale": True},
+                                       {"tie_lm_head": True, "scale": False}], ids=["tied-mup", "untied-mup", "tied"])
+def test_model_targets_equal_the_logits_path(overrides):
+    torch.manual_seed(0)
+    model = build_model(load_model_config({**TINY_MODEL, **overrides}), device="cpu")
+    ids = torch.randint(0, 8000, (2, 24))
+    targets = torch.randint(0, 8000, (2, 24))
+    targets[0, :5] = -100
+    cu = torch.tensor([0, 10, 24, 30, 48], dtype=torch.int32)
+    ref = F.cross_entropy(model(ids, cu_seqlens=cu, max_seqlen=18).flatten(0, 1).float(), targets.reshape(-1),
+                          ignore_index=-100, reduction="none")
+    ref.sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = model(ids, cu_seqlens=cu, max_seqlen=18, targets=targets, loss_chunk=7)
+    got.sum().backward()
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        # fp32 sums in another order: within 1e-5 of the gradient's own scale
+        scale = ref_grads[n].abs().max().item()
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=0, atol=1e-5 * scale, msg=n)
+
+
+def test_spark_model_targets_equal_the_logits_path(repo_root):
+    torch.manual_seed(0)
+    model = build_model(load_model_config(repo_root / "apps" / "spark_13b" / "model_configs" / "tiny.json"),
+                        device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (1, 20))
+    targets = torch.roll(ids, -1, 1)
+    ref = F.cross_entropy(model(ids).flatten(0, 1).float(), targets.reshape(-1), reduction="none")
+    got = model(ids, targets=targets, loss_chunk=6)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_a_full_vocabulary_never_exists_at_once():
+    # the point of it: logits of at most `chunk` rows, in forward and in backward
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == 5000:
+                    Largest.biggest = max(Largest.biggest, t.shape[0])
+            return out
+
+    h = torch.randn(300, 8, requires_grad=True)
+    w = torch.randn(5000, 8, requires_grad=True)
+    t = torch.randint(0, 5000, (300,))
+    with Largest():
+        linear_cross_entropy(h, w, t, 64).sum().backward()
+    assert Largest.biggest == 64
