@@ -48,9 +48,11 @@ def guess_peak_tflops(device: torch.device) -> float:
     return 0.0
 
 
-def flops_per_token(non_embedding_params: int, num_layers: int, dim_model: int, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): ``6·N + 12·L·d·S``."""
-    return 6.0 * non_embedding_params + 12.0 * num_layers * dim_model * seq_len
+def flops_per_token(non_embedding_params: int, num_layers: int, dim_model: int, seq_len: int,
+                    vocab_size: int = 0) -> float:
+    """Training FLOPs per token (forward + backward): ``6·N + 12·L·d·S``, plus the LM head's ``6·d·V`` (its matmul
+    is work the GPU does whether or not the head shares the embedding's weights; ``N`` counts neither)."""
+    return 6.0 * non_embedding_params + 12.0 * num_layers * dim_model * seq_len + 6.0 * dim_model * vocab_size
 
 
 def count_non_embedding_params(model: nn.Module, shapes: dict[str, Any] | None = None) -> int:

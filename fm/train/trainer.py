@@ -272,7 +272,8 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.n_params = count_non_embedding_params(self.model, e.param_shapes)
         mc = self.model_config
-        self.flops_per_token = flops_per_token(self.n_params, mc.num_layers, mc.dim_model, cfg.max_length)
+        self.flops_per_token = flops_per_token(self.n_params, mc.num_layers, mc.dim_model, cfg.max_length,
+                                               mc.vocab_size)
         self.peak_flops = (cfg.peak_tflops or guess_peak_tflops(e.device)) * 1e12
         if e.is_main:
             log.info("model %s: %d non-embedding parameters, dtype %s, engine %s, world size %d, compile %s, "

@@ -5,8 +5,12 @@
 #
 # The GPU image already holds torch, numpy, h5py, sentencepiece, safetensors, tqdm, pytest, pytest-timeout,
 # cmake, ninja and pybind11 (docs/benchmarks.md, "GPU acceptance run"); what fm needs beyond that is carried:
-# msgspec and tensorboardX as CPython 3.12 wheels, and the BMTrain 1.0.1 source (no wheel for 3.12; run.sh
-# builds it there with the machine's nvcc). --full also carries the packages the image is said to have.
+# msgspec and tensorboardX as CPython 3.12 wheels, a BMTrain 1.0.1 wheel for CPython 3.12 built HERE with this
+# machine's CUDA 13.0 nvcc for sm_80 and sm_90 (no such wheel exists on PyPI; building it here takes about 30 s,
+# on the GPU machine it took minutes of its budget), and the BMTrain source, which run.sh builds there only when
+# the wheel does not import. --full also carries the packages the image is said to have.
+# Environment: PYTHON312 (default: the pyenv or PATH python3.12), CUDA_HOME (default /usr/local/cuda-13.0),
+# BMTRAIN_ARCHS (default "80;90").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dest=.gpu_wheels
@@ -31,6 +35,7 @@ index = urllib.request.urlopen(f"https://pypi.org/simple/{name}/").read().decode
 url = next(u for u in re.findall(r'href="([^"]+)"', index) if f"{name}-{version}.tar.gz" in u)
 Path(dest, f"{name}-{version}.tar.gz").write_bytes(urllib.request.urlopen(url.split("#")[0]).read())
 PY
-for w in "$dest"/*.whl; do w="${w##*/}"; echo "${w%%-[0-9]*}"; done | sort -u > "$dest/packages.txt"
+bash tests/gpu/build_bmtrain.sh "$dest/bmtrain-1.0.1.tar.gz" "$dest"
+for w in "$dest"/*.whl; do w="${w##*/}"; echo "${w%%-[0-9]*}"; done | grep -vx bmtrain | sort -u > "$dest/packages.txt"
 du -sh "$dest"
 echo "carry $dest to the GPU machine and run: bash tests/gpu/run.sh"

@@ -4,9 +4,10 @@
 # results go to $OUT/gpu_results.json and $OUT/gpu_results.md (OUT defaults to ./gpu_results).
 #   bash tests/gpu/prepare.sh    # here, with the registries: fills .gpu_wheels/ (carry it)
 #   bash tests/gpu/run.sh        # there
-# Parts (tests/gpu/acceptance.py): env, bmtrain (build from source when no wheel fits), gpu-marked tests,
-# attention against a reference in bf16, tiny dragonfly 30 steps on bmtrain and fsdp, the 2.4B shape's
-# tokens/s and MFU on each engine, converter scaling over 1/2/4/8 workers.
+# Parts (tests/gpu/acceptance.py): env, bmtrain (the carried cp312 wheel; built from source only when it does not
+# import), gpu-marked tests, each attention kernel's forward and backward against a reference in bf16, tiny
+# dragonfly 30 steps on bmtrain and fsdp, the 2.4B shape's tokens/s and MFU (LM head counted) on bmtrain, fsdp and
+# fsdp with compiled layers, converter scaling over 1/2/4/8 workers.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 out="${OUT:-gpu_results}"

@@ -29,6 +29,25 @@ def test_driver_reports_every_part(tmp_path):
     rows = got["convert"]["rows"]
     assert got["convert"]["status"] == "ok" and [r["workers"] for r in rows] == [1, 2] and rows[0]["speedup"] == 1.0
     assert "| convert | ok |" in (tmp_path / "gpu_results.md").read_text()
+    # the device tool brings back at most 8 files: the parts' own files stay out of OUT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_results.json", "gpu_results.md"]
+
+
+def test_one_variant_timing_out_keeps_the_others_and_nccl_warnings(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests" / "gpu"))
+    from acceptance import run_isolated
+
+    py = sys.executable
+    commands = {
+        "fast": [py, "-c", "import sys; print('NCCL WARN Call to ibv_open_device failed', file=sys.stderr); "
+                 "print('{\"tokens_per_s_per_gpu\": 5}')"],
+        "hangs": [py, "-c", "import time; time.sleep(60)"],
+        "after": [py, "-c", "print('{\"tokens_per_s_per_gpu\": 7}')"],
+    }
+    got = run_isolated(commands, 3, tmp_path / "partial.json")
+    assert got["fast"] == {"tokens_per_s_per_gpu": 5, "nccl_warnings": ["NCCL WARN Call to ibv_open_device failed"]}
+    assert got["hangs"]["error"].startswith("timeout after 3 s") and got["after"] == {"tokens_per_s_per_gpu": 7}
+    assert json.loads((tmp_path / "partial.json").read_text()) == got
 
 
 def test_bmtrain_is_built_for_the_gpu_at_hand(tmp_path):
@@ -44,7 +63,14 @@ def test_bmtrain_is_built_for_the_gpu_at_hand(tmp_path):
         '    set(CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS} -gencode=arch=compute_86,code=sm_86")',
         'set_target_properties(C PROPERTIES CUDA_ARCHITECTURES "61;62;70;72;75;80")',
     ]))
+    original = (tmp_path / "CMakeLists.txt").read_text()
     patch_cmake(tmp_path, "90")
     text = (tmp_path / "CMakeLists.txt").read_text()
     assert re.findall(r"compute_(\d+),code=sm_(\d+)", text) == [("90", "90")] * 2
     assert re.findall(r'ARCHITECTURES "([^"]*)"', text) == ["90", "90"]
+    # the wheel tests/gpu/prepare.sh builds here: A100 and H100 in one
+    (tmp_path / "CMakeLists.txt").write_text(original)
+    patch_cmake(tmp_path, "80;90")
+    text = (tmp_path / "CMakeLists.txt").read_text()
+    assert re.findall(r"compute_(\d+),code=sm_(\d+)", text) == [("80", "80"), ("90", "90")] * 2
+    assert re.findall(r'ARCHITECTURES "([^"]*)"', text) == ["80;90", "80;90"]

@@ -77,6 +77,9 @@ def test_all_tasks_off_skips_task_tags(tmp_path):
 def test_flops_per_token_formula():
     # 2.4B dragonfly: N = 2,442,057,984 non-embedding params, L=40, d=2304, S=4096.
     assert flops_per_token(2_442_057_984, 40, 2304, 4096) == 6 * 2_442_057_984 + 12 * 40 * 2304 * 4096
+    # with the LM head's matmul (2.4B: vocab 122,753, tied): 6·d·V more per token, about 0.1 of the total
+    with_head = flops_per_token(2_442_057_984, 40, 2304, 4096, 122_753)
+    assert with_head - flops_per_token(2_442_057_984, 40, 2304, 4096) == 6 * 2304 * 122_753
 
 
 def test_inspect_stats_match_torch():
