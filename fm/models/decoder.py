@@ -117,8 +117,13 @@ class DecoderLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.input_embedding.weight if self.lm_head is None else self.lm_head.weight
 
+    def _adapted_head(self) -> bool:
+        """An adapter (PEFT LoRA) replaced the untied head: only calling it applies the adapter. (An engine's
+        subclass of ``nn.Linear``, BMTrain's ``DistributedLinear``, is still a plain head.)"""
+        return self.lm_head is not None and not isinstance(self.lm_head, nn.Linear)
+
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is not None and type(self.lm_head) is not nn.Linear:  # e.g. a LoRA adapter on the head
+        if self._adapted_head():
             return self.lm_head(self.head_input(hidden_states))
         return F.linear(self.head_input(hidden_states), self.head_weight())
 
@@ -144,7 +149,7 @@ class DecoderLM(nn.Module):
             kv_cache.end()
         if targets is None:
             return self.project(hidden_states)
-        if self.lm_head is not None and type(self.lm_head) is not nn.Linear:
+        if self._adapted_head():
             return F.cross_entropy(self.project(hidden_states).flatten(0, 1).float(), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="none")
         return linear_cross_entropy(self.head_input(hidden_states), self.head_weight(), targets, loss_chunk)

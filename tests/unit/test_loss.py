@@ -92,6 +92,23 @@ def test_model_targets_equal_the_logits_path(overrides):
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=0, atol=1e-5 * scale, msg=n)
 
 
+def test_an_engine_subclassed_head_still_takes_the_chunked_path(monkeypatch):
+    # BMTrain turns every module into a subclass of its class (lm_head: a DistributedLinear); only an adapter that
+    # replaced the head (PEFT LoRA) sends the loss through the full logits
+    import fm.models.decoder as decoder
+
+    model = build_model(load_model_config({**TINY_MODEL, "tie_lm_head": False}), device="cpu")
+    model.lm_head.__class__ = type("DistributedLinear", (torch.nn.Linear,), {})
+    calls = []
+    monkeypatch.setattr(decoder, "linear_cross_entropy", lambda *a: calls.append(a) or torch.zeros(8))
+    ids = torch.randint(0, 8000, (1, 8))
+    model(ids, targets=ids, loss_chunk=4)
+    assert len(calls) == 1 and calls[0][1] is model.lm_head.weight
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # what an adapter looks like: no longer an nn.Linear
+    model(ids, targets=ids, loss_chunk=4)
+    assert len(calls) == 1
+
+
 def test_spark_model_targets_equal_the_logits_path(repo_root):
     torch.manual_seed(0)
     model = build_model(load_model_config(repo_root / "apps" / "spark_13b" / "model_configs" / "tiny.json"),
