@@ -151,7 +151,8 @@ def _need_bmtrain() -> None:
 def part_tests(args) -> dict:
     if not cuda():
         raise NotRun("no CUDA")
-    files = ["tests/distributed/test_bmtrain_engine.py", "tests/unit/test_nn.py"]
+    files = ["tests/distributed/test_bmtrain_engine.py", "tests/unit/test_nn.py",
+             "tests/unit/test_attention_kernels.py", "tests/unit/test_loss.py"]
     res = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *files],
                          cwd=ROOT, capture_output=True, text=True)
     summary = (res.stdout.strip().splitlines() or [""])[-1]

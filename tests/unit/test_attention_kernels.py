@@ -215,3 +215,18 @@ def test_the_kernel_is_logged_once(caplog):
     with pytest.raises(ValueError, match="unknown attention kernel"):
         with force_kernel("flash"):
             pass
+
+
+# ---------------------------------------------------------------------------------------- on a GPU (run.sh)
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 5])
+def test_torch_varlen_kernel_matches_the_mask_path_on_cuda(window):
+    if not A.torch_varlen_supports(window):
+        pytest.skip(f"torch {torch.__version__}: no varlen_attn with a window")
+    q, k, v, cu, longest = _packed(4, 2)
+    q, k, v = (t.cuda().to(torch.bfloat16).repeat(1, 1, 1, 8) for t in (q, k, v))  # head dim 64
+    with force_kernel("varlen"):
+        got = attention(q, k, v, None, cu.to("cuda", torch.int32), longest, window)
+    want = attention(q, k, v, causal_mask(12, segments=A.segment_ids(cu.cuda(), 2, 12), window=window,
+                                          device=q.device))
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)

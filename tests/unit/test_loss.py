@@ -140,3 +140,19 @@ def test_a_full_vocabulary_never_exists_at_once():
     with Largest():
         linear_cross_entropy(h, w, t, 64).sum().backward()
     assert Largest.biggest == 64
+
+
+@pytest.mark.gpu
+def test_bf16_on_cuda_equals_the_full_logits():
+    h, w, t, weights = _case(n=300, d=64, v=5000, dtype=torch.bfloat16)
+    h, w = (x.detach().cuda().requires_grad_() for x in (h, w))
+    t, weights = t.cuda(), weights.cuda()
+    ref = _full(h, w, t)
+    (ref * weights).sum().backward()
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got = linear_cross_entropy(h, w, t, 64)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, ref_gh, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(w.grad, ref_gw, rtol=2e-2, atol=1e-3)
