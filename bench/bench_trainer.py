@@ -1,6 +1,7 @@
 """Trainer step time vs a bare loop on the same model and batch (CPU, one process, FSDP2 world of one).
 
-The bare loop: forward, ``engine.loss``, backward, clip, optimizer step, zero_grad. The trainer:
+The bare loop: forward with the loss in chunks as the trainer computes it (``loss_chunk``), backward, clip, optimizer
+step, zero_grad. The trainer:
 ``Trainer.train_step`` (per-token losses and per-task sums on the device, one all-reduce and one host copy
 per step, non-finite guard, schedule)
 plus ``MetricsWriter.log_step`` (console line, tensorboard, jsonl). Prints the ratio bare/trainer time
@@ -73,9 +74,9 @@ def main() -> None:
     tr._agree_on([batch])
 
     def bare_step() -> None:
-        logits = model(batch["inputs"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
-                       max_seqlen=batch["max_seqlen"])
-        e.backward(e.loss(logits, batch["targets"]).sum() / batch["num_targets"])
+        per_token = model(batch["inputs"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                          max_seqlen=batch["max_seqlen"], targets=batch["targets"], loss_chunk=cfg.loss_chunk)
+        e.backward(per_token.sum() / batch["num_targets"])
         e.clip_grad_norm(cfg.clip_grad)
         e.optimizer_step()
         e.zero_grad()
