@@ -97,11 +97,6 @@ def select_kernel(t: torch.Tensor, dropout_p: float = 0.0, window: int | None = 
     return kernel
 
 
-def flash_available(t: torch.Tensor) -> bool:
-    """True when a varlen kernel (torch's or flash-attn's) runs on tensors like ``t``: no mask is needed."""
-    return select_kernel(t) != "sdpa"
-
-
 # ----------------------------------------------------------------------------------------------
 # packing helpers
 # ----------------------------------------------------------------------------------------------
