@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from fm.schema import check, format_problems, help_rows, key, show_default, suggest
+from fm.schema import check, fields_of, format_problems, help_rows, key, show_default, suggest
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +246,11 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
     """Split argv into the train config JSON path and ``--key value`` / ``--key=value`` string overrides.
 
     The JSON is ``--train_config X`` (also ``--config-file X``), or ``--config X`` when X is a JSON file
-    with train keys; any other ``--config`` is the model config key."""
+    with train keys; any other ``--config`` is the model config key. A boolean key given bare (``--offload``, as
+    upstream's launchers pass it, followed by another ``--key`` or nothing) means true."""
     path: str | None = None
     out: dict[str, str] = {}
+    flags = {name for name, (_, tp) in fields_of(TrainConfig).items() if tp is bool}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -256,10 +258,14 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str]]:
             raise ConfigError(f"command line: unexpected argument {arg!r}; use --key value")
         key, eq, val = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(argv):
+            bare = i + 1 >= len(argv) or argv[i + 1].startswith("--")
+            if bare and key.replace("-", "_") in flags:
+                val = "true"
+            elif i + 1 >= len(argv):
                 raise ConfigError(f"command line: --{key} needs a value")
-            val = argv[i + 1]
-            i += 1
+            else:
+                val = argv[i + 1]
+                i += 1
         i += 1
         key = key.replace("-", "_")
         if key in ("train_config", "config_file") or (key == "config" and is_train_config_file(val)):

@@ -45,6 +45,19 @@ def test_cli_parsing_forms(tmp_path):
     assert cfg.train_iters == 10 and cfg.resume_ckpt == "20"
 
 
+def test_bare_boolean_flags_mean_true():
+    # upstream's launchers pass --offload bare; a bare boolean key is true, a valued one keeps its value
+    assert parse_cli(["--offload", "--lr", "0.1", "--use_checkpoint"])[1] == {"offload": "true", "lr": "0.1",
+                                                                             "use_checkpoint": "true"}
+    assert parse_cli(["--offload", "false", "--compile=true"])[1] == {"offload": "false", "compile": "true"}
+    cfg = config_from_argv(["--offload", "--train_iters", "5"])
+    assert cfg.offload is True and cfg.train_iters == 5
+    with pytest.raises(ConfigError, match="--lr needs a value"):
+        parse_cli(["--lr"])
+    with pytest.raises(ConfigError, match="unexpected argument '0.1'"):
+        parse_cli(["--train_iters", "--lr", "0.1"])  # not a boolean: the next word is its value, then '0.1' is stray
+
+
 def test_unknown_key_names_file_and_suggests(tmp_path):
     p = _write(tmp_path, {"warmup_iter": 10})
     with pytest.raises(ConfigError) as e:
