@@ -1,7 +1,7 @@
 """The engine interface: one object that owns the process group, the sharded model and its optimizer.
 
 Two implementations: ``fm.distributed.bmtrain.BMTrainEngine`` (BMTrain ZeRO-3 on CUDA; tested on CPU through
-BMTrain's own code, ``fm.distributed.bmtrain_cpu``) and
+BMTrain's own code by the test suite's backend, ``tests/support/bmtrain_cpu``) and
 ``fm.distributed.fsdp.FSDPEngine`` (torch FSDP2; CPU/gloo or GPU/nccl). The trainer only talks to this
 interface, so the same loop runs on one CPU, under FSDP2 and under BMTrain.
 

@@ -18,15 +18,15 @@ slice of every parameter's state and where that slice lies in the full parameter
 same world size loads the rank's own file; with another world size every rank memory-maps the saved
 files and copies out only the elements of its new slices, so no rank ever holds the whole state.
 
-Without a GPU the engine runs on BMTrain's real code through the CPU backend
-(``fm.distributed.bmtrain_cpu``) when ``FM_BMTRAIN_CPU=1`` is set: for tests and debugging.
+Without CUDA the engine refuses to start (use ``engine: fsdp`` on the CPU), unless the ``bmtrain`` it imports says
+it runs on the CPU: the test suite's CPU backend (``tests/support/bmtrain_cpu``, not shipped) loads BMTrain's own
+code that way and marks its modules ``__fm_cpu_backend__``; docs/engines.md.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -107,15 +107,21 @@ def _own_copy(t: torch.Tensor) -> torch.Tensor:
     return t if t.untyped_storage().nbytes() == t.nbytes and t.storage_offset() == 0 else t.clone()
 
 
-def _use_cpu_backend() -> bool:
+NEEDS_CUDA = ("engine 'bmtrain' needs CUDA (BMTrain runs on NVIDIA GPUs and communicates with NCCL) and this "
+              "machine has none: use engine: fsdp here (it trains on the CPU with gloo)")
+
+
+def _runs_on_cpu() -> bool:
+    """False with CUDA. Without it, True only when the ``bmtrain`` imported runs on the CPU (its modules carry
+    ``__fm_cpu_backend__``: the test suite's CPU backend loaded them); otherwise :data:`NEEDS_CUDA`."""
     if torch.cuda.is_available():
         return False
-    if os.environ.get("FM_BMTRAIN_CPU") != "1":
-        raise RuntimeError("engine 'bmtrain' needs CUDA (BMTrain uses NCCL): use engine 'fsdp' on this machine "
-                           "(or set FM_BMTRAIN_CPU=1 to run BMTrain's own code on the CPU, for tests and debugging)")
-    from fm.distributed import bmtrain_cpu
-
-    bmtrain_cpu.install()
+    try:
+        import bmtrain
+    except Exception as exc:  # the released BMTrain fails to import without CUDA's libraries
+        raise RuntimeError(NEEDS_CUDA) from exc
+    if not getattr(bmtrain, "__fm_cpu_backend__", False):
+        raise RuntimeError(NEEDS_CUDA)
     return True
 
 
@@ -147,7 +153,7 @@ class BMTrainEngine(Engine):
         return bmtrain
 
     def init(self) -> None:
-        cpu = _use_cpu_backend()
+        cpu = _runs_on_cpu()
         bmt = self.bmt
         # Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (defaults: one process, localhost:10010),
         # sets the CUDA device, pins each local rank to its share of the CPU cores and seeds torch/random/numpy.

@@ -1,4 +1,5 @@
-"""BMTrain engine on BMTrain 1.0.1's own code: the CPU backend (gloo for NCCL, torch ops for the kernels).
+"""BMTrain engine on BMTrain 1.0.1's own code: the CPU backend ``tests/support/bmtrain_cpu`` (gloo for NCCL, torch
+ops for the kernels).
 
 Every test here runs the real ``bmtrain`` modules, in spawned processes (the backend changes how
 ``bmtrain`` imports, so the pytest process never imports it): 2- and 3-rank training equals the
@@ -40,10 +41,13 @@ STEPS, SAVE_AT, BATCH = 6, 3, 6  # a global batch of 6 rows splits evenly over 1
 
 
 def _env(rank: int, world: int, port: int, cpu: bool = True) -> None:
+    """A spawned worker's rank variables; with ``cpu`` the CPU backend, installed before anything imports bmtrain."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if cpu:
-        os.environ["FM_BMTRAIN_CPU"] = "1"
+        from tests.support.bmtrain_cpu import install
+
+        install()
 
 
 def _engine(seed: int = 1, **kw):
@@ -221,9 +225,6 @@ def test_fp16_scales_the_loss_and_skips_overflowing_steps(tmp_path):
 # ---------------------------------------------------------------------------------------- nccl
 def _nccl_worker(rank: int, world: int, port: int, tmp: str) -> None:
     _env(rank, world, port)
-    from fm.distributed import bmtrain_cpu
-
-    bmtrain_cpu.install()
     import bmtrain as bmt
 
     bmt.init_distributed(seed=0)
@@ -292,7 +293,7 @@ def test_nccl_calls_carried_by_gloo(tmp_path, world):
 _EXIT_WORKER = """
 import os, sys
 sys.path.insert(0, {root!r})
-from fm.distributed import bmtrain_cpu
+from tests.support import bmtrain_cpu
 bmtrain_cpu.install()
 import bmtrain as bmt
 bmt.init_distributed(seed=0, pipe_size=2)
@@ -307,9 +308,6 @@ def _gloo_worker_threads() -> int:
 
 def _teardown_worker(rank: int, world: int, port: int, tmp: str) -> None:
     _env(rank, world, port)
-    from fm.distributed import bmtrain_cpu
-
-    bmtrain_cpu.install()
     import bmtrain as bmt
 
     bmt.init_distributed(seed=0, pipe_size=2)
@@ -362,7 +360,7 @@ def _rewritten_nodes(tree: ast.AST) -> list[str]:
 def test_rewrite_leaves_no_reference_to_the_gpu():
     import importlib.util
 
-    from fm.distributed import bmtrain_cpu
+    from tests.support import bmtrain_cpu
 
     root = Path(importlib.util.find_spec("bmtrain").origin).parent
     total = 0
@@ -382,7 +380,10 @@ import sys, importlib.metadata
 sys.path[:0] = [{shadow!r}]
 if {fake_version!r}:
     importlib.metadata.version = lambda name: {fake_version!r}
-from fm.distributed import bmtrain_cpu
+if {imported_first!r}:
+    import types
+    sys.modules["bmtrain"] = types.ModuleType("bmtrain")  # as if the real one were imported already
+from tests.support import bmtrain_cpu
 try:
     bmtrain_cpu.install()
 except bmtrain_cpu.BackendError as exc:
@@ -398,8 +399,8 @@ print("LOADED")
 """
 
 
-def _check_backend(shadow: str = "", fake_version: str = "") -> str:
-    code = _CHECK_BACKEND.format(shadow=shadow, fake_version=fake_version)
+def _check_backend(shadow: str = "", fake_version: str = "", imported_first: bool = False) -> str:
+    code = _CHECK_BACKEND.format(shadow=shadow, fake_version=fake_version, imported_first=imported_first)
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert res.returncode == 0, res.stderr
@@ -422,14 +423,31 @@ def test_backend_runs_only_the_pinned_bmtrain_sources(tmp_path):
     assert "REFUSED" in out and "zero_context.py" in out and "sha256" in out
 
 
-def test_bmtrain_engine_needs_a_gpu_or_the_cpu_backend(monkeypatch):
-    from fm.distributed.bmtrain import BMTrainEngine
+def test_backend_refuses_a_bmtrain_imported_before_it():
+    out = _check_backend(imported_first=True)
+    assert "REFUSED bmtrain was imported before tests.support.bmtrain_cpu.install()" in out, out
 
-    monkeypatch.delenv("FM_BMTRAIN_CPU", raising=False)
+
+_INIT_ENGINE = """
+from fm.distributed.bmtrain import BMTrainEngine
+try:
+    BMTrainEngine().init()
+except RuntimeError as exc:
+    print("REFUSED", exc)
+"""
+
+
+def test_bmtrain_engine_without_a_gpu_says_to_use_fsdp():
+    """The product has no switch to the CPU backend: without CUDA the engine refuses, whatever the environment
+    says (the variable that used to switch the backend on included), and the real bmtrain it tried to import stays
+    out of the pytest process (it runs in a subprocess)."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the engine runs on it")
-    with pytest.raises(RuntimeError, match="needs CUDA.*FM_BMTRAIN_CPU=1"):
-        BMTrainEngine().init()
+    for extra in ({}, {"FM_BMTRAIN_CPU": "1"}):
+        res = subprocess.run([sys.executable, "-c", _INIT_ENGINE], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT), **extra))
+        assert res.returncode == 0, res.stderr
+        assert "REFUSED engine 'bmtrain' needs CUDA" in res.stdout and "use engine: fsdp" in res.stdout, res.stdout
 
 
 # ---------------------------------------------------------------------------------------- kernel ports
@@ -444,7 +462,7 @@ def _adamw_reference(p0: torch.Tensor, grads: list[torch.Tensor], lr: float, wd:
 
 @pytest.mark.parametrize("kernel", ["adam_bf16", "adam_fp16", "adam_cpu_bf16", "adam_cpu_fp16"])
 def test_adam_kernel_ports_equal_torch_adamw(kernel):
-    from fm.distributed.bmtrain_cpu import optim_function as K
+    from tests.support.bmtrain_cpu import optim_function as K
 
     torch.manual_seed(0)
     n, lr, wd, scale = 1000, 1e-3, 0.1, (1024.0 if "fp16" in kernel else 1.0)
@@ -475,7 +493,7 @@ def test_adam_kernel_ports_equal_torch_adamw(kernel):
 
 
 def test_adam_cpu_delta_statistics():
-    from fm.distributed.bmtrain_cpu import optim_function as K
+    from tests.support.bmtrain_cpu import optim_function as K
 
     torch.manual_seed(1)
     p, g = torch.randn(64), torch.randn(64).to(torch.bfloat16)
@@ -488,7 +506,7 @@ def test_adam_cpu_delta_statistics():
 
 
 def test_cross_entropy_kernel_ports_equal_torch():
-    from fm.distributed.bmtrain_cpu import loss_function as K
+    from tests.support.bmtrain_cpu import loss_function as K
 
     torch.manual_seed(2)
     m, n = 12, VOCAB
@@ -511,7 +529,7 @@ def test_cross_entropy_kernel_ports_equal_torch():
 
 
 def test_overflow_check_port_sets_and_keeps_the_flag():
-    from fm.distributed.bmtrain_cpu import loss_function as K
+    from tests.support.bmtrain_cpu import loss_function as K
 
     flag = torch.zeros(1, dtype=torch.uint8)[0]
     K.has_inf_nan(torch.ones(5, dtype=torch.float16), flag)

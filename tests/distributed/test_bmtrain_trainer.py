@@ -18,18 +18,17 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.distributed.tinylm import assert_sd_close, free_port
-from tests.helpers import launch, make_run, stats
+from tests.helpers import launch, make_run, on_bmtrain_cpu, stats
 
 ROOT = Path(__file__).resolve().parents[2]
 SPARK_TINY = ROOT / "apps" / "spark_13b" / "model_configs" / "tiny.json"
-BMT = {"FM_BMTRAIN_CPU": "1"}
 TRAIN = {"train_iters": 20, "save_iters": 10, "grad_accum": 2, "clip_grad": 0.3, "inspect_iters": 10,
          "weight_decay": 0.1}
 
 
 def _run(tmp: Path, engine: str, env: dict | None = None, **overrides) -> Path:
     cfg = make_run(tmp, repeat=True, engine=engine, **{**TRAIN, **overrides})
-    rc, out = launch(cfg, env={**BMT, **(env or {})})
+    rc, out = launch(cfg, env=env, bmtrain_cpu=engine == "bmtrain")
     if not (env or {}).get("FM_TEST_DIE_AFTER"):
         assert rc == 0, out[-4000:]
         if {**TRAIN, **overrides}["inspect_iters"]:
@@ -121,13 +120,14 @@ def test_spark_trains_like_fsdp(tmp_path):
     assert_sd_close(got, want)
 
 
-def _lora_launch(cfg: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def _lora_launch(cfg: Path, engine: str, env: dict | None = None) -> subprocess.CompletedProcess:
     import os
 
+    app = ROOT / "apps" / "spark_13b" / "sft_spark.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "apps" / "spark_13b" / "sft_spark.py"), "--config", str(cfg), "--lora"]
+           *(on_bmtrain_cpu(app) if engine == "bmtrain" else [str(app)]), "--config", str(cfg), "--lora"]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **BMT, **(env or {})))
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {})))
 
 
 def test_lora_under_bmtrain_saves_the_adapter_fsdp_saves(tmp_path, tokenizer_path):
@@ -155,8 +155,8 @@ def test_lora_under_bmtrain_saves_the_adapter_fsdp_saves(tmp_path, tokenizer_pat
         path = tmp_path / f"{engine}.json"
         path.write_text(json.dumps(cfg))
         if engine == "bmtrain":  # killed after step 4, resumed from the adapter checkpoint of step 3
-            assert _lora_launch(path, {"FM_TEST_DIE_AFTER": "4"}).returncode != 0
-        res = _lora_launch(path)
+            assert _lora_launch(path, engine, {"FM_TEST_DIE_AFTER": "4"}).returncode != 0
+        res = _lora_launch(path, engine)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         run = tmp_path / engine / "lora"
         adapters[engine] = load_file(str(run / "6" / "adapter_model.safetensors"))

@@ -22,7 +22,7 @@ LEVERS = {"loss_chunk": 40, "use_checkpoint": True, "checkpoint_every": 2, "offl
 
 def _run(tmp: Path, engine: str, env: dict | None = None, **overrides) -> Path:
     cfg = make_run(tmp, repeat=True, engine=engine, **{**STEPS, **overrides})
-    rc, out = launch(cfg, env={"FM_BMTRAIN_CPU": "1", **(env or {})})
+    rc, out = launch(cfg, env=env, bmtrain_cpu=engine == "bmtrain")
     if not (env or {}).get("FM_TEST_DIE_AFTER"):
         assert rc == 0, out[-4000:]
     return tmp / "ckpt" / "run"

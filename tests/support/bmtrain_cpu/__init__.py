@@ -1,8 +1,9 @@
 """BMTrain 1.0.1 on the CPU: BMTrain's own Python code, with only its CUDA-bound parts substituted.
 
-The ``bmtrain`` engine runs on CUDA GPUs. So that every line of it can be tested on machines without
-one, :func:`install` makes ``import bmtrain`` load the installed BMTrain 1.0.1 with these changes
-and no others (what is substituted, and why the rest is the real code: ``docs/engines.md``):
+Test support, not part of the ``fm`` package (the wheel does not ship it). The ``bmtrain`` engine runs
+on CUDA GPUs. So that every line of it can be tested on machines without one, :func:`install` makes
+``import bmtrain`` load the installed BMTrain 1.0.1 with these changes and no others (what is
+substituted, and why the rest is the real code: ``docs/engines.md``):
 
 * ``bmtrain.nccl``: the same 14 NCCL wrappers, carried by gloo (:mod:`.nccl`); collectives whose
   ranks disagree on count or dtype raise instead of hanging;
@@ -15,9 +16,12 @@ and no others (what is substituted, and why the rest is the real code: ``docs/en
   ``x.is_cuda`` → "on the CPU", ``x.record_stream(s)`` → nothing, ``pin_memory`` → plain memory, and
   ``fork_rng(devices=[gpu])`` → the CPU generator only.
 
-Only BMTrain 1.0.1 with the exact sources pinned in ``SOURCE_SHA256`` is accepted. Use it before
-anything imports ``bmtrain``; the engine does so itself when ``FM_BMTRAIN_CPU=1`` and there is no
-GPU (see :class:`fm.distributed.bmtrain.BMTrainEngine`).
+Only BMTrain 1.0.1 with the exact sources pinned in ``SOURCE_SHA256`` is accepted. Call :func:`install`
+before anything imports ``bmtrain``: a test's own process or spawned worker calls it first, and a
+process that torchrun starts runs its script through ``tests/support/run_bmtrain_cpu.py`` (what
+``tests.helpers.launch(..., bmtrain_cpu=True)`` does). Without a GPU the engine
+(:class:`fm.distributed.bmtrain.BMTrainEngine`) runs on the CPU only when ``bmtrain`` was loaded by
+this backend (its modules carry ``__fm_cpu_backend__``).
 """
 
 from __future__ import annotations
@@ -36,9 +40,8 @@ from typing import Any
 
 import torch
 
-from fm.distributed.bmtrain_cpu import cuda as fake_cuda
+from tests.support.bmtrain_cpu import cuda as fake_cuda
 
-ENV_FLAG = "FM_BMTRAIN_CPU"
 BMTRAIN_VERSION = "1.0.1"
 HERE = Path(__file__).resolve().parent
 
@@ -192,7 +195,7 @@ class _NoCudaExtension(types.ModuleType):
         if name.startswith("__"):
             raise AttributeError(name)
         raise RuntimeError(f"bmtrain.C.{name} was called: BMTrain's CUDA extension has no substitute on the CPU "
-                           "backend (fm.distributed.bmtrain_cpu); add one next to the kernels it ports")
+                           "backend (tests/support/bmtrain_cpu); add one next to the kernels it ports")
 
 
 class _StubLoader(importlib.abc.Loader):
@@ -274,8 +277,8 @@ def install() -> None:
         return
     loaded = sys.modules.get("bmtrain")
     if loaded is not None and not getattr(loaded, "__fm_cpu_backend__", False):
-        raise BackendError("bmtrain was imported before fm.distributed.bmtrain_cpu.install(): install the CPU "
-                           "backend first (set FM_BMTRAIN_CPU=1 before the process imports bmtrain)")
+        raise BackendError("bmtrain was imported before tests.support.bmtrain_cpu.install(): install the CPU "
+                           "backend first, before the process imports bmtrain")
     try:
         version = importlib.metadata.version("bmtrain")
     except importlib.metadata.PackageNotFoundError:

@@ -1,6 +1,6 @@
 """``bmtrain.nccl`` on the CPU backend: BMTrain 1.0.1's NCCL wrappers carried by gloo.
 
-Loaded as the module ``bmtrain.nccl`` (see ``fm.distributed.bmtrain_cpu``). Every function keeps
+Loaded as the module ``bmtrain.nccl`` (see ``tests.support.bmtrain_cpu``). Every function keeps
 the signature and argument checks of the original in ``bmtrain/nccl/__init__.py``; where the
 original passes storage pointers to ``bmtrain.C`` (NCCL), this one moves the same elements with a
 gloo process group:
