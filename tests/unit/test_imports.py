@@ -87,3 +87,14 @@ def test_fm_import_graph_has_no_circle():
     found = circles(graph)
     assert not found, "\n".join("circle: " + "; ".join(f"{m} imports {sorted(graph[m] & set(c))}" for m in c)
                                 for c in found)
+
+
+def test_fm_imports_no_test_code():
+    """Test support (e.g. the BMTrain CPU backend, tests/support/bmtrain_cpu) is not shipped: fm never imports it."""
+    found = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{name} imports {t}" for t in targets if t == "tests" or t.startswith("tests.")]
+    assert not found, found
