@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +33,10 @@ def test_wheel_install_runs_the_demo_workflow_elsewhere(tmp_path):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
           str(src)], cwd=tmp_path, env=os.environ)
     (wheel,) = wheels.glob("fm-*.whl")
+    # test support (e.g. the BMTrain CPU backend, tests/support/bmtrain_cpu) is not part of the product
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fm/distributed/bmtrain.py" in names
+    assert not [n for n in names if "bmtrain_cpu" in n or n.startswith("tests/")], names
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path, env=os.environ)
     py = venv / "bin" / "python"
