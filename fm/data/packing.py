@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from fm.constants import IGNORE_INDEX
 
 # Why a line produced no sample, or was changed (keys of the loader's statistics).
 INPUT_TOO_LONG = "input_too_long"
