@@ -16,20 +16,16 @@ import itertools
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fm.constants import IGNORE_INDEX  # noqa: E402
-from fm.train.config import load_config  # noqa: E402
-from fm.train.metrics import MetricsWriter  # noqa: E402
-from fm.train.trainer import Trainer  # noqa: E402
+from fm.constants import IGNORE_INDEX
+from fm.train.config import load_config
+from fm.train.metrics import MetricsWriter
+from fm.train.trainer import Trainer
 
 
 def synthetic_batch(batch_size: int, max_length: int, vocab: int, tasks: int, seed: int = 0) -> dict:
