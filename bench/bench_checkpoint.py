@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from fm.distributed import build_engine
+from fm.models.registry import build_model, load_model_config
+from fm.train.checkpoint import CheckpointManager, standard_parts
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from fm.distributed import build_engine  # noqa: E402
-from fm.models.registry import build_model, load_model_config  # noqa: E402
-from fm.train.checkpoint import CheckpointManager, standard_parts  # noqa: E402
-
 TINY = str(ROOT / "apps/fm9g_2b/model_configs/tiny.json")
 M100 = {  # dragonfly, ~100M parameters
     "vocab_size": 32000, "dim_model": 768, "dim_ff": 2048, "dim_head": 64, "num_heads": 12, "num_kv_heads": 12,

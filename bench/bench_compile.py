@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker(args: argparse.Namespace) -> dict:
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from fm.distributed import build_engine

@@ -18,15 +18,12 @@ import os
 import random
 import resource
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import msgspec
 
-import msgspec  # noqa: E402
-
-from fm.data.convert import Options, convert  # noqa: E402
-from fm.tokenizer import DEFAULT_TOKENIZER  # noqa: E402
+from fm.data.convert import Options, convert
+from fm.tokenizer import DEFAULT_TOKENIZER
 
 
 def make_corpus(path: str, mb: float, seed: int = 0) -> None:

@@ -22,7 +22,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 TOKENIZER = os.path.join(ROOT, "quick_start", "tokenizer.model")
 

@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def step_worker(args: argparse.Namespace) -> dict:
-    sys.path.insert(0, str(ROOT))
     import torch
     import torch.nn.functional as F
 

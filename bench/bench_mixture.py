@@ -30,7 +30,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 TRANSFORM = os.path.join(ROOT, "dataset_configs", "transforms", "script_cpmc.py")
 # What issue 17 measured before the change (batch 4 × 512, shipped tokenizer, 2,000 short lines per dataset).

@@ -15,16 +15,13 @@ import argparse
 import json
 import logging
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fm.data.convert import Options, convert  # noqa: E402
-from fm.train.config import load_config  # noqa: E402
-from fm.train.trainer import run  # noqa: E402
+from fm.data.convert import Options, convert
+from fm.train.config import load_config
+from fm.train.trainer import run
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()

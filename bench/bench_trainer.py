@@ -16,19 +16,16 @@ import itertools
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fm.train.config import load_config  # noqa: E402
-from fm.train.metrics import MetricsWriter  # noqa: E402
-from fm.train.trainer import Trainer  # noqa: E402
+from fm.constants import IGNORE_INDEX
+from fm.train.config import load_config
+from fm.train.metrics import MetricsWriter
+from fm.train.trainer import Trainer
 
 
 def synthetic_batch(batch_size: int, max_length: int, vocab: int, tasks: int, seed: int = 0) -> dict:
@@ -40,11 +37,11 @@ def synthetic_batch(batch_size: int, max_length: int, vocab: int, tasks: int, se
     seg = L // 8
     pos = (torch.arange(L) % seg).repeat(B, 1)
     task_ids = ((torch.arange(L) // seg) % tasks).repeat(B, 1)
-    targets[:, seg - 1::seg] = -100  # no label across a sample boundary
+    targets[:, seg - 1::seg] = IGNORE_INDEX  # no label across a sample boundary
     cu = torch.arange(0, B * L + 1, seg, dtype=torch.int32)
     return {"inputs": inputs, "targets": targets, "task_ids": task_ids, "position_ids": pos, "cu_seqlens": cu,
             "max_seqlen": seg, "lengths": torch.full((B,), L), "num_tokens": B * L,
-            "num_targets": int((targets != -100).sum()),
+            "num_targets": int((targets != IGNORE_INDEX).sum()),
             "task_names": [f"task{i}" for i in range(tasks)], "indexes": {}}
 
 

@@ -4,12 +4,9 @@
 Same as ``python -m fm.data.convert``.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fm.data.convert import main  # noqa: E402
+from fm.data.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

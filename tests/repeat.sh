@@ -13,6 +13,7 @@ fi
 test=$1 n=$2
 shift 2
 source quick_start/_env.sh
+source tests/_dev_env.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 logs=$(mktemp -d "${TMPDIR:-/tmp}/fm-repeat.XXXXXX")
 failed=0

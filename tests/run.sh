@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source quick_start/_env.sh
+source tests/_dev_env.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 lint=0
 python -m ruff check . || lint=$?

@@ -7,12 +7,7 @@ with ``fm train`` or ``pretrain_dragonfly.sh``, which check everything before to
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
-
-from fm.train.cli import main as train_main  # noqa: E402
+from fm.train.cli import main as train_main
 
 
 def main(argv: list[str] | None = None) -> int:

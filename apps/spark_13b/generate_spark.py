@@ -29,27 +29,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-APP_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(APP_DIR.parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from fm.chat import from_spark_text, spark_text  # noqa: E402
-from fm.generate import GenerationConfig, generate  # noqa: E402
-from fm.io import atomic_write_bytes  # noqa: E402
+from fm.chat import from_spark_text, spark_text
+from fm.generate import GenerationConfig, generate
+from fm.io import atomic_write_bytes
+from fm.words import parse_bool
 
 SPARK_PROMPT = "<User> {}<end><Bot> "
-_TRUE, _FALSE = {"true", "1", "yes", "on", "t", "y"}, {"false", "0", "no", "off", "f", "n", ""}
 log = logging.getLogger("spark.generate")
 
 
 def str2bool(value: str | bool) -> bool:
     if isinstance(value, bool):
         return value
-    v = value.strip().lower()
-    if v in _TRUE | _FALSE:
-        return v in _TRUE
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+    flag = parse_bool(value)
+    if flag is None:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+    return flag
 
 
 def parse_predict_data(spec: str) -> list[dict[str, Any]]:

@@ -20,10 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from fm.models.config import DTYPES  # noqa: E402
-from fm.train import lora, lora_adapter  # noqa: E402
+from fm.models.config import DTYPES
+from fm.train import lora, lora_adapter
 
 log = logging.getLogger("spark.merge_lora")
 

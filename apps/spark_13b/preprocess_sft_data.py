@@ -15,12 +15,9 @@ import argparse
 import glob
 import json
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def input_files(spec: str) -> list[Path]:

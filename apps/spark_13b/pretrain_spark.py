@@ -6,15 +6,13 @@ config (``13b``, ``tiny``: here unqualified names are Spark's) or any model conf
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-APP_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(APP_DIR.parents[1]))  # run from a checkout without installing
+from fm.train.cli import main as train_main
+from fm.train.cli import normalise_flags  # noqa: F401 - the app's API
+from fm.train.config import TrainConfig, qualify_model_config
 
-from fm.train.cli import main as train_main  # noqa: E402
-from fm.train.cli import normalise_flags  # noqa: E402,F401 - the app's API
-from fm.train.config import TrainConfig, qualify_model_config  # noqa: E402
+APP_DIR = Path(__file__).resolve().parent
 
 DEFAULT_TRAIN_CONFIG = APP_DIR / "train_configs" / "13b_pretrain.json"
 

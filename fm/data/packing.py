@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from fm.constants import IGNORE_INDEX
 
 # Why a line produced no sample, or was changed (keys of the loader's statistics).
 INPUT_TOO_LONG = "input_too_long"
@@ -32,12 +32,16 @@ def default_rule(input_ids: Sequence[int], rule: str | None) -> str:
 
 def sample_pieces(input_ids: Sequence[int], output_ids: Sequence[int], bos_id: int, eos_id: int, max_length: int,
                   rule: str | None = None) -> tuple[list[tuple[tuple, int, int, int]], str | None]:
-    """The samples of one record as ``(pieces, n, n_masked, last_label)`` and what happened to it.
+    """The samples of one record as ``(pieces, n, n_masked, last_label)`` and what happened to it (None, or one
+    of the event names above).
 
     ``src`` of a sample is its ``pieces`` (sequences of ids: lists or arrays) back to back, ``n`` tokens. The
     common case keeps the record's id arrays as they are, ``([BOS], input, output)``: the tokens are copied
     once, when the batch is assembled. The labels are fully determined by ``src``, ``n_masked`` (leading −100
-    positions, the input part) and ``last_label`` (the label of the last position).
+    positions, the input part) and ``last_label`` (the label of the last position); the others are the next
+    token of ``src``. Input of ``≥ max_length − 2`` tokens leaves no room for an answer: the record is dropped.
+    A sample longer than ``max_length`` is cut to its head (``head``), cut into ``max_length`` chunks that each
+    become a sample (``segment``), or dropped (``drop``).
     """
     n_in = len(input_ids)
     if n_in >= max_length - 2:
@@ -84,39 +88,11 @@ def _bos(bos_id: int) -> np.ndarray:
     return arr
 
 
-def build_sample_parts(input_ids: list[int], output_ids: list[int], bos_id: int, eos_id: int, max_length: int,
-                       rule: str | None = None) -> tuple[list[tuple[list[int], int, int]], str | None]:
-    """Like :func:`build_samples`, but each sample is ``(src, n_masked, last_label)`` (see sample_pieces)."""
-    samples, event = sample_pieces(input_ids, output_ids, bos_id, eos_id, max_length, rule)
-    return [([int(t) for piece in pieces for t in piece], m, last) for pieces, _, m, last in samples], event
-
-
-def parts_to_target(src: list[int], n_masked: int, last_label: int) -> list[int]:
-    """The label list of a ``(src, n_masked, last_label)`` sample."""
-    n = len(src)
-    if n_masked >= n:
-        return [IGNORE_INDEX] * n
-    return [IGNORE_INDEX] * n_masked + src[n_masked + 1:] + [last_label]
-
-
-def build_samples(input_ids: list[int], output_ids: list[int], bos_id: int, eos_id: int, max_length: int,
-                  rule: str | None = None) -> tuple[list[tuple[list[int], list[int]]], str | None]:
-    """The samples ``(src, tgt)`` of one record and what happened to it (None, or one of the event names above).
-
-    ``src = [BOS] + input + output``, ``tgt = [-100]*len(input) + output + [EOS]``. Input of
-    ``≥ max_length − 2`` tokens leaves no room for an answer: the record is dropped. A sample longer than
-    ``max_length`` is cut to its head (``head``), cut into ``max_length`` chunks that each become a sample
-    (``segment``), or dropped (``drop``).
-    """
-    parts, event = build_sample_parts(input_ids, output_ids, bos_id, eos_id, max_length, rule)
-    return [(src, parts_to_target(src, m, last)) for src, m, last in parts], event
-
-
 @dataclass
 class PackedBatchBuilder:
     """Fills ``batch_size`` rows of ``max_length`` tokens with whole samples, in order.
 
-    ``add`` places a sample in the current row, or starts the next row when it does not fit; it returns
+    ``add_pieces`` places a sample in the current row, or starts the next row when it does not fit; it returns
     False (placing nothing) when the batch has no row left, so the caller can emit the batch first.
     A sample's tokens stay in the pieces it came in (the tokenizer's arrays) until :meth:`finish_numpy` copies
     all of them into the batch with one ``np.concatenate``.
@@ -145,28 +121,13 @@ class PackedBatchBuilder:
     def empty(self) -> bool:
         return not self.lines
 
-    def add(self, src: Sequence[int], tgt: Sequence[int], task: int, line: int, compact: bool = True,
-            chunk: int = 0) -> bool:
-        """``chunk``: index of this sample among the chunks of its line (a segmented line is listed once).
-
-        ``tgt`` must be ``src`` shifted by one (−100 on the leading input part), as build_samples makes it:
-        only its −100 count and last label are kept, the batch's targets are rebuilt from its inputs.
-        """
-        tgt = list(tgt)
-        masked = tgt.count(IGNORE_INDEX)
-        return self.add_parts(src, masked, tgt[-1] if masked < len(tgt) else IGNORE_INDEX, task, line, compact,
-                              chunk)
-
-    def add_parts(self, src: Sequence[int], n_masked: int, last_label: int, task: int, line: int,
-                  compact: bool = True, chunk: int = 0) -> bool:
-        """:meth:`add` for a ``(src, n_masked, last_label)`` sample (see build_sample_parts)."""
-        return self.add_pieces((src,), len(src), n_masked, last_label, task, line, compact, chunk)
-
     def add_pieces(self, pieces: Sequence[Sequence[int]], n: int, n_masked: int, last_label: int, task: int,
                    line: int, compact: bool = True, chunk: int = 0) -> bool:
-        """:meth:`add` for a sample of :func:`sample_pieces`: ``n`` tokens in ``pieces``."""
+        """Place a sample of :func:`sample_pieces`: ``n`` tokens in ``pieces``, its first ``n_masked`` labels −100
+        and its last one ``last_label`` (the others are the next input token). ``chunk``: index of this sample
+        among the chunks of its line (a segmented line is listed once)."""
         if n > self.max_length:
-            raise ValueError(f"sample of {n} tokens > max_length {self.max_length} (apply build_samples first)")
+            raise ValueError(f"sample of {n} tokens > max_length {self.max_length} (apply sample_pieces first)")
         if self.row_closed or self.col + n > self.max_length:
             if self.row + 1 >= self.batch_size:
                 return False

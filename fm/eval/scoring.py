@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fm.constants import IGNORE_INDEX
 from fm.eval.tasks import (
     GSM8K_STOP,
     LETTERS,
@@ -260,7 +261,7 @@ def sample_tokens(tokenizer: Any, record: dict, where: str) -> tuple[list[int], 
     inp_ids = tokenizer.encode(inp) if inp else []
     out_ids = tokenizer.encode(out)
     src = [tokenizer.bos_id] + inp_ids + out_ids
-    tgt = [-100] * len(inp_ids) + out_ids + [tokenizer.eos_id]
+    tgt = [IGNORE_INDEX] * len(inp_ids) + out_ids + [tokenizer.eos_id]
     return src, tgt
 
 
@@ -285,10 +286,10 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, path: str, *, ma
     def flush() -> None:
         nonlocal loss_sum, tokens
         ids = pad_batch([s for s, _ in pending], tokenizer.pad_id, device)
-        tgt = pad_batch([t for _, t in pending], -100, device)
+        tgt = pad_batch([t for _, t in pending], IGNORE_INDEX, device)
         losses = token_losses(forward(model, ids), tgt)
         loss_sum += float(losses.sum().double())
-        tokens += int((tgt != -100).sum())
+        tokens += int((tgt != IGNORE_INDEX).sum())
         pending.clear()
 
     for i in range(n):

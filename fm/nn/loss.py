@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from fm.constants import IGNORE_INDEX
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -15,17 +15,6 @@ from typing import Any
 from torch import nn
 
 
-def _scaled_names(model: nn.Module) -> set[str]:
-    try:
-        from fm.models.registry import mup_scaled_param_names
-    except ImportError:  # models not landed yet: fall back to upstream's name rule
-        mup_scaled_param_names = None
-    if mup_scaled_param_names is not None:
-        return set(mup_scaled_param_names(model))
-    return {n for n, p in model.named_parameters()
-            if p.dim() >= 2 and "embedding" not in n and "layernorm" not in n and "lm_head" not in n}
-
-
 def _canonical(name: str) -> str:
     # Wrappers (FSDP's checkpoint wrapper, torch.compile) insert prefixes; compare on the model's own names.
     for junk in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.", "module."):
@@ -44,7 +33,9 @@ def mup_param_groups(model: nn.Module, *, weight_decay: float, scale_width: floa
     if scale_width is None:
         scale_width = float(getattr(getattr(model, "config", None), "scale_width", 1.0) or 1.0)
     if scaled_names is None:
-        scaled_names = _scaled_names(model)
+        from fm.models.registry import mup_scaled_param_names  # here: the models import the layers (heavy)
+
+        scaled_names = set(mup_scaled_param_names(model))
     scaled_names = {_canonical(n) for n in scaled_names}
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():

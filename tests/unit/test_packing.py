@@ -16,12 +16,25 @@ from fm.data.packing import (
     SEGMENTED,
     TRUNCATED,
     PackedBatchBuilder,
-    build_samples,
+    sample_pieces,
 )
 from tests.helpers import make_mixture, text, write_index
 from tests.helpers import records as short_records
 
 BOS, EOS = 1, 2
+
+
+def build_samples(input_ids, output_ids, bos_id, eos_id, max_length, rule=None):
+    """sample_pieces' samples written out as ``(src, tgt)`` lists (``tgt[t]`` is the label of position t), the
+    reference the tests state upstream's semantics in."""
+    samples, event = sample_pieces(input_ids, output_ids, bos_id, eos_id, max_length, rule)
+    out = []
+    for pieces, n, n_masked, last_label in samples:
+        src = [int(t) for piece in pieces for t in piece]
+        assert len(src) == n and 0 <= n_masked <= n
+        tgt = [IGNORE_INDEX] * n if n_masked == n else [IGNORE_INDEX] * n_masked + src[n_masked + 1:] + [last_label]
+        out.append((src, tgt))
+    return out, event
 
 
 def test_build_samples_upstream_semantics():
@@ -51,10 +64,11 @@ def test_build_samples_overflow_rules():
 
 def test_builder_rows_and_cu_seqlens():
     b = PackedBatchBuilder(2, 8, pad_id=3, task_names=["x", "y"])
-    assert b.add([1, 5, 6], [5, 6, 2], 0, 10)
-    assert b.add([1, 7, 8, 9], [-100, 8, 9, 2], 1, 4)
-    assert b.add([1, 4, 4], [4, 4, 2], 0, 11)  # does not fit row 0 (7 + 3 > 8): starts row 1
-    assert not b.add([1] * 6, [2] * 6, 0, 12)  # no room left in the batch
+    # (pieces, n, n_masked, last_label): targets [5, 6, 2], [-100, 8, 9, 2], [4, 4, 2], [2] * 6
+    assert b.add_pieces(([1], [5, 6]), 3, 0, 2, 0, 10)
+    assert b.add_pieces(([1], [7], [8, 9]), 4, 1, 2, 1, 4)
+    assert b.add_pieces(([1, 4, 4],), 3, 0, 2, 0, 11)  # does not fit row 0 (7 + 3 > 8): starts row 1
+    assert not b.add_pieces(([1] * 6,), 6, 0, 2, 0, 12)  # no room left in the batch
     out = b.finish()
     assert out["inputs"].tolist() == [[1, 5, 6, 1, 7, 8, 9, 3], [1, 4, 4, 3, 3, 3, 3, 3]]
     assert out["targets"].tolist() == [[5, 6, 2, -100, 8, 9, 2, -100], [4, 4, 2] + [-100] * 5]
