@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from fm.checkpoint.commit import CheckpointManager, standard_parts
 from fm.distributed import build_engine
 from fm.models.registry import build_model, load_model_config
-from fm.train.checkpoint import CheckpointManager, standard_parts
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "apps/fm9g_2b/model_configs/tiny.json")

@@ -83,13 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tiny = json.loads(TRAIN_CONFIG.read_text())
     _step(f"4. train the tiny dragonfly: {args.nproc} processes, FSDP2 on gloo ({TRAIN_CONFIG.name})")
-    run = out / "checkpoints" / tiny["model_unique"]
-    shutil.rmtree(run, ignore_errors=True)  # the demo starts fresh; your own runs resume with resume_ckpt "latest"
-    shutil.rmtree(out / "tensorboard" / tiny["model_unique"], ignore_errors=True)
-    overrides = ["--dataset_config", str(mixture), "--save", str(out / "checkpoints"), "--tensorboard",
-                 str(out / "tensorboard"), "--resume_ckpt", ""]
+    run = out / "checkpoints" / tiny["run"]["name"]
+    shutil.rmtree(run, ignore_errors=True)  # the demo starts fresh; your own runs resume from "latest"
+    shutil.rmtree(out / "tensorboard" / tiny["run"]["name"], ignore_errors=True)
+    overrides = ["--data.mixture", str(mixture), "--run.save_dir", str(out / "checkpoints"), "--run.tensorboard_dir",
+                 str(out / "tensorboard"), "--checkpoint.resume.source", ""]
     if args.train_iters:
-        overrides += ["--train_iters", str(args.train_iters), "--save_iters", str(args.train_iters)]
+        overrides += ["--run.train_iters", str(args.train_iters), "--checkpoint.every", str(args.train_iters)]
     env = {**os.environ, "GPUS_PER_NODE": str(args.nproc), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     rc = app_main(["-m", "fm.train"], str(TRAIN_CONFIG), ["--config", str(TRAIN_CONFIG), *overrides], prog="fm demo",
                   env=env, replace=False)

@@ -391,12 +391,12 @@ def _read_questions(args: Any) -> list[dict[str, Any]]:
 
 
 def _load_model(args: Any) -> tuple[torch.nn.Module, str | None]:
-    """(model, the checkpoint's tokenizer or None) for ``--checkpoint`` in any form fm.checkpoints opens."""
+    """(model, the checkpoint's tokenizer or None) for ``--checkpoint`` in any form fm.checkpoint.open opens."""
     from fm.models.config import resolve_dtype
 
     dtype = resolve_dtype(args.dtype) if args.dtype else None
     if args.checkpoint:
-        from fm.checkpoints import open_checkpoint
+        from fm.checkpoint.open import open_checkpoint
 
         ck = open_checkpoint(args.checkpoint, model_config=args.config, base=args.base)
         model = ck.build_model(device=args.device, dtype=dtype)

@@ -24,12 +24,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
+from fm.errors import FmError
 
-class UnsafeFileError(ValueError):
+
+class UnsafeFileError(FmError, ValueError):
     """A file was refused because loading it would run code or build objects fm does not allow."""
 
 
-class CorruptFileError(ValueError):
+class CorruptFileError(FmError, ValueError):
     """A file is truncated or damaged (its message names it)."""
 
 

@@ -29,8 +29,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from fm.errors import FmError
 
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 FORWARDED = ("USR1", "TERM", "INT", "HUP")  # what a node task passes on to the training workers
@@ -104,7 +106,7 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise LaunchError(f"{name}={value!r} must be an integer") from None
 
 
-class LaunchError(RuntimeError):
+class LaunchError(FmError, RuntimeError):
     """A launch cannot start; the message says what to change."""
 
 
@@ -127,74 +129,40 @@ def torchrun_executable() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ app launcher
-@dataclass
-class AppArgs:
-    dry_run: bool = False
-    lora: bool = False
-    train_config: str | None = None
-    help: bool = False
-    rest: list[str] = field(default_factory=list)  # train config overrides, --key value
-
-
-def parse_app_args(argv: Sequence[str]) -> AppArgs:
-    """A launcher's own options, anywhere among ``argv``: ``--dry-run``; ``--train_config X``, or ``--config X``
-    where X is a train config file (any other ``--config`` is the model config key, an override); ``--lora``
-    with no value (means ``--lora true``); ``-h``/``--help``. Everything else: train config overrides."""
-    from fm.train.config import is_train_config_file
-
-    out = AppArgs()
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        a = args[i]
-        nxt = args[i + 1] if i + 1 < len(args) else None
-        if a == "--dry-run":
-            out.dry_run = True
-        elif a in ("-h", "--help"):
-            out.help = True
-        elif a == "--lora" and (nxt is None or nxt.startswith("--")):
-            out.lora = True
-        elif a in ("--config", "--train_config", "--train-config", "--config-file") and nxt is not None and (
-                a != "--config" or is_train_config_file(nxt)):
-            out.train_config = nxt
-            i += 1
-        elif a.startswith(("--config=", "--train_config=")) and (
-                a.startswith("--train_config=") or is_train_config_file(a.split("=", 1)[1])):
-            out.train_config = a.split("=", 1)[1]
-        else:
-            out.rest.append(a)
-        i += 1
-    return out
-
-
 def app_main(worker: Sequence[str], default_config: str, argv: Sequence[str], *, prog: str,
              env: Mapping[str, str] | None = None, lora_default: str | None = None, family: str | None = None,
              replace: bool = True) -> int:
     """What an app launcher does: compose the torchrun command, print it, check everything the workers will need
     (the preflight), then, unless ``--dry-run`` or a problem, replace this process with torchrun (``replace``;
-    else run it as a child and return its exit status)."""
+    else run it as a child and return its exit status). The command line is :mod:`fm.compat.argv`'s, the one the
+    workers parse too."""
+    from fm.compat.argv import choose_config, parse_train_args
+    from fm.errors import ConfigError
+
     env = dict(os.environ if env is None else env)
-    args = parse_app_args(argv)
+    try:
+        args = parse_train_args(argv)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     if args.help:
         print(app_help(prog, default_config))
         return 0
-    config = args.train_config or env.get("TRAIN_CONFIG") or (lora_default if args.lora and lora_default
-                                                                  else default_config)
+    config = choose_config(args, default_config, lora_default, env.get("TRAIN_CONFIG"))
     if not config:
         print(f"{prog}: error: no train config: give --config TRAIN.json (or set TRAIN_CONFIG); --help lists the "
               "keys", file=sys.stderr)
         return EXIT_USAGE
-    overrides = [*args.rest, *(["--lora", "true"] if args.lora else [])]
     try:
         topo = topology(env)
     except LaunchError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    cmd = torchrun_command([*worker, "--config", config, *overrides], topo)
+    cmd = torchrun_command([*worker, "--train_config", config, *args.argv()], topo)
     print(shlex.join(cmd), flush=True)
     from fm.train.preflight import preflight
 
-    report = preflight(config, overrides, world_size=topo.nnodes * topo.nproc, family=family)
+    report = preflight(config, args.overrides, world_size=topo.nnodes * topo.nproc, family=family)
     if args.dry_run:
         print(report.plan(topo), flush=True)
     if report.problems:
@@ -230,7 +198,7 @@ def app_help(prog: str, default_config: str) -> str:
 options:
   --dry-run       print the torchrun command and the resolved plan, start nothing (exit 2 on a problem)
   --config PATH   the train config JSON (a --config naming a model config is the 'config' key)
-  --lora          same as --lora true
+  --lora          same as --lora true (the app's LoRA train config when --config is not given)
   -h, --help      this help
 
 environment (defaults in brackets):

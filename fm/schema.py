@@ -22,8 +22,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args, get_origin
 
-_TRUE = {"true", "1", "yes", "on", "t", "y"}
-_FALSE = {"false", "0", "no", "off", "f", "n"}
+from fm.words import parse_bool
 
 
 def key(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,  # noqa: A002
@@ -35,14 +34,6 @@ def key(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
-
-
-class ConfigProblems(ValueError):
-    """Every problem of one config; the message lists them, one per line, under the file (or source) name."""
-
-    def __init__(self, where: str, problems: list[str]):
-        self.where, self.problems = where, list(problems)
-        super().__init__(format_problems(where, self.problems))
 
 
 def format_problems(where: str, problems: list[str]) -> str:
@@ -125,8 +116,8 @@ def coerce(value: Any, tp: Any, *, from_cli: bool, normalise: Callable[[str], st
             return value
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        if from_cli and isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE | {""}:
-            return value.strip().lower() in _TRUE
+        if from_cli and isinstance(value, str) and parse_bool(value) is not None:
+            return parse_bool(value)
         raise _Bad(f"must be a JSON boolean (true or false), got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -169,18 +160,27 @@ def fields_of(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if f.init}
 
 
-def check(cls: type, data: Mapping[str, Any], *, from_cli: bool = False, ignore: tuple[str, ...] = ()
-          ) -> tuple[dict[str, Any], list[str]]:
-    """``(converted values, problems)`` for ``data`` against dataclass ``cls`` (see the module docstring)."""
+def check(cls: type, data: Mapping[str, Any], *, from_cli: bool = False, ignore: tuple[str, ...] = (),
+          prefix: str = "") -> tuple[dict[str, Any], list[str]]:
+    """``(converted values, problems)`` for ``data`` against dataclass ``cls`` (see the module docstring). A field
+    whose type is itself a dataclass (a config section) takes a JSON object, checked the same way; its values are a
+    nested dict and its problems are named ``section.key`` (``prefix``). :func:`build` makes the instances."""
     known = fields_of(cls)
     names = sorted(n for n in known if n not in ignore)
     values: dict[str, Any] = {}
     problems: list[str] = []
     for name, value in data.items():
         if name not in known or name in ignore:
-            problems.append(f"unknown key {name!r}{suggest(name, names)}")
+            problems.append(f"unknown key {prefix + name!r}{suggest(name, names)}")
             continue
         f, tp = known[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                problems.append(f"{prefix}{name}: must be a JSON object of its keys, got {value!r}")
+                continue
+            values[name], found = check(tp, value, from_cli=from_cli, prefix=f"{prefix}{name}.")
+            problems += found
+            continue
         try:
             v = coerce(value, tp, from_cli=from_cli, normalise=f.metadata.get("normalise"))
             lo, gt = f.metadata.get("min"), f.metadata.get("gt")
@@ -190,20 +190,36 @@ def check(cls: type, data: Mapping[str, Any], *, from_cli: bool = False, ignore:
                 raise _Bad(f"must be > {gt}, got {v}")
         except _Bad as e:
             why = f.metadata.get("why")
-            problems.append(f"{name}: {e}" + (f": {why}" if why else ""))
+            problems.append(f"{prefix}{name}: {e}" + (f": {why}" if why else ""))
             continue
         values[name] = v
     return values, problems
 
 
-def help_rows(cls: type) -> list[tuple[str, str, Any, str]]:
-    """``(name, type, default, help)`` per field, in declaration order (``fm train --help``, the docs table)."""
+def build(cls: type, values: Mapping[str, Any]) -> Any:
+    """An instance of ``cls`` from :func:`check`'s values (nested dicts for sections); absent keys keep their
+    defaults."""
+    kw = {}
+    for name, (_, tp) in fields_of(cls).items():
+        if dataclasses.is_dataclass(tp):
+            kw[name] = build(tp, values.get(name, {}))
+        elif name in values:
+            kw[name] = values[name]
+    return cls(**kw)
+
+
+def help_rows(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """``(name, type, default, help)`` per field, in declaration order (``fm train --help``, the docs table); the
+    keys of a section are named ``section.key``."""
     rows = []
     for name, (f, tp) in fields_of(cls).items():
+        if dataclasses.is_dataclass(tp):
+            rows += help_rows(tp, f"{prefix}{name}.")
+            continue
         if "help" not in f.metadata:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append((name, describe_type(tp), default, f.metadata["help"]))
+        rows.append((prefix + name, describe_type(tp), default, f.metadata["help"]))
     return rows
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "apps" / "fm9g_2b" / "pretrain_dragonfly.py"
-BMTRAIN_CPU_RUNNER = ROOT / "tests" / "support" / "run_bmtrain_cpu.py"
+WORKER = ROOT / "tests" / "support" / "worker.py"
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
 TINY_MODEL = {"vocab_size": 8000, "dim_model": 64, "dim_ff": 128, "dim_head": 16, "num_heads": 4, "num_kv_heads": 2,
               "num_layers": 2, "activate_fn": "silu", "eps": 1e-5, "init_std": 0.1, "scale": True, "scale_emb": 12,
@@ -109,19 +109,26 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def on_bmtrain_cpu(script: Path) -> list[str]:
-    """What torchrun (or python) runs instead of ``script`` so that its processes run BMTrain on the CPU backend
-    (``tests/support/bmtrain_cpu``, installed before the script starts)."""
-    return [str(BMTRAIN_CPU_RUNNER), str(script)]
+def on_worker(script: Path, *, bmtrain_cpu: bool = False, faults: dict | None = None) -> list[str]:
+    """What torchrun (or python) runs instead of ``script`` (``tests/support/worker.py``) so that its processes run
+    BMTrain on the CPU backend and/or with injected faults: ``faults`` = ``{"die_after": 13}``, ``{"nan_steps":
+    "1:2,1:5"}``, ``{"record_indexes": DIR}`` (:mod:`tests.support.faults`)."""
+    if not bmtrain_cpu and not faults:
+        return [str(script)]
+    opts = ["--bmtrain-cpu"] if bmtrain_cpu else []
+    for name, value in (faults or {}).items():
+        opts += [f"--{name.replace('_', '-')}", str(value)]
+    return [str(WORKER), *opts, str(script)]
 
 
 def launch(config: Path, nproc: int = 2, env: dict | None = None, args: tuple = (), wait: bool = True,
-           timeout: int = 240, bmtrain_cpu: bool = False):
+           timeout: int = 240, bmtrain_cpu: bool = False, faults: dict | None = None):
     """torchrun of the dragonfly app on ``config``: ``(returncode, output)``, or the process when not ``wait``.
-    ``bmtrain_cpu``: the workers run BMTrain on the CPU backend (engine bmtrain without a GPU)."""
+    ``bmtrain_cpu``: the workers run BMTrain on the CPU backend (engine bmtrain without a GPU); ``faults``: see
+    :func:`on_worker`."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     full_env.update(env or {})
-    app = on_bmtrain_cpu(APP) if bmtrain_cpu else [str(APP)]
+    app = on_worker(APP, bmtrain_cpu=bmtrain_cpu, faults=faults)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", *app, "--config", str(config), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

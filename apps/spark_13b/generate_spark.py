@@ -85,9 +85,9 @@ def generation_config(args: argparse.Namespace, stop_ids: Sequence[int]) -> Gene
 
 
 def open_model(args: argparse.Namespace) -> Any:
-    """The checkpoint to generate from (any form fm.checkpoints opens; a LoRA adapter folded into
+    """The checkpoint to generate from (any form fm.checkpoint.open opens; a LoRA adapter folded into
     ``--load_checkpoint``), or None for random weights."""
-    from fm.checkpoints import open_checkpoint
+    from fm.checkpoint.open import open_checkpoint
 
     if args.lora_checkpoint:
         if not args.load_checkpoint:
@@ -100,7 +100,7 @@ def open_model(args: argparse.Namespace) -> Any:
 
 
 def load_model(args: argparse.Namespace, ck: Any = None) -> torch.nn.Module:
-    from fm.checkpoints import CheckpointFormError
+    from fm.checkpoint.open import CheckpointFormError
     from fm.models.config import resolve_dtype
     from fm.models.registry import build_model, load_model_config
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from fm.train.cli import main as train_main
-from fm.train.cli import normalise_flags  # noqa: F401 - the app's API
 from fm.train.config import TrainConfig, qualify_model_config
 
 APP_DIR = Path(__file__).resolve().parent

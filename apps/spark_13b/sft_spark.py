@@ -10,32 +10,18 @@ PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-APP_DIR = Path(__file__).resolve().parent
+from fm.train.cli import main as train_main
 
-sys.path.insert(0, str(APP_DIR.parents[1]))  # run from a checkout without installing
-
-from fm.train.cli import main as train_main  # noqa: E402
-from fm.train.cli import normalise_flags  # noqa: E402
-
-_TRUE = ("true", "1", "yes", "on")
-
-
-def wants_lora(args: list[str]) -> bool:
-    for i, a in enumerate(args):
-        if a == "--lora" and i + 1 < len(args) and args[i + 1].lower() in _TRUE:
-            return True
-        if a.startswith("--lora=") and a.split("=", 1)[1].lower() in _TRUE:
-            return True
-    return False
+CONFIGS = Path(__file__).resolve().parent / "train_configs"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = normalise_flags(list(sys.argv[1:] if argv is None else argv))
-    default = APP_DIR / "train_configs" / ("13b_lora.json" if wants_lora(args) else "13b_sft.json")
-    return train_main(args, default_config=default, family="spark", prog="sft_spark.py")
+    """``--lora`` (bare, ``true``, ``1``, ``--lora=yes``...) picks the LoRA train config when no ``--config`` is
+    given: the command line is parsed once, by :mod:`fm.compat.argv`, as the launcher parses it."""
+    return train_main(argv, default_config=CONFIGS / "13b_sft.json", lora_default=CONFIGS / "13b_lora.json",
+                      family="spark", prog="sft_spark.py")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import msgspec
 import numpy as np
 
 from fm.data.indexed import DATA_FILE, FORMAT_VERSION, META_FILE  # noqa: F401 - the converter's names too
+from fm.errors import FmError
 
 BUCKETS = ("less_4k", "4k-8k", "8k-16k", "16k-32k", "32k-64k", "64k-128k", "128k-256k", "more_256k")
 # Upstream's bucket edges are decimal thousands (4000, not 4096); kept so statistics stay comparable.
@@ -44,7 +45,7 @@ PIECE_MIN, PIECE_MAX = 1 << 20, 64 << 20
 MAX_PIECES = 4096  # each piece is one cut found by reading the input, and one result sent back to the parent
 
 
-class ConvertError(Exception):
+class ConvertError(FmError):
     exit_code = EXIT_ERROR
 
 

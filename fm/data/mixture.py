@@ -23,6 +23,7 @@ import numpy as np
 
 from fm.data.datasets import json_keys, open_dataset, shared_opens
 from fm.data.indexed import read_meta, valid_json_keys
+from fm.errors import FmError
 from fm.schema import check, fields_of, key
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ REQUIRED_KEYS = tuple(n for n, (f, _) in _ENTRY_FIELDS.items() if f.default is M
 VALID_KEYS = tuple(_ENTRY_FIELDS)
 
 
-class MixtureConfigError(ValueError):
+class MixtureConfigError(FmError, ValueError):
     """All problems of a mixture config, one per line."""
 
     def __init__(self, config_path: str, problems: Sequence[str]):
@@ -71,7 +72,7 @@ class MixtureConfigError(ValueError):
         super().__init__(f"{config_path}: {len(self.problems)} problem(s) in the mixture config:\n{lines}")
 
 
-class TransformError(ValueError):
+class TransformError(FmError, ValueError):
     """A transform returned something other than ``{"input": str, "output": str}`` or raised."""
 
 

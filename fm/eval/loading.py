@@ -1,4 +1,4 @@
-"""Load the model to evaluate: any checkpoint :func:`fm.checkpoints.open_checkpoint` opens.
+"""Load the model to evaluate: any checkpoint :func:`fm.checkpoint.open.open_checkpoint` opens.
 
 Our checkpoints (run or step directory, ``.pt``, LoRA adapter) build our model; a Hugging Face directory
 (``config.json`` + ``*.safetensors``/``pytorch_model*.bin``) loads with ``transformers.AutoModelForCausalLM``, so any
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fm.checkpoints import Checkpoint, CheckpointFormError, open_checkpoint
+from fm.checkpoint.open import Checkpoint, CheckpointFormError, open_checkpoint
 
 CheckpointError = CheckpointFormError  # the name fm.eval's CLI catches
 

@@ -26,10 +26,12 @@ import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from fm.errors import FmError
+
 LETTERS = ("A", "B", "C", "D")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(FmError, ValueError):
     """A benchmark file is missing or malformed; the message names the file (and line/column)."""
 
 

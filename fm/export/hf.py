@@ -8,7 +8,7 @@ CLI::
     python -m fm.export.hf --checkpoint CKPT --output OUT_DIR        # same ("export" is the default)
     python -m fm.export.hf import --hf-dir HF_DIR --output OUT.pt [--config-output OUT.json]
 
-``CKPT`` is any form :func:`fm.checkpoints.open_checkpoint` opens: a run or step directory, a ``.pt`` state dict,
+``CKPT`` is any form :func:`fm.checkpoint.open.open_checkpoint` opens: a run or step directory, a ``.pt`` state dict,
 or a LoRA adapter directory (exported merged into its base). Its model config and tokenizer come from the
 checkpoint itself unless ``--config``/``--tokenizer`` are given.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fm.chat import FORMATS
-from fm.checkpoints import open_checkpoint
+from fm.checkpoint.open import open_checkpoint
 from fm.export.llama import (
     dragonfly_to_hf,
     hf_config_from_dragonfly,

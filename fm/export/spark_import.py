@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from fm.checkpoints import write_config_beside
+from fm.checkpoint.open import write_config_beside
+from fm.errors import FmError
 from fm.io import atomic_torch_save
 from fm.models.config import DTYPES
 from fm.models.registry import load_model_config
@@ -72,7 +73,7 @@ _ROW = ("o.weight", "down.weight")
 _REPLICATED = ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "o.bias", "down.bias")
 
 
-class SparkImportError(ValueError):
+class SparkImportError(FmError, ValueError):
     """The Megatron checkpoint cannot be imported; the message names the file and key."""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fm.errors import FmError
 from fm.schema import check, format_problems
 
 DTYPES: dict[str, torch.dtype] = {
@@ -28,7 +29,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(FmError, ValueError):
     """A model config file or dict is invalid; the message names the file, the key and the fix."""
 
     def __init__(self, message: str, problems: list[str] | None = None):

@@ -6,8 +6,7 @@ does). Submodules import lazily so ``import fm.train`` stays cheap.
 
 from __future__ import annotations
 
-from fm.train.config import ConfigError, TrainConfig, config_from_argv, load_config
+from fm.train.config import ConfigError, TrainConfig, load_config
 from fm.train.schedules import LRScheduler, Schedule, build_scheduler
 
-__all__ = ["ConfigError", "TrainConfig", "config_from_argv", "load_config", "LRScheduler", "Schedule",
-           "build_scheduler"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "LRScheduler", "Schedule", "build_scheduler"]

@@ -2,7 +2,7 @@
 
 The upstream-named scripts (``apps/fm9g_2b/pretrain_dragonfly.py``, ``apps/spark_13b/pretrain_spark.py``,
 ``sft_spark.py``) are this with their app's defaults. Start it through ``fm train`` or a launcher, which check
-everything first (:mod:`fm.train.preflight`) and run torchrun.
+everything first (:mod:`fm.train.preflight`) and run torchrun. The command line is :mod:`fm.compat.argv`'s.
 """
 
 from __future__ import annotations
@@ -12,51 +12,37 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fm.train.config import ConfigError, config_from_argv, qualify_model_config
-
-TRAIN_CONFIG_FLAGS = ("--config", "--train_config", "--config-file", "--config_file")
-
-
-def normalise_flags(argv: Sequence[str]) -> list[str]:
-    """Bare ``--lora`` (no value) means ``--lora true``, as the launchers' flag form."""
-    out: list[str] = []
-    for i, arg in enumerate(argv):
-        out.append(arg)
-        if arg == "--lora" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            out.append("true")
-    return out
+from fm.compat.argv import choose_config, parse_train_args
+from fm.errors import FmError
 
 
 def main(argv: Sequence[str] | None = None, *, default_config: str | Path | None = None,
-         family: str | None = None, prog: str = "python -m fm.train") -> int:
-    from fm.train.trainer import NonFiniteError, run
+         lora_default: str | Path | None = None, family: str | None = None, prog: str = "python -m fm.train") -> int:
+    from fm.train.config import load_config, qualify_model_config
+    from fm.train.trainer import run
 
-    args = normalise_flags(list(sys.argv[1:] if argv is None else argv))
-    if "-h" in args or "--help" in args:
-        from fm.launch import app_help
-
-        print(app_help(prog, str(default_config or "(none: give --config)")))
-        return 0
-    if default_config is not None and not any(a in TRAIN_CONFIG_FLAGS or a.startswith(("--config=", "--train_config="))
-                                              for a in args):
-        args = ["--config", str(default_config), *args]
+    log = logging.getLogger("fm.train")
     try:
-        cfg = qualify_model_config(config_from_argv(args), family)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if cfg.lora and not cfg.load_model:
-        logging.getLogger("fm.train").warning("lora is on but load_model is empty: the adapters train on a randomly "
-                                              "initialised base; set load_model to the base weights (.pt)")
-    from fm.checkpoints import CheckpointFormError
-    from fm.data.mixture import MixtureConfigError
-    from fm.models.config import ModelConfigError
+        args = parse_train_args(list(sys.argv[1:] if argv is None else argv))
+        if args.help:
+            from fm.launch import app_help
 
-    try:
+            print(app_help(prog, str(default_config or "(none: give --config)")))
+            return 0
+        if args.dry_run:
+            raise FmError("--dry-run is the launcher's option (fm train, the apps' .sh scripts): the worker trains")
+        cfg = qualify_model_config(load_config(choose_config(args, default_config, lora_default), cli=args.cli()),
+                                   family)
+        if cfg.lora.enabled and not cfg.model.init_from:
+            log.warning("lora is on but model.init_from (load_model) is empty: the adapters train on a randomly "
+                        "initialised base; set it to the base weights (.pt)")
         return run(cfg)
-    except NonFiniteError as e:
-        logging.getLogger("fm.train").error("%s", e)
-        return 3
-    except (ModelConfigError, MixtureConfigError, CheckpointFormError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)  # a bad input: its message says what to fix, no traceback
+    except FmError as e:  # a bad input or a refused state: the message says what to fix, no traceback
+        if e.exit_code == 2:
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            log.error("%s", e)
+        return e.exit_code
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fm.errors import FmError
 from fm.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ STALE_AFTER_S = 60.0
 EXIT_ORPHANED = 143  # as if terminated: the launcher is gone
 
 
-class RunLockError(RuntimeError):
+class RunLockError(FmError, RuntimeError):
     """The run directory is being written by another live run."""
 
 

@@ -103,7 +103,8 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 def settings_from_train_config(cfg: Any) -> LoraSettings:
-    return LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
+    """From the train config's ``lora`` section (:class:`fm.train.config.LoraSection`)."""
+    return LoraSettings(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets)
 
 
 def _family(model: nn.Module) -> str:
@@ -251,8 +252,8 @@ def settings_from_adapter_config(cfg: Mapping[str, Any]) -> LoraSettings:
 
 # ----------------------------------------------------------------------------- engine glue
 def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Dense weights from any checkpoint form (:func:`fm.checkpoints.open_checkpoint`)."""
-    from fm.checkpoints import open_checkpoint
+    """Dense weights from any checkpoint form (:func:`fm.checkpoint.open.open_checkpoint`)."""
+    from fm.checkpoint.open import open_checkpoint
 
     try:
         return open_checkpoint(path).state_dict()
@@ -266,7 +267,7 @@ def merge_adapter(adapter_dir: str | Path, base: str | Path | None = None, outpu
     """The dense state dict of an adapter folded into its base (``base``, else the adapter's recorded base);
     with ``output``, also written there (atomically) with its model config and tokenizer beside it
     (``<output stem>.json``, ``<output stem>.tokenizer.model``)."""
-    from fm.checkpoints import CheckpointFormError, open_checkpoint, tokenizer_beside, write_config_beside
+    from fm.checkpoint.open import CheckpointFormError, open_checkpoint, tokenizer_beside, write_config_beside
 
     ck = open_checkpoint(adapter_dir, base=base)
     if ck.kind != "lora":
@@ -322,12 +323,12 @@ def adapter_parts(engine: Engine, step: int, *, lora_config: Any, log_ckpt: dict
                   dataset_state: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
                   model_config: dict[str, Any] | None = None, tokenizer_path: str | Path | None = None,
                   scheduler_state: Any = None, save_optimizer: bool = True) -> list:
-    """Checkpoint parts of a LoRA run: :func:`fm.train.checkpoint.standard_parts` with the adapter files
+    """Checkpoint parts of a LoRA run: :func:`fm.checkpoint.commit.standard_parts` with the adapter files
     (PEFT format, in the step directory itself) instead of the full model. Collective."""
-    from fm.train import checkpoint as ck
+    from fm.checkpoint import commit as ck
 
     state = gather_adapter_state(engine)
-    base = (config or {}).get("load_model") or None
+    base = (config or {}).get("model", {}).get("init_from") or None
     if base and os.path.exists(base):
         base = os.path.abspath(base)  # the adapter's base_model_name_or_path: found from wherever it is opened
 
@@ -395,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "export-hf":
-            from fm.checkpoints import open_checkpoint
+            from fm.checkpoint.open import open_checkpoint
 
             config = open_checkpoint(args.adapter, model_config=args.config, family="dragonfly").model_config
             out = dragonfly_adapter_to_hf(args.adapter, args.output, config, args.base_model)

@@ -1,7 +1,7 @@
 """PEFT LoRA adapter directories: ``adapter_config.json`` + ``adapter_model.safetensors`` (keys
 ``base_model.model.<module path>.lora_{A,B}.weight``), written and read, and folded into dense weights.
 
-This is the file format only (what :mod:`fm.checkpoints` opens); injecting adapters into a model, training
+This is the file format only (what :mod:`fm.checkpoint.open` opens); injecting adapters into a model, training
 and the ``fm lora`` commands are :mod:`fm.train.lora`.
 """
 
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fm.errors import FmError
 from fm.io import atomic_dir, atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-class LoraError(ValueError):
+class LoraError(FmError, ValueError):
     """Bad LoRA settings or an adapter that does not fit the model; the message says how to fix it."""
 
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fm.train.config import TrainConfig, load_config, parse_cli, qualify_model_config
+from fm.train.config import TrainConfig, load_config, qualify_model_config
 
 
 @dataclass
 class Report:
     train_config: str
-    overrides: list[str]
+    overrides: list[tuple[str, str]]
     cfg: TrainConfig | None = None
     problems: list[str] = field(default_factory=list)
     facts: dict[str, str] = field(default_factory=dict)
@@ -31,8 +31,8 @@ class Report:
 
     def plan(self, topo: Any) -> str:
         """What would run: one line per fact (``--dry-run``)."""
-        rows = [("train config", self.train_config + (f" with overrides {' '.join(self.overrides)}"
-                                                     if self.overrides else "")),
+        given = " ".join(f"--{k} {v}" for k, v in self.overrides)
+        rows = [("train config", self.train_config + (f" with overrides {given}" if given else "")),
                 ("world", f"{topo.nnodes} node(s) x {topo.nproc} process(es) = {topo.nnodes * topo.nproc}, "
                           f"rendezvous {topo.master}:{topo.port}"),
                 *self.facts.items(),
@@ -41,41 +41,40 @@ class Report:
         return "plan:\n" + "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
 
-def preflight(train_config: str, overrides: list[str], world_size: int = 1, family: str | None = None) -> Report:
-    """Every problem of the train config, model config, tokenizer, data, weights to load and output directories."""
+def preflight(train_config: str, overrides: list[tuple[str, str]], world_size: int = 1,
+              family: str | None = None) -> Report:
+    """Every problem of the train config, model config, tokenizer, data, weights to load and output directories.
+    ``overrides``: the command line's ``(key, value)`` pairs (:class:`fm.compat.argv.TrainArgs`)."""
     report = Report(train_config, list(overrides))
     problems = report.problems
-    try:
-        path, cli = parse_cli(list(overrides))
-    except ValueError as e:
-        problems.append(str(e))
-        return report
-    cfg = load_config(path or train_config, cli=cli, collect=problems) if _readable(train_config, problems) else None
+    cfg = load_config(train_config, cli=dict(overrides), collect=problems) if _readable(train_config, problems) \
+        else None
     if cfg is None:
         return report
     report.cfg = cfg = qualify_model_config(cfg, family)
     model = _model(cfg, report)
     tok = _tokenizer(cfg, report)
     if model is not None and tok is not None and tok.vocab_size > model.vocab_size:
-        problems.append(f"tokenizer_path: {tok.path} has {tok.vocab_size} pieces but the model config's vocab_size "
+        problems.append(f"data.tokenizer: {tok.path} has {tok.vocab_size} pieces but the model config's vocab_size "
                         f"is {model.vocab_size}: ids from {model.vocab_size} on have no embedding row; use the "
                         "model's tokenizer or a config with vocab_size >= the tokenizer's")
     vocab = model.vocab_size if model is not None else None
-    _data(cfg, cfg.dataset_config, "dataset_config", report, required=True, vocab_size=vocab)
-    if cfg.eval_dataset_config:
-        _data(cfg, cfg.eval_dataset_config, "eval_dataset_config", report, required=False, vocab_size=vocab)
+    _data(cfg.data.mixture, "data.mixture", report, required=True, vocab_size=vocab)
+    if cfg.eval.mixture:
+        _data(cfg.eval.mixture, "eval.mixture", report, required=False, vocab_size=vocab)
     _weights(cfg, report)
     _outputs(cfg, report)
-    if cfg.engine == "bmtrain" and importlib.util.find_spec("bmtrain") is None:
+    if cfg.engine.name == "bmtrain" and importlib.util.find_spec("bmtrain") is None:
         problems.append("engine: bmtrain is not installed: pip install --no-deps -r requirements-bmtrain.txt "
                         "(docs/engines.md), or set engine fsdp")
-    tokens = cfg.batch_size * cfg.grad_accum * cfg.max_length * world_size
-    report.facts["steps"] = (f"{cfg.train_iters} x (batch {cfg.batch_size} x grad_accum {cfg.grad_accum} x "
-                             f"{world_size} process(es)) rows of {cfg.max_length} tokens = {tokens:,} tokens per step")
-    report.facts["engine"] = (f"{cfg.engine}, dtype {cfg.dtype}" + (", LoRA adapters only" if cfg.lora else "")
-                              + (", compiled layers" if cfg.compile else "") + (", offload" if cfg.offload else "")
-                              + (f", activation checkpointing every {cfg.checkpoint_every} layer(s)"
-                                 if cfg.use_checkpoint else ""))
+    d, run, eng = cfg.data, cfg.run, cfg.engine
+    tokens = d.batch_size * run.grad_accum * d.max_length * world_size
+    report.facts["steps"] = (f"{run.train_iters} x (batch {d.batch_size} x grad_accum {run.grad_accum} x "
+                             f"{world_size} process(es)) rows of {d.max_length} tokens = {tokens:,} tokens per step")
+    report.facts["engine"] = (f"{eng.name}, dtype {eng.dtype}" + (", LoRA adapters only" if cfg.lora.enabled else "")
+                              + (", compiled layers" if eng.compile else "") + (", offload" if eng.offload else "")
+                              + (f", activation checkpointing every {eng.checkpoint_every} layer(s)"
+                                 if eng.activation_checkpointing else ""))
     return report
 
 
@@ -91,14 +90,14 @@ def _model(cfg: TrainConfig, report: Report) -> Any:
     from fm.models.registry import build_model, load_model_config, resolve_model_config
 
     try:
-        where, _ = resolve_model_config(cfg.config)
+        where, _ = resolve_model_config(cfg.model.config)
     except ModelConfigError as e:
-        report.problems.append(f"config: {e}")
+        report.problems.append(f"model.config: {e}")
         return None
     try:
-        model = load_model_config(cfg.config)
+        model = load_model_config(cfg.model.config)
     except ModelConfigError as e:
-        report.problems += [f"config {where}: {p}" for p in _lines(e)]
+        report.problems += [f"model.config {where}: {p}" for p in _lines(e)]
         return None
     meta = build_model(model, device="meta")
     params = sum(p.numel() for p in meta.parameters())
@@ -110,21 +109,20 @@ def _tokenizer(cfg: TrainConfig, report: Report) -> Any:
     from fm.tokenizer import Tokenizer
 
     try:
-        tok = Tokenizer(cfg.tokenizer_path)
+        tok = Tokenizer(cfg.data.tokenizer)
     except FileNotFoundError as e:
-        report.problems.append(f"tokenizer_path: {e}")
+        report.problems.append(f"data.tokenizer: {e}")
         return None
     except (OSError, RuntimeError) as e:  # sentencepiece cannot parse it
-        report.problems.append(f"tokenizer_path: {cfg.tokenizer_path} is not a SentencePiece model ({e})")
+        report.problems.append(f"data.tokenizer: {cfg.data.tokenizer} is not a SentencePiece model ({e})")
         return None
-    if cfg.eos_token and tok.piece_to_id(cfg.eos_token) == tok.unk_id:
-        report.problems.append(f"eos_token: {cfg.eos_token!r} is not a piece of {tok.path}")
+    if cfg.data.eos_token and tok.piece_to_id(cfg.data.eos_token) == tok.unk_id:
+        report.problems.append(f"data.eos_token: {cfg.data.eos_token!r} is not a piece of {tok.path}")
     report.facts["tokenizer"] = f"{tok.path} ({tok.vocab_size} pieces)"
     return tok
 
 
-def _data(cfg: TrainConfig, spec: str, key: str, report: Report, *, required: bool,
-          vocab_size: int | None = None) -> None:
+def _data(spec: str, key: str, report: Report, *, required: bool, vocab_size: int | None = None) -> None:
     from fm.data.datasets import open_dataset
     from fm.data.mixture import MixtureConfigError, load_mixture
 
@@ -147,45 +145,44 @@ def _data(cfg: TrainConfig, spec: str, key: str, report: Report, *, required: bo
             except ValueError as e:
                 report.problems.append(f"{key} {spec}: {e}")
     shares = ", ".join(f"{t} {w:.0%}" for t, w in zip(mix.task_names, mix.weights()))
-    report.facts["data" if key == "dataset_config" else "validation data"] = (
+    report.facts["data" if key == "data.mixture" else "validation data"] = (
         f"{spec}: {len(mix.datasets)} dataset(s), token shares {shares}")
 
 
 def _weights(cfg: TrainConfig, report: Report) -> None:
-    from fm.train import checkpoint as ckpt_lib
+    from fm.checkpoint.layout import resolve_checkpoint
 
-    run = Path(cfg.save) / cfg.model_unique
+    run, spec = cfg.run.dir(), cfg.checkpoint.resume
     resume = None
-    if cfg.resume_ckpt:
+    if spec.source:
         try:
-            resume = ckpt_lib.resolve_checkpoint(run, cfg.resume_ckpt)
+            resume = resolve_checkpoint(run, spec.source)
         except FileNotFoundError as e:
-            report.problems.append(f"resume_ckpt: {e}")
+            report.problems.append(f"checkpoint.resume.source: {e}")
             return
         except OSError:  # the save directory itself is wrong: reported by the output check
             pass
     report.facts["run directory"] = f"{run} ({f'resumes from {resume}' if resume else 'starts fresh'})"
-    if cfg.load_model and (resume is None or cfg.lora):
-        from fm.checkpoints import open_checkpoint
+    if cfg.model.init_from and (resume is None or cfg.lora.enabled):
+        from fm.checkpoint.open import open_checkpoint
 
         try:
-            ck = open_checkpoint(cfg.load_model)
+            ck = open_checkpoint(cfg.model.init_from)
         except (FileNotFoundError, ValueError) as e:
-            report.problems.append(f"load_model: {e}")
+            report.problems.append(f"model.init_from: {e}")
             return
         report.facts["initial weights"] = ck.describe()
 
 
 def _outputs(cfg: TrainConfig, report: Report) -> None:
-    for key in ("save", "tensorboard"):
-        target = getattr(cfg, key)
+    for key, target in (("run.save_dir", cfg.run.save_dir), ("run.tensorboard_dir", cfg.run.tensorboard_dir)):
         if not target:
             continue
         problem = _unwritable(Path(target))
         if problem:
             report.problems.append(f"{key}: {target}: {problem}")
-    if cfg.tensorboard:
-        report.facts["tensorboard"] = str(Path(cfg.tensorboard) / f"{cfg.exp_group}{cfg.model_unique}")
+    if cfg.run.tensorboard_dir:
+        report.facts["tensorboard"] = str(Path(cfg.run.tensorboard_dir) / f"{cfg.run.exp_group}{cfg.run.name}")
 
 
 def _unwritable(path: Path) -> str:

@@ -9,17 +9,20 @@
 - ``linear``: ``lr·(T−t)/(T−W)`` (BMTrain's Linear, down to 0 at T).
 - ``constant``: ``lr``.
 
-``resume_no_optimze`` (upstream spelling): after a resume at step R, the lr is additionally multiplied by
-``(t−R+1)/N`` for ``R ≤ t < R+N`` — a short re-warm for a fresh (not loaded) optimizer state.
+``checkpoint.resume.rewarm_iters`` (upstream's ``resume_no_optimze``): after a resume at step R, the lr is
+additionally multiplied by ``(t−R+1)/N`` for ``R ≤ t < R+N`` — a short re-warm for a fresh (not loaded) optimizer state.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from fm.train.config import TrainConfig
 
 
 @dataclass
@@ -105,8 +108,9 @@ class LRScheduler:
         self.apply()
 
 
-def build_scheduler(cfg, optimizer: torch.optim.Optimizer | None) -> LRScheduler:
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer | None) -> LRScheduler:
     """From a ``TrainConfig`` (fractions of train_iters resolved)."""
-    sched = Schedule(cfg.lr_scheduler, cfg.lr, cfg.train_iters, cfg.resolved_warmup(), cfg.resolved_drop(),
-                     cfg.drop_begin, cfg.drop_rate)
-    return LRScheduler(optimizer, sched, cfg.resume_no_optimze)
+    s = cfg.schedule
+    sched = Schedule(s.name, cfg.optim.lr, cfg.run.train_iters, cfg.warmup_steps(), cfg.drop_steps(), s.drop_begin,
+                     s.drop_rate)
+    return LRScheduler(optimizer, sched, cfg.checkpoint.resume.rewarm_iters)

@@ -18,7 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.distributed.tinylm import assert_sd_close, free_port
-from tests.helpers import launch, make_run, on_bmtrain_cpu, stats
+from tests.helpers import launch, make_run, on_worker, stats
 
 ROOT = Path(__file__).resolve().parents[2]
 SPARK_TINY = ROOT / "apps" / "spark_13b" / "model_configs" / "tiny.json"
@@ -26,10 +26,10 @@ TRAIN = {"train_iters": 20, "save_iters": 10, "grad_accum": 2, "clip_grad": 0.3,
          "weight_decay": 0.1}
 
 
-def _run(tmp: Path, engine: str, env: dict | None = None, **overrides) -> Path:
+def _run(tmp: Path, engine: str, faults: dict | None = None, **overrides) -> Path:
     cfg = make_run(tmp, repeat=True, engine=engine, **{**TRAIN, **overrides})
-    rc, out = launch(cfg, env=env, bmtrain_cpu=engine == "bmtrain")
-    if not (env or {}).get("FM_TEST_DIE_AFTER"):
+    rc, out = launch(cfg, bmtrain_cpu=engine == "bmtrain", faults=faults)
+    if not (faults or {}).get("die_after"):
         assert rc == 0, out[-4000:]
         if {**TRAIN, **overrides}["inspect_iters"]:
             _assert_inspect_tables(out)
@@ -88,7 +88,7 @@ def test_dragonfly_trains_like_fsdp_and_resumes_exactly_after_sigkill(tmp_path):
     assert_sd_close(_model(run, 20), _model(tmp_path / "fsdp" / "ckpt" / "run", 20))
     assert sorted(p.name for p in (run / "20" / "optimizer").iterdir()) == ["rank-0-of-2.pt", "rank-1-of-2.pt"]
 
-    crashed = _run(tmp_path / "crash", "bmtrain", env={"FM_TEST_DIE_AFTER": "13"})
+    crashed = _run(tmp_path / "crash", "bmtrain", faults={"die_after": 13})
     assert max(stats(crashed)) == 13
     _run(tmp_path / "crash", "bmtrain")
     got = stats(crashed)
@@ -120,14 +120,14 @@ def test_spark_trains_like_fsdp(tmp_path):
     assert_sd_close(got, want)
 
 
-def _lora_launch(cfg: Path, engine: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _lora_launch(cfg: Path, engine: str, faults: dict | None = None) -> subprocess.CompletedProcess:
     import os
 
     app = ROOT / "apps" / "spark_13b" / "sft_spark.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *(on_bmtrain_cpu(app) if engine == "bmtrain" else [str(app)]), "--config", str(cfg), "--lora"]
+           *on_worker(app, bmtrain_cpu=engine == "bmtrain", faults=faults), "--config", str(cfg), "--lora"]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {})))
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
 
 
 def test_lora_under_bmtrain_saves_the_adapter_fsdp_saves(tmp_path, tokenizer_path):
@@ -155,7 +155,7 @@ def test_lora_under_bmtrain_saves_the_adapter_fsdp_saves(tmp_path, tokenizer_pat
         path = tmp_path / f"{engine}.json"
         path.write_text(json.dumps(cfg))
         if engine == "bmtrain":  # killed after step 4, resumed from the adapter checkpoint of step 3
-            assert _lora_launch(path, engine, {"FM_TEST_DIE_AFTER": "4"}).returncode != 0
+            assert _lora_launch(path, engine, {"die_after": 4}).returncode != 0
         res = _lora_launch(path, engine)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         run = tmp_path / engine / "lora"

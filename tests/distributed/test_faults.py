@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from fm.checkpoint import commit as ck
+from fm.checkpoint import layout
 from fm.io import CorruptFileError, UnsafeFileError
-from fm.train import checkpoint as ck
 from fm.train.config import load_config
 from fm.train.trainer import run
 from tests.helpers import APP, ROOT, Payload, children, make_run, stats
@@ -30,9 +31,9 @@ def _in_process(cfg_path: Path, **over) -> int:
 
 def _reseal(ckpt: Path, rel: str) -> None:
     """Record ``rel``'s new bytes in the manifest, as anyone handing out a doctored checkpoint would."""
-    marker = json.loads((ckpt / ck.COMPLETE).read_text())
+    marker = json.loads((ckpt / layout.COMPLETE).read_text())
     marker["files"][rel] = ck.file_digest(ckpt / rel)
-    (ckpt / ck.COMPLETE).write_text(json.dumps(marker))
+    (ckpt / layout.COMPLETE).write_text(json.dumps(marker))
 
 
 def test_a_payload_in_any_file_of_a_checkpoint_never_runs(tmp_path):
@@ -43,8 +44,8 @@ def test_a_payload_in_any_file_of_a_checkpoint_never_runs(tmp_path):
     cfg = make_run(tmp_path / "src", repeat=True, train_iters=2, save_iters=2, warmup_iters=1, tensorboard="")
     assert _in_process(cfg) == 0
     src = tmp_path / "src" / "ckpt" / "run" / "2"
-    files = sorted(json.loads((src / ck.COMPLETE).read_text())["files"])
-    binary = [f for f in files if not f.endswith((".json", ".model")) and not f.endswith(ck.LOG_CKPT)]
+    files = sorted(json.loads((src / layout.COMPLETE).read_text())["files"])
+    binary = [f for f in files if not f.endswith((".json", ".model")) and not f.endswith(layout.LOG_CKPT)]
     assert set(binary) >= {"fm9g_live_checkpoint-2.pt", "scheduler.pt", "rng/rank0.pt", "optimizer/.metadata",
                            "optimizer/__0_0.distcp"}
     marker = tmp_path / "PAYLOAD_RAN"
@@ -70,7 +71,7 @@ def test_resume_passes_over_a_damaged_checkpoint(tmp_path, caplog):
     root = tmp_path / "ckpt" / "run"
     model = root / "4" / "fm9g_live_checkpoint-4.pt"
     model.write_bytes(model.read_bytes()[:1000])  # truncated: a full disk or a copy cut short
-    with pytest.raises(ck.CheckpointError, match=rf"checkpoint {root / '4'} is damaged: {model}: 1000 bytes"):
+    with pytest.raises(layout.CheckpointError, match=rf"checkpoint {root / '4'} is damaged: {model}: 1000 bytes"):
         _in_process(cfg, resume_ckpt="4", train_iters=5)
     with caplog.at_level("INFO"):
         assert _in_process(cfg, train_iters=5) == 0  # resume_ckpt "latest"
@@ -148,7 +149,7 @@ def test_workers_stop_with_their_launcher_and_one_run_per_directory(tmp_path):
     assert f"resumed at iteration {latest}" in rc.stdout + rc.stderr
     assert ("taking over the lock" in rc.stdout + rc.stderr) == lock_left
     assert not (run_dir / ".lock").exists()
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(ck.TMP_PREFIX)]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(layout.TMP_PREFIX)]
 
     # tensorboard shows every step once, with the values of the run that went on from the checkpoint
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

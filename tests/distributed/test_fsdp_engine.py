@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
             engine.save_optimizer(tmpdir / "optim1")
     final = engine.model_state_dict()
     # async checkpoint with 2 ranks: DCP writes from a background thread on the engine's checkpoint group
-    from fm.train.checkpoint import CheckpointManager, standard_parts
+    from fm.checkpoint.commit import CheckpointManager, standard_parts
 
     manager = CheckpointManager(tmpdir / "run", async_save=True, comm=engine, keep_last_n=1)
     for step in (1, 2):
@@ -89,15 +89,15 @@ def test_two_rank_training_matches_single_process(two_rank_run):
 
 
 def test_async_checkpoint_two_ranks(two_rank_run):
-    from fm.train import checkpoint as ck
+    from fm.checkpoint import layout
 
     tmp, _, res = two_rank_run
     root = tmp / "run"
-    assert ck.list_checkpoints(root) == [2] and ck.find_latest(root) == 2
+    assert layout.list_checkpoints(root) == [2] and layout.find_latest(root) == 2
     d = root / "2"
     assert sorted(p.name for p in (d / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
     assert (d / "optimizer" / ".metadata").is_file()
-    assert_sd_close(torch.load(ck.model_file(d), weights_only=True), res["final"], atol=0)
+    assert_sd_close(torch.load(layout.model_file(d), weights_only=True), res["final"], atol=0)
 
 
 def test_collectives(two_rank_run):

@@ -20,10 +20,10 @@ BASELINE = {"loss_chunk": 0, "use_checkpoint": False, "offload": False}
 LEVERS = {"loss_chunk": 40, "use_checkpoint": True, "checkpoint_every": 2, "offload": True}  # 128 tokens: 4 chunks
 
 
-def _run(tmp: Path, engine: str, env: dict | None = None, **overrides) -> Path:
+def _run(tmp: Path, engine: str, faults: dict | None = None, **overrides) -> Path:
     cfg = make_run(tmp, repeat=True, engine=engine, **{**STEPS, **overrides})
-    rc, out = launch(cfg, env=env, bmtrain_cpu=engine == "bmtrain")
-    if not (env or {}).get("FM_TEST_DIE_AFTER"):
+    rc, out = launch(cfg, bmtrain_cpu=engine == "bmtrain", faults=faults)
+    if not (faults or {}).get("die_after"):
         assert rc == 0, out[-4000:]
     return tmp / "ckpt" / "run"
 
@@ -61,6 +61,6 @@ def test_bmtrain_levers_and_compiled_layers_train_as_without(tmp_path):
 def test_compiled_layers_train_as_eager_and_resume(tmp_path):
     # a compiled run killed after step 4 (last save: 3) and resumed compiled trains as the eager run does
     eager = _run(tmp_path / "eager", "fsdp")
-    crashed = _run(tmp_path / "compiled", "fsdp", env={"FM_TEST_DIE_AFTER": "4"}, compile=True, save_iters=3)
+    crashed = _run(tmp_path / "compiled", "fsdp", faults={"die_after": 4}, compile=True, save_iters=3)
     assert sorted(stats(crashed)) == [1, 2, 3, 4]
     _assert_same(_run(tmp_path / "compiled", "fsdp", compile=True, save_iters=3), eager, rel=1e-4, atol=1e-5)

@@ -76,7 +76,7 @@ def test_two_process_fsdp_lora_and_exact_resume(tmp_path, tokenizer_path):
     pm = PeftModel.from_pretrained(base, str(ckpt6))
     assert pm.base_model.model.encoder.layers[0].self_attention.q_proj.lora_B["default"].weight.shape == (128, 4)
     # the adapter folder opens as the base the trainer recorded with the adapter folded in, as PEFT merges it
-    from fm.checkpoints import open_checkpoint
+    from fm.checkpoint.open import open_checkpoint
 
     opened = open_checkpoint(ckpt6)
     assert opened.kind == "lora" and opened.base.path == tmp_path / "base.pt" and opened.model_config == mc

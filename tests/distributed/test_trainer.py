@@ -30,7 +30,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert sorted(ref) == list(range(1, 41))
 
     cfg = make_run(tmp_path / "crash", repeat=True)
-    rc, out = launch(cfg, env={"FM_TEST_DIE_AFTER": "23"})
+    rc, out = launch(cfg, faults={"die_after": 23})
     assert rc != 0, out
     run = tmp_path / "crash" / "ckpt" / "run"
     assert max(stats(run)) == 23
@@ -66,7 +66,7 @@ def test_exact_resume_after_sigkill(tmp_path):
                  "scheduler.pt", "COMPLETE", "optimizer"):
         assert (run / "40" / name).exists(), name
     # self-describing: the run directory alone gives the model config, the weights and the tokenizer
-    from fm.checkpoints import open_checkpoint
+    from fm.checkpoint.open import open_checkpoint
 
     opened = open_checkpoint(run)
     assert opened.path == run / "40" and opened.model_config == load_model_config(str(tmp_path / "ref" / "model.json"))
@@ -105,10 +105,10 @@ def _lines(rec_dir: Path, upto: int | None = None) -> list[tuple[str, int]]:
 @pytest.mark.slow
 def test_resume_two_to_one_process_until_data_ends(tmp_path):
     cfg = make_run(tmp_path, repeat=False, n_a=60, n_b=40, train_iters=2, save_iters=2, warmup_iters=1)
-    rc, out = launch(cfg, env={"FM_TEST_RECORD_INDEXES": str(tmp_path / "rec2")})
+    rc, out = launch(cfg, faults={"record_indexes": tmp_path / "rec2"})
     assert rc == 0, out
     rc, out = launch(cfg, nproc=1, args=("--train_iters", "1000", "--save_iters", "100"),
-                     env={"FM_TEST_RECORD_INDEXES": str(tmp_path / "rec1")})
+                     faults={"record_indexes": tmp_path / "rec1"})
     assert rc == 0, out
     assert "resumed at iteration 2" in out and "data exhausted" in out
     first, second = _lines(tmp_path / "rec2"), _lines(tmp_path / "rec1")
@@ -158,7 +158,7 @@ def test_sigterm_on_one_rank_saves_and_exits_zero(tmp_path):
 @pytest.mark.slow
 def test_non_finite_steps_skipped_on_all_ranks_then_stop(tmp_path):
     cfg = make_run(tmp_path, repeat=True, train_iters=30, save_iters=4, max_skipped_steps=3)
-    rc, out = launch(cfg, env={"FM_TEST_NAN_STEPS": "1:2,1:5,1:6,1:7"})
+    rc, out = launch(cfg, faults={"nan_steps": "1:2,1:5,1:6,1:7"})
     assert rc != 0, out
     assert "3 consecutive non-finite steps" in out
     run = tmp_path / "ckpt" / "run"

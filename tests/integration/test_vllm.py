@@ -131,7 +131,7 @@ def fm_ids(checkpoint: Path, prompts: tuple[str, ...], template: str = "none",
     import torch
 
     from fm.chat import render_prompt
-    from fm.checkpoints import open_checkpoint
+    from fm.checkpoint.open import open_checkpoint
     from fm.generate import generate
     from fm.tokenizer import Tokenizer
 

@@ -12,16 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from fm.train import checkpoint as ck
-from fm.train.checkpoint import CheckpointManager, find_latest, json_part, list_checkpoints, torch_part
+from fm.checkpoint import commit as ck
+from fm.checkpoint import layout
+from fm.checkpoint.commit import CheckpointManager, json_part, torch_part
+from fm.checkpoint.layout import find_latest, list_checkpoints
 
 
 def parts_for(step: int, size: int = 1000) -> list:
     g = torch.Generator().manual_seed(step)
     return [
-        torch_part(ck.MODEL_FILE.format(step=step), {"w": torch.randn(size, generator=g)}),
-        json_part(ck.LOG_CKPT, {"iteration": step, "consumed_tokens": step * 10}),
-        json_part(ck.DATASET_FILE, {"pos": step}),
+        torch_part(layout.MODEL_FILE.format(step=step), {"w": torch.randn(size, generator=g)}),
+        json_part(layout.LOG_CKPT, {"iteration": step, "consumed_tokens": step * 10}),
+        json_part(layout.DATASET_FILE, {"pos": step}),
     ]
 
 
@@ -33,11 +35,12 @@ def test_layout_and_latest(tmp_path):
     m = CheckpointManager(tmp_path)
     final = m.save(100, parts_for(100))
     assert final == tmp_path / "100"
-    assert sorted(tree(final)) == sorted([ck.COMPLETE, ck.DATASET_FILE, ck.LOG_CKPT, "fm9g_live_checkpoint-100.pt"])
+    assert sorted(tree(final)) == sorted([layout.COMPLETE, layout.DATASET_FILE, layout.LOG_CKPT,
+                                          "fm9g_live_checkpoint-100.pt"])
     assert (tmp_path / "latest").read_text() == "100\n"
-    assert json.loads((final / ck.COMPLETE).read_text())["step"] == 100
-    assert ck.read_log_ckpt(final) == {"iteration": 100, "consumed_tokens": 1000}
-    assert ck.model_file(final).name == "fm9g_live_checkpoint-100.pt"
+    assert json.loads((final / layout.COMPLETE).read_text())["step"] == 100
+    assert layout.read_log_ckpt(final) == {"iteration": 100, "consumed_tokens": 1000}
+    assert layout.model_file(final).name == "fm9g_live_checkpoint-100.pt"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
     assert find_latest(tmp_path) == 100
 
@@ -52,7 +55,7 @@ def test_commit_order_complete_rename_then_latest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ck.os, "replace", spy)
     CheckpointManager(tmp_path).save(7, parts_for(7))
-    assert events[-3:] == [ck.COMPLETE, "7", "latest"]  # COMPLETE inside, then the dir rename, then latest
+    assert events[-3:] == [layout.COMPLETE, "7", "latest"]  # COMPLETE inside, then the dir rename, then latest
 
 
 def test_failed_part_leaves_no_checkpoint(tmp_path):
@@ -63,8 +66,8 @@ def test_failed_part_leaves_no_checkpoint(tmp_path):
         (d / "half.bin").write_bytes(b"x" * 10)
         raise OSError(28, "No space left on device", str(d / "half.bin"))
 
-    with pytest.raises(ck.CheckpointError, match=r"checkpoint .*2 was not saved \(rank\(s\) \[0\]\): .*half.bin: No "
-                                                 r"space left on device; nothing was committed"):
+    with pytest.raises(layout.CheckpointError, match=r"checkpoint .*2 was not saved \(rank\(s\) \[0\]\): .*half.bin: "
+                                                     r"No space left on device; nothing was committed"):
         m.save(2, [*parts_for(2), boom])
     assert not (tmp_path / "2").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []  # removed at once
@@ -82,13 +85,13 @@ def test_incomplete_and_temporary_dirs_are_ignored(tmp_path):
     (tmp_path / "latest").write_text("300\n")  # latest pointing at a broken dir
     assert list_checkpoints(tmp_path) == [200]
     assert find_latest(tmp_path) == 200
-    assert ck.resolve_checkpoint(tmp_path, "latest") == tmp_path / "200"
-    assert ck.resolve_checkpoint(tmp_path, 200) == tmp_path / "200"
+    assert layout.resolve_checkpoint(tmp_path, "latest") == tmp_path / "200"
+    assert layout.resolve_checkpoint(tmp_path, 200) == tmp_path / "200"
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        ck.resolve_checkpoint(tmp_path, 300)
-    assert ck.resolve_checkpoint(tmp_path, str(tmp_path / "300")) == tmp_path / "300"  # explicit path: allowed
+        layout.resolve_checkpoint(tmp_path, 300)
+    assert layout.resolve_checkpoint(tmp_path, str(tmp_path / "300")) == tmp_path / "300"  # explicit path: allowed
     assert find_latest(tmp_path / "nothing") is None
-    assert ck.resolve_checkpoint(tmp_path / "nothing") is None
+    assert layout.resolve_checkpoint(tmp_path / "nothing") is None
 
 
 def test_keep_last_n(tmp_path):
@@ -102,8 +105,8 @@ def test_keep_last_n(tmp_path):
 def test_resave_same_step_replaces(tmp_path):
     m = CheckpointManager(tmp_path)
     m.save(5, parts_for(5))
-    m.save(5, [json_part(ck.LOG_CKPT, {"iteration": 5, "again": True})])
-    assert ck.read_log_ckpt(tmp_path / "5") == {"iteration": 5, "again": True}
+    m.save(5, [json_part(layout.LOG_CKPT, {"iteration": 5, "again": True})])
+    assert layout.read_log_ckpt(tmp_path / "5") == {"iteration": 5, "again": True}
     assert list_checkpoints(tmp_path) == [5]
 
 
@@ -116,7 +119,7 @@ def test_async_writes_same_bytes_as_sync(tmp_path):
     state["iteration"] = 999  # mutated after save() returned: the snapshot must not see it
     m.close()
     a, b = tree(sync / "3"), tree(asyn / "3")
-    a.pop(ck.COMPLETE), b.pop(ck.COMPLETE)
+    a.pop(layout.COMPLETE), b.pop(layout.COMPLETE)
     assert json.loads(b.pop("extra.json")) == {"iteration": 3}
     assert a == b
     assert find_latest(asyn) == 3
@@ -137,7 +140,7 @@ def test_async_error_raised_at_next_wait(tmp_path):
 CRASH_SCRIPT = """
 import os, sys
 from pathlib import Path
-from fm.train.checkpoint import CheckpointManager, json_part
+from fm.checkpoint.commit import CheckpointManager, json_part
 
 def crash(d: Path) -> None:
     (d / "fm9g_live_checkpoint-2.pt").write_bytes(b"half a file")
@@ -155,7 +158,7 @@ def test_crash_mid_save_is_ignored(tmp_path, repo_root):
     assert r.returncode == 1, r.stderr.decode()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-2-")]  # the half-written save
     assert find_latest(tmp_path) == 1
-    assert ck.read_log_ckpt(tmp_path / "1") == {"iteration": 1}
+    assert layout.read_log_ckpt(tmp_path / "1") == {"iteration": 1}
 
 
 class ThreadComm:
@@ -196,7 +199,7 @@ def test_two_ranks_write_into_one_dir(tmp_path, async_save):
             for step in (1, 2):
                 parts = [torch_part(f"rank{rank}.pt", torch.full((4,), float(rank + step)))]
                 if rank == 0:
-                    parts.append(json_part(ck.LOG_CKPT, {"iteration": step}))
+                    parts.append(json_part(layout.LOG_CKPT, {"iteration": step}))
                 m.save(step, parts)
             m.close()
         except BaseException as e:  # pragma: no cover - reported below
@@ -210,9 +213,9 @@ def test_two_ranks_write_into_one_dir(tmp_path, async_save):
     assert not errors, errors
     assert list_checkpoints(tmp_path) == [2]
     d = tmp_path / "2"
-    assert sorted(p.name for p in d.iterdir()) == sorted([ck.COMPLETE, ck.LOG_CKPT, "rank0.pt", "rank1.pt"])
+    assert sorted(p.name for p in d.iterdir()) == sorted([layout.COMPLETE, layout.LOG_CKPT, "rank0.pt", "rank1.pt"])
     assert torch.load(d / "rank1.pt").tolist() == [3.0] * 4
-    assert json.loads((d / ck.COMPLETE).read_text())["world_size"] == 2
+    assert json.loads((d / layout.COMPLETE).read_text())["world_size"] == 2
 
 
 def test_rng_state_roundtrip():
@@ -248,14 +251,14 @@ def test_fsdp_engine_standard_parts_async(tmp_path, tokenizer_path):
         m.close()
         d = tmp_path / "run" / "1"
         names = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
-        assert {ck.COMPLETE, ck.LOG_CKPT, ck.DATASET_FILE, ck.CONFIG_FILE, ck.TOKENIZER_FILE, ck.SCHEDULER_FILE,
-                "rng/rank0.pt", "fm9g_live_checkpoint-1.pt", "optimizer/.metadata"} <= names
-        sd = torch.load(ck.model_file(d), weights_only=True)
+        assert {layout.COMPLETE, layout.LOG_CKPT, layout.DATASET_FILE, layout.CONFIG_FILE, layout.TOKENIZER_FILE,
+                layout.SCHEDULER_FILE, "rng/rank0.pt", "fm9g_live_checkpoint-1.pt", "optimizer/.metadata"} <= names
+        sd = torch.load(layout.model_file(d), weights_only=True)
         plain = TinyLM()
         plain.load_state_dict(sd, strict=True)
         for k, v in before.items():
             assert torch.equal(sd[k], v), k
-        engine.load_optimizer(d / ck.OPTIMIZER_DIR)
+        engine.load_optimizer(d / layout.OPTIMIZER_DIR)
         for p, st in engine.optimizer.state.items():  # the state as of the save, not after the extra step
             for k, v in st.items():
                 got = v.full_tensor() if hasattr(v, "full_tensor") else v
@@ -297,7 +300,7 @@ def test_everything_written_follows_the_umask(tmp_path, mask):
                                     {"r": 2, "lora_alpha": 4, "target_modules": ["q"]})
     finally:
         os.umask(old)
-    files = [final / "fm9g_live_checkpoint-5.pt", final / ck.COMPLETE, final / ck.DATASET_FILE,
+    files = [final / "fm9g_live_checkpoint-5.pt", final / layout.COMPLETE, final / layout.DATASET_FILE,
              tmp_path / "run" / "latest", tmp_path / "f.bin", tmp_path / "export" / "config.json",
              adapter / "adapter_model.safetensors", adapter / "adapter_config.json"]
     for f in files:

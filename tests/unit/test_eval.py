@@ -521,7 +521,7 @@ def test_cli_on_tiny_dragonfly_pt(tmp_path, tokenizer, tokenizer_path, capsys):
 
 
 def test_model_config_beside_checkpoint(tmp_path, tokenizer):
-    from fm.checkpoints import CheckpointFormError, open_checkpoint
+    from fm.checkpoint.open import CheckpointFormError, open_checkpoint
 
     pt = tmp_path / "m.pt"
     torch.save({"w": torch.zeros(1)}, pt)

@@ -186,7 +186,7 @@ def test_export_errors_name_the_fix(tmp_path):
     ckpt = tmp_path / "c"
     ckpt.mkdir()
     torch.save(model.state_dict(), ckpt / "fm9g_live_checkpoint-1.pt")
-    from fm.checkpoints import CheckpointFormError
+    from fm.checkpoint.open import CheckpointFormError
 
     with pytest.raises(CheckpointFormError, match="give it with --config"):
         export_checkpoint(ckpt, tmp_path / "o")

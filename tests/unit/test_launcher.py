@@ -37,17 +37,6 @@ def test_topology_from_the_environment_and_its_defaults():
     assert cmd[-3:] == ["app.py", "--config", "x y.json"]
 
 
-def test_app_options_anywhere(tmp_path):
-    train = tmp_path / "t.json"
-    train.write_text(json.dumps({"train_iters": 3}))
-    a = launch.parse_app_args(["--lr", "0.1", "--config", str(train), "--dry-run", "--lora", "--config", "tiny",
-                               "--train_iters", "3"])
-    assert (a.dry_run, a.lora, a.train_config) == (True, True, str(train))
-    assert a.rest == ["--lr", "0.1", "--config", "tiny", "--train_iters", "3"]  # a model config is an override
-    assert launch.parse_app_args(["--lora", "false"]).rest == ["--lora", "false"]
-    assert launch.parse_app_args(["-h"]).help
-
-
 def _good_run(tmp_path: Path) -> Path:
     from tests.helpers import make_launch_run
 
@@ -60,7 +49,7 @@ def test_dry_run_prints_the_command_and_the_plan(tmp_path, capsys):
                          prog="t", env={"GPUS_PER_NODE": "2", "MASTER_PORT": "1234"})
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert out.splitlines()[0].endswith(f"w.py --config {cfg} --train_iters 9")
+    assert out.splitlines()[0].endswith(f"w.py --train_config {cfg} --train_iters 9")
     for part in ("world          1 node(s) x 2 process(es) = 2", "model          dragonfly",
                  "token shares a 67%, b 33%",
                  "9 x (batch 2 x grad_accum 1 x 2 process(es)) rows of 64 tokens = 256 tokens per step",
@@ -74,7 +63,7 @@ def test_preflight_reports_every_problem_at_once(tmp_path, capsys):
     cfg = _good_run(tmp_path)
     data = json.loads(cfg.read_text())
     (tmp_path / "a_file").write_text("")
-    data.update(warmup_iter=10, batch_size="2", engine="deepspeed", tokenizer_path=str(tmp_path / "no.model"),
+    data.update(warmup_iter=10, batch_size="two", engine="deepspeed", tokenizer_path=str(tmp_path / "no.model"),
                 save=str(tmp_path / "a_file" / "ckpt"))
     cfg.write_text(json.dumps(data))
     mix = Path(data["dataset_config"])
@@ -85,12 +74,12 @@ def test_preflight_reports_every_problem_at_once(tmp_path, capsys):
     assert rc == 2
     assert err.startswith("preflight: 7 problems; nothing was started:\n"), err
     for part in ("unknown key 'warmup_iter'; did you mean \"warmup_iters\"?",
-                 "batch_size: must be an integer (a JSON number, not a string), got '2'",
-                 "engine: 'deepspeed' is not one of auto, bmtrain, fsdp",
-                 f"tokenizer_path: tokenizer model not found: {tmp_path / 'no.model'}",
-                 f"dataset_config {mix}: entry 0 (task 'a'): abs_weight: must be > 0, got 0",
-                 f"dataset_config {mix}: entry 1 (task 'c'): path not found",
-                 f"save: {tmp_path / 'a_file' / 'ckpt'}: {tmp_path / 'a_file'} is a file, not a directory"):
+                 "batch_size (data.batch_size): must be an integer, got 'two'",
+                 "engine (engine.name): 'deepspeed' is not one of auto, bmtrain, fsdp",
+                 f"data.tokenizer: tokenizer model not found: {tmp_path / 'no.model'}",
+                 f"data.mixture {mix}: entry 0 (task 'a'): abs_weight: must be > 0, got 0",
+                 f"data.mixture {mix}: entry 1 (task 'c'): path not found",
+                 f"run.save_dir: {tmp_path / 'a_file' / 'ckpt'}: {tmp_path / 'a_file'} is a file, not a directory"):
         assert part in err, part
 
 
@@ -98,20 +87,21 @@ def test_preflight_checks_model_vocab_weights_and_resume(tmp_path):
     cfg = _good_run(tmp_path)
     model = json.loads((tmp_path / "model.json").read_text())
     (tmp_path / "model.json").write_text(json.dumps({**model, "vocab_size": 100, "num_heads": 3}))
-    r = preflight(str(cfg), ["--load_model", str(tmp_path / "base.pt"), "--resume_ckpt", "7"])
+    r = preflight(str(cfg), [("load_model", str(tmp_path / "base.pt")), ("resume_ckpt", "7")])
     text = "\n".join(r.problems)
     assert "num_heads=3 must be a multiple of num_kv_heads=2" in text
-    assert "resume_ckpt: checkpoint" in text and "is missing or incomplete" in text
+    assert "checkpoint.resume.source: checkpoint" in text and "is missing or incomplete" in text
     (tmp_path / "model.json").write_text(json.dumps({**model, "vocab_size": 100}))
-    r = preflight(str(cfg), ["--load_model", str(tmp_path / "base.pt")])
+    r = preflight(str(cfg), [("load_model", str(tmp_path / "base.pt"))])
     assert any("has 8000 pieces but the model config's vocab_size is 100" in p for p in r.problems)
-    assert any(p.startswith("load_model: checkpoint not found") for p in r.problems)
+    assert any(p.startswith("model.init_from: checkpoint not found") for p in r.problems)
 
 
 def test_help_lists_every_train_key(capsys):
     assert launch.app_main(["w.py"], "d.json", ["--help"], prog="fm train", env={}) == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: fm train [--dry-run]") and "  --lora_targets LIST_OF_STRING  [default q,k,v]" in out
+    assert out.startswith("usage: fm train [--dry-run]")
+    assert "  --lora.targets LIST_OF_STRING  [default q,k,v]  (upstream --lora_targets)" in out
 
 
 def test_rendezvous_file_heartbeat_and_timeout(tmp_path):
@@ -207,7 +197,7 @@ def test_the_worker_scripts_answer_help(capsys):
 
     from fm.train.cli import main
 
-    assert main(["--help"]) == 0 and "  --train_iters INT  [default 10000]" in capsys.readouterr().out
+    assert main(["--help"]) == 0 and "  --run.train_iters INT  [default 10000]" in capsys.readouterr().out
     spec = importlib.util.spec_from_file_location("pretrain_dragonfly", ROOT / "apps/fm9g_2b/pretrain_dragonfly.py")
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)

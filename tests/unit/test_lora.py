@@ -178,7 +178,7 @@ def test_merged_weights_carry_their_tokenizer(repo_root, tmp_path, tokenizer_pat
     """fm lora merge writes <stem>.tokenizer.model beside the .pt, which the opener finds (no --tokenizer)."""
     import shutil
 
-    from fm.checkpoints import open_checkpoint
+    from fm.checkpoint.open import open_checkpoint
 
     cfg, model, base_sd, lc = _adapted(repo_root)
     adir = lora.save_adapter(tmp_path / "adapter", lora.adapter_state_dict(model), lc)

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from fm.checkpoint import commit as ck
+from fm.checkpoint import layout
 from fm.io import CorruptFileError, UnsafeFileError, load_pickle, load_torch
-from fm.train import checkpoint as ck
 from tests.helpers import Payload
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +40,7 @@ def _payload_pt(path: Path, marker: Path, **extra) -> Path:
 
 
 def _loaders():
-    from fm.checkpoints import open_checkpoint
+    from fm.checkpoint.open import open_checkpoint
     from fm.distributed import bmtrain as bmt_engine
     from fm.distributed import fsdp
     from fm.export import spark_import
@@ -50,7 +51,7 @@ def _loaders():
         "model state dict (fsdp/bmtrain engines, trainer resume)": fsdp.load_full_state_dict,
         "bmtrain optimizer shard": bmt_engine._load,
         "rng state": ck.read_rng_state,
-        "scheduler": lambda p: ck.read_scheduler_state(p.parent),
+        "scheduler": lambda p: layout.read_scheduler_state(p.parent),
         "lora base weights": lora._read_state,
         "spark importer shard": spark_import._load,
         "checkpoint opener (generate, export, eval, LoRA merge)": lambda p: open_checkpoint(p).state_dict(),
@@ -59,7 +60,7 @@ def _loaders():
 
 @pytest.mark.parametrize("name", list(_loaders()))
 def test_no_loader_runs_code_from_a_file(tmp_path, marker, name):
-    path = _payload_pt(tmp_path / "ckpt" / ck.SCHEDULER_FILE, marker)
+    path = _payload_pt(tmp_path / "ckpt" / layout.SCHEDULER_FILE, marker)
     with pytest.raises(UnsafeFileError, match=rf"{path}: refused for safety: .*posix\.system"):
         _loaders()[name](path)
 
@@ -194,11 +195,11 @@ def test_truncated_index_h5_is_named(tmp_path):
 def test_checkpoint_manifest_catches_every_kind_of_damage(tmp_path):
     m = ck.CheckpointManager(tmp_path)
     m.save(1, [ck.torch_part("fm9g_live_checkpoint-1.pt", {"w": torch.randn(5000)}),
-               ck.json_part(ck.LOG_CKPT, {"iteration": 1}), ck.torch_part("rng/rank0.pt", ck.rng_state())])
+               ck.json_part(layout.LOG_CKPT, {"iteration": 1}), ck.torch_part("rng/rank0.pt", ck.rng_state())])
     d = tmp_path / "1"
-    files = json.loads((d / ck.COMPLETE).read_text())["files"]
-    assert sorted(files) == [ck.LOG_CKPT, "fm9g_live_checkpoint-1.pt", "rng/rank0.pt"]
-    assert files[ck.LOG_CKPT] == ck.file_digest(d / ck.LOG_CKPT)
+    files = json.loads((d / layout.COMPLETE).read_text())["files"]
+    assert sorted(files) == [layout.LOG_CKPT, "fm9g_live_checkpoint-1.pt", "rng/rank0.pt"]
+    assert files[layout.LOG_CKPT] == ck.file_digest(d / layout.LOG_CKPT)
     assert ck.verify_checkpoint(d) == []
     model = d / "fm9g_live_checkpoint-1.pt"
     raw = bytearray(model.read_bytes())

@@ -162,17 +162,14 @@ def test_shipped_train_configs_load_and_resolve():
     from fm.train.config import load_config
 
     pre = _load("pretrain_spark")
-    sft = _load("sft_spark")
     files = sorted((APP / "train_configs").glob("*.json"))
     assert len(files) == 6
     for f in files:
         cfg = pre.resolve_spark_model_config(load_config(f))
         from fm.models.registry import load_model_config
 
-        assert load_model_config(cfg.config).model_family == "spark" and cfg.eos_token == "<end>"
-        assert cfg.lora == ("lora" in f.name)
-    assert pre.normalise_flags(["--lora", "--lr", "1"]) == ["--lora", "true", "--lr", "1"]
-    assert sft.wants_lora(["--lora", "true"]) and not sft.wants_lora(["--lora", "false"])
+        assert load_model_config(cfg.model.config).model_family == "spark" and cfg.data.eos_token == "<end>"
+        assert cfg.lora.enabled == ("lora" in f.name)
 
 
 # ------------------------------------------------------------------------------ generation

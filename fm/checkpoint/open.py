@@ -27,24 +27,19 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fm.checkpoint.layout import MODEL_RE, CheckpointFormError, models_in, resolve_checkpoint
 from fm.train.lora_adapter import ADAPTER_CONFIG, load_adapter, merge_state_dict
 
 log = logging.getLogger(__name__)
 
-MODEL_RE = re.compile(r"^fm9g_live_checkpoint-(\d+)\.pt$")
 NOT_MODELS = {"scheduler.pt"}  # .pt files of a step directory that hold no weights
 KINDS = ("pt", "step", "lora", "hf")
-
-
-class CheckpointFormError(ValueError):
-    """The path is not any checkpoint form, or lacks what the caller needs (its model config, a base)."""
 
 
 @dataclass
@@ -177,7 +172,7 @@ def _classify(p: Path) -> Checkpoint:
             raise CheckpointFormError(f"{p}: not a checkpoint file (a .pt state dict); {_FORMS}")
         m = MODEL_RE.match(p.name)
         return Checkpoint("pt", p, weights=p, step=int(m.group(1)) if m else None)
-    models = _models_in(p)
+    models = models_in(p)
     if models:
         step, file = models[-1]
         return Checkpoint("step", p, weights=file, step=step)
@@ -199,22 +194,16 @@ _FORMS = ("accepted: a .pt state dict; a step directory with fm9g_live_checkpoin
           "<save>/<model_unique>/ with step directories")
 
 
-def _models_in(d: Path) -> list[tuple[int, Path]]:
-    return sorted((int(m.group(1)), f) for f in d.glob("fm9g_live_checkpoint-*.pt") if (m := MODEL_RE.match(f.name)))
-
-
 def _is_hf_dir(d: Path) -> bool:
     weights = any(d.glob("*.safetensors")) or any(d.glob("pytorch_model*.bin"))
     return weights and (d / "config.json").is_file() and not (d / ADAPTER_CONFIG).is_file()
 
 
 def _holds_model(d: Path) -> bool:
-    return bool(_models_in(d)) or (d / ADAPTER_CONFIG).is_file()
+    return bool(models_in(d)) or (d / ADAPTER_CONFIG).is_file()
 
 
 def _step_dir_of_run(run: Path) -> Path | None:
-    from fm.train.checkpoint import resolve_checkpoint
-
     step = resolve_checkpoint(run, "latest")
     if step is not None:
         return Path(step)
@@ -283,13 +272,21 @@ def _config_in(home: Path, family: str | None) -> tuple[Any, str] | None:
         for key in ("model_config", "model"):
             if isinstance(data, dict) and _is_model_config(data.get(key)):
                 return load_model_config(data[key], family), f"{p}:{key}"
-        if isinstance(data, dict) and isinstance(data.get("config"), str):  # the train config the trainer saved
-            named = data["config"]
+        named = _model_config_named_by(data)
+        if named:  # the train config the trainer saved (fm's sections, or upstream's flat keys)
             for cand in (home / named, Path(named)):
                 if cand.is_file():
                     return load_model_config(cand, family), f"{p}:config={named}"
             return load_model_config(named, family), f"{p}:config={named}"
     return None
+
+
+def _model_config_named_by(train_config: Any) -> str | None:
+    if not isinstance(train_config, dict):
+        return None
+    model = train_config.get("model")
+    named = model.get("config") if isinstance(model, dict) else train_config.get("config")
+    return named if isinstance(named, str) and named else None
 
 
 def _read_json(path: Path) -> Any:

@@ -1,21 +1,6 @@
-"""Checkpoint directories: upstream layout, atomic commit, ``latest``, keep-last-n, async save.
+"""Writing a checkpoint directory: its parts, atomic commit, ``latest``, keep-last-n, async save, verification.
 
-Layout (``root`` is ``<save>/<model_unique>``, as upstream)::
-
-    <root>/<step>/fm9g_live_checkpoint-<step>.pt   full model state dict (upstream key names)
-    <root>/<step>/optimizer/                        fsdp: torch.distributed.checkpoint dir; bmtrain: per-rank files
-    <root>/<step>/.log_ckpt                         JSON: iteration, token counters, ...
-    <root>/<step>/dataset_ckpt/state.json           merged data-loader state
-    <root>/<step>/config.json                       resolved train config
-    <root>/<step>/model_config.json                 resolved model config (with model_family): the step dir
-                                                    is self-describing, wherever it is copied
-    <root>/<step>/tokenizer.model                   copy of the tokenizer
-    <root>/<step>/scheduler.pt                      lr scheduler state
-    <root>/<step>/rng/rank<r>.pt                    per-rank RNG states
-    <root>/<step>/COMPLETE                          written last inside the dir (JSON: step, world size, and
-                                                    every file's size and CRC32)
-    <root>/latest                                   the step, written after the dir is in place
-    <root>/.tmp-<step>-<hex>/                       a save in progress (never read; removed by the next save)
+The files and names are :mod:`fm.checkpoint.layout`'s.
 
 Commit protocol: every rank writes its parts into the same temp dir (rank 0 creates it and
 broadcasts its name), hashes the files it wrote (size and CRC32, in the writer thread, so an async
@@ -49,6 +34,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fm.checkpoint.layout import (
+    COMPLETE,
+    CONFIG_FILE,
+    DATASET_FILE,
+    LATEST,
+    LOG_CKPT,
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    OPTIMIZER_DIR,
+    RNG_FILE,
+    SCHEDULER_FILE,
+    TMP_PREFIX,
+    TOKENIZER_FILE,
+    CheckpointError,
+    list_checkpoints,
+)
 from fm.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
@@ -56,19 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "fm9g_live_checkpoint-{step}.pt"
-OPTIMIZER_DIR = "optimizer"
-LOG_CKPT = ".log_ckpt"
-DATASET_DIR = "dataset_ckpt"
-DATASET_FILE = f"{DATASET_DIR}/state.json"
-CONFIG_FILE = "config.json"
-MODEL_CONFIG_FILE = "model_config.json"
-TOKENIZER_FILE = "tokenizer.model"
-SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng/rank{rank}.pt"
-COMPLETE = "COMPLETE"
-LATEST = "latest"
-TMP_PREFIX = ".tmp-"
 
 Part = Callable[[Path], list[str]]
 """Writes one piece of a checkpoint into the given (temp) directory and returns the paths it wrote, relative
@@ -138,12 +126,6 @@ def read_rng_state(path: str | Path) -> dict[str, Any]:
     from fm.io import load_torch, numpy_array_globals
 
     return load_torch(path, allow=numpy_array_globals())
-
-
-def read_scheduler_state(ckpt: str | Path) -> dict[str, Any]:
-    from fm.io import load_torch
-
-    return load_torch(Path(ckpt) / SCHEDULER_FILE)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -232,70 +214,6 @@ def standard_parts(
             torch.save(scheduler_state, buf)  # serialised now, as the JSON parts
             parts.append(bytes_part(SCHEDULER_FILE, buf.getvalue()))
     return parts
-
-
-# ---------------------------------------------------------------- finding checkpoints
-def is_complete(path: Path) -> bool:
-    return (Path(path) / COMPLETE).is_file()
-
-
-def list_checkpoints(root: str | Path) -> list[int]:
-    """Steps of the complete checkpoints under ``root``, ascending."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and is_complete(p))
-
-
-def find_latest(root: str | Path) -> int | None:
-    """The step that ``latest`` names if that checkpoint is complete, else the newest complete one, else None."""
-    root = Path(root)
-    try:
-        step = int((root / LATEST).read_text().strip())
-        if is_complete(root / str(step)):
-            return step
-        log.warning("%s names step %d, which is not a complete checkpoint: using the newest complete one",
-                    root / LATEST, step)
-    except (FileNotFoundError, ValueError):
-        pass
-    steps = list_checkpoints(root)
-    return steps[-1] if steps else None
-
-
-def resolve_checkpoint(root: str | Path, which: str | int | None = "latest") -> Path | None:
-    """Directory to resume from: ``"latest"``/None → :func:`find_latest`; a step number; or a directory path.
-
-    An explicit directory without ``COMPLETE`` (e.g. an upstream checkpoint) is accepted with a warning.
-    """
-    root = Path(root)
-    if which is None or str(which).lower() == "latest":
-        step = find_latest(root)
-        return None if step is None else root / str(step)
-    if isinstance(which, int) or str(which).isdigit():
-        path = root / str(int(which))
-        if not is_complete(path):
-            raise FileNotFoundError(f"checkpoint {path} is missing or incomplete (no {COMPLETE}); "
-                                    f"complete steps: {list_checkpoints(root)}")
-        return path
-    path = Path(which)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    if not is_complete(path):
-        log.warning("%s has no %s marker (upstream or interrupted save?): loading it anyway", path, COMPLETE)
-    return path
-
-
-def read_log_ckpt(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / LOG_CKPT).read_text())
-
-
-def model_file(path: str | Path) -> Path:
-    """The ``fm9g_live_checkpoint-<step>.pt`` inside a checkpoint directory."""
-    path = Path(path)
-    files = sorted(path.glob(MODEL_FILE.format(step="*")))
-    if not files:
-        raise FileNotFoundError(f"no {MODEL_FILE.format(step='<step>')} in {path}")
-    return files[-1]
 
 
 # ---------------------------------------------------------------- the manager
@@ -462,10 +380,6 @@ def remove_stale_tmp(root: str | Path) -> list[str]:
                 shutil.rmtree(p, ignore_errors=True)
                 gone.append(p.name)
     return gone
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be saved, or does not verify; the message names the file and the cause."""
 
 
 def _describe(e: BaseException) -> str:

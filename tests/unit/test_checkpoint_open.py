@@ -1,4 +1,4 @@
-"""fm.checkpoints.open_checkpoint: every form a user has (run, step, .pt, LoRA adapter, Hugging Face export) opens
+"""fm.checkpoint.open.open_checkpoint: every form a user has (run, step, .pt, LoRA adapter, Hugging Face export) opens
 with its own model config and tokenizer, from wherever it was copied; generate, export, eval and LoRA merge all go
 through it (references: the model's own forward, fm.train.lora's merge, PEFT's layout, transformers' Llama)."""
 
@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from fm import checkpoints
-from fm.checkpoints import CheckpointFormError, open_checkpoint
+from fm.checkpoint import open as checkpoints
+from fm.checkpoint.open import CheckpointFormError, open_checkpoint
 from fm.models.config import config_to_dict
 from fm.models.registry import build_model, load_model_config
 from fm.train import lora
