@@ -67,8 +67,7 @@ def main() -> None:
     batch = synthetic_batch(a.batch_size, a.max_length, tr.model_config.vocab_size, a.tasks)
     tr.loader = SimpleNamespace(task_names=batch["task_names"], state_dict=dict)
     tr.metrics = MetricsWriter(enabled=True, tensorboard_dir=f"{tmp}/tb", jsonl_path=f"{tmp}/stats.jsonl")
-    tr._batches = itertools.repeat(batch)  # the loop's own path: the next step's batch is taken during a step
-    tr._agree_on([batch])
+    tr.start(itertools.repeat(batch))  # the loop's own path: the next step's batch is taken during a step
 
     def bare_step() -> None:
         per_token = model(batch["inputs"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],

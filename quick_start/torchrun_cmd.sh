@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The per-node steps of quick_start/train_multinode.sbatch (srun runs them on every node); the logic is Python
-# (fm/launch.py: the torchrun command, signal forwarding, the rendezvous file, requeue), unit-tested there.
+# (fm/launch/: the torchrun command, signal forwarding, the rendezvous file, requeue), unit-tested there.
 #   bash quick_start/torchrun_cmd.sh run-node CMD [ARGS…]   run CMD, forwarding USR1/TERM/INT/HUP to its workers
 #   bash quick_start/torchrun_cmd.sh signal-node SIG        signal the training workers of this node's run-node
 set -euo pipefail

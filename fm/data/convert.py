@@ -608,6 +608,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (e.g. from slurm) becomes SystemExit in this process, so the temp directory is removed. The worker
+    processes are forked with this handler; the parent terminates them (SIGTERM) when the conversion fails, and a
+    SystemExit raised wherever a worker then was (a finaliser, multiprocessing's teardown) printed "Exception
+    ignored ... Traceback". A forked worker leaves at once instead: its partial files are the parent's to remove."""
+    main_pid = os.getpid()
+
+    def on_sigterm(signum: int, frame: object) -> None:  # noqa: ARG001
+        if os.getpid() != main_pid:
+            os._exit(128 + signum)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -616,8 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    strict=args.strict, overwrite=args.overwrite, chunk_size=int(args.chunk_mb * (1 << 20)),
                    progress=False if args.no_progress else None, fsync=not args.no_fsync,
                    json_keys=tuple(args.json_keys))
-    # SIGTERM (e.g. from slurm) becomes SystemExit so the temp directory is removed.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()
     try:
         meta = convert(args.path, args.output, opts)
     except ConvertError as e:

@@ -327,8 +327,7 @@ def bench_engine(engine: str, layers: int, compiled: bool = False, seq: int = 40
     tr.build_model()
     batch = synthetic_batch(1, seq, shape["vocab_size"], 2)
     tr.loader = SimpleNamespace(task_names=batch["task_names"], state_dict=dict)
-    tr._batches = itertools.repeat(batch)
-    tr._agree_on([batch])
+    tr.start(itertools.repeat(batch))  # the loop's own path: the next step's batch is taken during a step
     for _ in range(3):
         tr.train_step()
     torch.cuda.synchronize()

@@ -4,7 +4,10 @@ the apps share, and upstream's config shapes (fm/compat/upstream.py) loading as 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,24 @@ def test_one_exception_root():
                 found.append(obj)
                 assert issubclass(obj, FmError) or name.startswith("_"), f"{mod.__name__}.{name}"
     assert len(found) >= 15
+
+
+def test_launchers_import_no_torch_before_the_preflight(tmp_path):
+    """fm/launch promises the standard library (and fm's torch-free modules) until the preflight: parsing the
+    command line, the topology, the torchrun command and --help cost no torch import on a login node."""
+    code = """
+import sys
+from fm import launch
+from fm.compat.argv import choose_config, parse_train_args
+args = parse_train_args(["--lora", "--lr", "0.1", "--optim.eps=1e-6", "--offload", "--dry-run"])
+choose_config(args, "sft.json", "lora.json")
+launch.torchrun_command(["w.py", *args.argv()], launch.topology({"GPUS_PER_NODE": "2", "MASTER_PORT": "1"}))
+launch.app_help("fm train", "d.json")
+assert launch.app_main(["w.py"], "", ["--help"], prog="t", env={}) == 0
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "numpy", "sentencepiece"))
+print("HEAVY", heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout[-2000:]

@@ -162,7 +162,7 @@ def test_a_stop_signal_reaches_the_workers_not_torchrun(tmp_path):
 
 def test_requeue_only_inside_slurm_after_a_signal(monkeypatch):
     calls = []
-    monkeypatch.setattr(launch.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(launch.nodes.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     assert launch.maybe_requeue(0, "USR1", {"REQUEUE": "1", "SLURM_JOB_ID": "42"}) == 0
     assert calls == [["scontrol", "requeue", "42"]]
     assert launch.maybe_requeue(3, "USR1", {"REQUEUE": "1"}) == 3 and len(calls) == 1
