@@ -15,6 +15,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from fm.errors import FmError
+
 # name: (module with main(argv), one line for `fm --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("fm.demo", "the whole workflow on a corpus built from Python's documentation (CPU, a few minutes)"),
@@ -80,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = getattr(importlib.import_module(module), func or "main")
     try:
         return int(run(rest) or 0)
+    except FmError as e:  # a bad input or a state to change: the message says what to do, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fm.schema import _Bad, coerce, fields_of, suggest
+from fm.words import parse_bool
 
 # upstream key → fm key (section.key)
 KEYS: dict[str, str] = {
@@ -180,7 +181,7 @@ def _is_section(root: type, path: str) -> bool:
 def _upstream_value(name: str, value: Any, notes: list[str], where: str, root: type) -> Any:
     """Upstream's value forms: strings everywhere (parsed as on the command line), ``save="True"`` (a flag:
     the default directory), ``resume_ckpt`` as a step number."""
-    if name == "save" and (isinstance(value, bool) or str(value).strip().lower() in ("true", "false", "1", "0")):
+    if name == "save" and (isinstance(value, bool) or parse_bool(str(value)) is not None):
         notes.append(f'{where}: save={value!r} is upstream\'s flag form; checkpoints go to the default directory '
                      '"data/checkpoints"')
         return "data/checkpoints"

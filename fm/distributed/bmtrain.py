@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fm.constants import IGNORE_INDEX
 from fm.distributed.base import Engine, ModelOrFactory, ReduceOp, Snapshot, StagingBuffers
 from fm.distributed.fsdp import (
     _group,
@@ -159,7 +160,7 @@ class BMTrainEngine(Engine):
         # sets the CUDA device, pins each local rank to its share of the CPU cores and seeds torch/random/numpy.
         bmt.init_distributed(seed=self.seed)
         self._device = torch.device("cpu") if cpu else torch.device("cuda", self.local_rank)
-        self._ce = bmt.loss.FusedCrossEntropy(ignore_index=-100, reduction="none")
+        self._ce = bmt.loss.FusedCrossEntropy(ignore_index=IGNORE_INDEX, reduction="none")
 
     @property
     def rank(self) -> int:
@@ -467,7 +468,8 @@ def _saved_rank_files(directory: Path, world_size: int) -> list[dict[str, Any]]:
     worlds = {int(n.rsplit("-of-", 1)[1][:-3]) for n in names}
     if len(worlds) != 1:
         raise FileNotFoundError(f"no bmtrain optimizer state for rank files in {directory} (found {names[:4]}): "
-                                "resume with only_load_model (weights only) or resume_no_optimze")
+                                "resume with checkpoint.resume.weights_only (only_load_model) or "
+                                "checkpoint.resume.rewarm_iters (resume_no_optimze)")
     saved = worlds.pop()
     files = [directory / RANK_FILE.format(rank=r, world=saved) for r in range(saved)]
     missing = [f.name for f in files if not f.is_file()]
@@ -483,8 +485,9 @@ def _check_saved_state(snap: dict[str, Any], kind: dict[str, Any], params: list[
     saved = {k: snap.get(k) for k in kind}
     if saved != kind:
         raise ValueError(f"{where}: the optimizer state was saved with {saved}, this run uses {kind}; the moments "
-                         "do not carry over between dtypes or offload settings: resume with resume_no_optimze "
-                         "(fresh optimizer, lr re-warm) or only_load_model")
+                         "do not carry over between dtypes or offload settings: resume with "
+                         "checkpoint.resume.rewarm_iters (resume_no_optimze: fresh optimizer, lr re-warm) or "
+                         "checkpoint.resume.weights_only (only_load_model)")
     numels = [math.prod(getattr(p, "_original_shape", p.shape)) for p in params]
     if snap["numels"] != numels:
         raise ValueError(f"{where}: the saved optimizer state is for {len(snap['numels'])} parameters of other sizes "

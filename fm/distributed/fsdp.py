@@ -36,6 +36,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from fm.constants import IGNORE_INDEX
 from fm.distributed.base import Engine, ModelOrFactory, ReduceOp, Snapshot, StagingBuffers, copy_tree
 
 log = logging.getLogger(__name__)
@@ -253,8 +254,8 @@ class FSDPEngine(Engine):
         return self.optimizer
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
-                               reduction="none")
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="none")
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
