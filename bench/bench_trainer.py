@@ -71,9 +71,9 @@ def main() -> None:
 
     def bare_step() -> None:
         per_token = model(batch["inputs"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
-                          max_seqlen=batch["max_seqlen"], targets=batch["targets"], loss_chunk=cfg.loss_chunk)
+                          max_seqlen=batch["max_seqlen"], targets=batch["targets"], loss_chunk=cfg.engine.loss_chunk)
         e.backward(per_token.sum() / batch["num_targets"])
-        e.clip_grad_norm(cfg.clip_grad)
+        e.clip_grad_norm(cfg.optim.clip_grad)
         e.optimizer_step()
         e.zero_grad()
 

@@ -158,7 +158,10 @@ class Checkpointer:
             log.info("checkpoint.resume.weights_only: weights loaded; step, optimizer, schedule and data start fresh")
             return ckpt
         self._load_states(ckpt, spec)
-        self.last_saved = int(self.states["trainer"].state_dict()["iteration"])
+        counters = self.states["trainer"].state_dict()
+        self.last_saved = int(counters["iteration"])
+        log.info("resumed at iteration %d (%d optimizer steps taken, %d skipped)", counters["iteration"],
+                 self.states["scheduler"].num_iters, counters.get("skipped_total", 0))
         return ckpt
 
     def _load_weights(self, ckpt: Path, spec: ResumeSpec) -> None:

@@ -251,9 +251,7 @@ class Trainer:
         self.build_loader()
         ckpt = self.build_checkpointer()
         ckpt.claim()
-        if ckpt.load(init_from=self.cfg.model.init_from) is not None and not self.cfg.checkpoint.resume.weights_only:
-            log.info("resumed at iteration %d (%d optimizer steps taken, %d skipped)",
-                     self.iteration, self.scheduler.num_iters, self.state.skipped_total)
+        ckpt.load(init_from=self.cfg.model.init_from)
         for cb in self.callbacks:
             cb.setup(self)
 

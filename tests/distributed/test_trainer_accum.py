@@ -36,7 +36,7 @@ def test_grad_accum_equals_big_batch(tmp_path):
     tr.setup_engine()
     try:
         tr.build_model()
-        loader = build_train_loader(cfg.dataset_config, Tokenizer(cfg.tokenizer_path), batch_size=8, max_length=64,
+        loader = build_train_loader(cfg.data.mixture, Tokenizer(cfg.data.tokenizer), batch_size=8, max_length=64,
                                     seed=1)
         big = next(iter(loader))
         tr.loader = SimpleNamespace(task_names=loader.task_names)
@@ -66,7 +66,8 @@ def test_grad_accum_equals_big_batch(tmp_path):
 def test_model_config_is_the_tiny_one():
     # Guard: the shared tiny model used by the trainer tests stays tiny (fast tests).
     assert TINY_MODEL["dim_model"] <= 64 and TINY_MODEL["num_layers"] <= 2
-    assert json.loads((ROOT / "apps" / "fm9g_2b" / "train_configs" / "tiny.json").read_text())["engine"] == "fsdp"
+    tiny = json.loads((ROOT / "apps" / "fm9g_2b" / "train_configs" / "tiny.json").read_text())
+    assert tiny["engine"]["name"] == "fsdp"
 
 
 @pytest.mark.parametrize("bad", [{"grad_accum": 0}, {"batch_size": 0}])

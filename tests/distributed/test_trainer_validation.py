@@ -57,8 +57,9 @@ def direct_loss(tmp: Path, step: int, world_size: int) -> dict[str, tuple[float,
     sums: dict[str, list[float]] = {}
     with torch.no_grad():
         for rank in range(world_size):
-            for b in fixed_batches(cfg.eval_dataset_config, tok, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                   n_batches=cfg.eval_iters, rank=rank, world_size=world_size, seed=cfg.seed):
+            for b in fixed_batches(cfg.eval.mixture, tok, batch_size=cfg.data.batch_size,
+                                   max_length=cfg.data.max_length, n_batches=cfg.eval.iters, rank=rank,
+                                   world_size=world_size, seed=cfg.run.seed):
                 logits = model(b["inputs"], position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"],
                                max_seqlen=b["max_seqlen"])
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), b["targets"].reshape(-1),
@@ -149,16 +150,16 @@ def test_eos_token_applies_to_validation_batches(tmp_path):
     tr.setup_engine()
     try:
         tr.build_loader()
-        tr.build_validation()
+        tr.validation.setup(tr)
     finally:
         tr.engine.shutdown()
     end = Tokenizer(TOKENIZER).piece_to_id("<end>")
-    targets = torch.cat([b["targets"].reshape(-1) for b in tr.val_batches])
-    assert len(tr.val_batches) == 2 and tr.val_tasks == ["a", "b"]
+    targets = torch.cat([b["targets"].reshape(-1) for b in tr.validation.batches])
+    assert len(tr.validation.batches) == 2 and tr.validation.tasks == ["a", "b"]
     assert (targets == end).any() and not (targets == 2).any()  # "<end>" instead of the tokenizer's </s>
 
 
-@pytest.mark.parametrize(("bad", "key"), [({"eval_interval": 5}, "eval_dataset_config"),
+@pytest.mark.parametrize(("bad", "key"), [({"eval_interval": 5}, "eval.mixture"),
                                           ({"eval_iters": 0}, "eval_iters"),
                                           ({"eval_interval": -1}, "eval_interval")])
 def test_bad_validation_keys_rejected(bad, key):
@@ -169,4 +170,4 @@ def test_bad_validation_keys_rejected(bad, key):
 
 def test_validation_off_by_default():
     cfg = load_config(None)
-    assert (cfg.eval_dataset_config, cfg.eval_iters, cfg.eval_interval) == ("", 10, 0)
+    assert (cfg.eval.mixture, cfg.eval.iters, cfg.eval.interval) == ("", 10, 0)

@@ -340,7 +340,7 @@ def bench_engine(engine: str, layers: int, compiled: bool = False, seq: int = 40
     peak = tr.peak_flops
     mfu = tps * tr.flops_per_token / peak if peak else None
     kernel = select_kernel(torch.empty(1, device="cuda", dtype=torch.bfloat16))
-    return {"engine": engine, "compile": compiled, "attention": kernel, "loss_chunk": cfg.loss_chunk,
+    return {"engine": engine, "compile": compiled, "attention": kernel, "loss_chunk": cfg.engine.loss_chunk,
             "layers": layers, "seq": seq, "step_s": round(dt, 4), "tokens_per_s_per_gpu": round(tps),
             "mfu_with_head": round(mfu, 4) if mfu else None, "peak_tflops": peak / 1e12, "loss": s["loss"],
             "max_allocated_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 2),

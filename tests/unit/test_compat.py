@@ -32,7 +32,9 @@ def test_grammar(tmp_path):
                            ("optim.eps", "1e-6"), ("offload", "true")]  # a model config is an override
     assert a.argv() == ["--lr", "0.1", "--lora", "true", "--config", "tiny", "--train_iters", "3", "--optim.eps",
                         "1e-6", "--offload", "true"]
-    assert parse_train_args(["--train_config", "x.json"]).config == "x.json"  # always the train config
+    for flag in ("--train_config", "--train-config", "--config_file", "--config-file"):  # always the train config
+        assert parse_train_args([flag, "x.json"]).config == "x.json"
+        assert parse_train_args([f"{flag}=y.json"]).config == "y.json"
     assert parse_train_args(["--engine.offload", "--run.train_iters", "5"]).cli() == {"engine.offload": "true",
                                                                                       "run.train_iters": "5"}
     with pytest.raises(ConfigError, match="--lr needs a value"):
