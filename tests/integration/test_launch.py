@@ -55,7 +55,7 @@ def test_launcher_composes_torchrun_from_env_and_checks_first(launcher, tmp_path
     assert (o["rdzv_backend"], o["rdzv_endpoint"]) == ("c10d", "g3002:12346")
     assert "SIGUSR1" in o["signals-to-handle"].split(",")
     worker = WIRING[launcher.name][0]
-    assert cmd[-5:] == [worker, "--config", str(cfg), "--exp_group", "a b 'c'"]  # quotes and spaces stay one argument
+    assert cmd[-5:] == [worker, "--train_config", str(cfg), "--exp_group", "a b 'c'"]  # quotes and spaces stay one argument
     assert "world          2 node(s) x 3 process(es) = 6" in out and "preflight      ok" in out
 
 
@@ -71,7 +71,7 @@ def test_launcher_defaults_and_a_failed_preflight(launcher, tmp_path):
     assert (o["node_rank"], o["nnodes"]) == ("2", "3")
     assert o["rdzv_endpoint"] == "localhost:12345"  # across nodes the port must be fixed, not random
     worker = cmd.index(WIRING[launcher.name][0])
-    assert cmd[worker:worker + 3] == [WIRING[launcher.name][0], "--config", WIRING[launcher.name][1]]
+    assert cmd[worker:worker + 3] == [WIRING[launcher.name][0], "--train_config", WIRING[launcher.name][1]]
     assert cmd[cmd.index("--dataset_config") + 1] == str(missing)
     assert "preflight: " in out and "nothing was started" in out and str(missing) in out
     if shutil.which("nvidia-smi") is None:
@@ -89,7 +89,7 @@ def test_node_scripts_dry_run(tmp_path):
     cmd = shlex.split(next(ln for ln in out.stdout.splitlines() if ln.startswith("torchrun ")))
     o = opts(cmd)
     assert (o["nnodes"], o["node_rank"], o["rdzv_endpoint"]) == ("2", "0", f"{os.uname().nodename}:23456")
-    assert cmd[-4:] == ["--config", cfg, "--save", str(tmp_path / "a b")]
+    assert cmd[-4:] == ["--train_config", cfg, "--save", str(tmp_path / "a b")]
     assert not (tmp_path / "fm.env").exists()
 
     out = subprocess.run(["bash", "quick_start/run_slave.sh", "--dry-run", "--master", "g3002:23456", "--nnodes", "3",

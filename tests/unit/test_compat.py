@@ -18,7 +18,7 @@ from fm.errors import ConfigError, FmError
 from fm.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-UPSTREAM_ARGS = Path(__file__).parent / "data" / "upstream" / "pretrain_dragonfly_args.sh"
+UPSTREAM_ARGS = Path(__file__).parent / "data" / "upstream" / "pretrain_dragonfly_args.txt"
 SPARK = ROOT / "apps" / "spark_13b"
 
 
