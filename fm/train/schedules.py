@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from fm.train.config import TrainConfig
+    from fm.train.config import ScheduleConfig
 
 
 @dataclass
@@ -108,9 +108,12 @@ class LRScheduler:
         self.apply()
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer | None) -> LRScheduler:
-    """From a ``TrainConfig`` (fractions of train_iters resolved)."""
-    s = cfg.schedule
-    sched = Schedule(s.name, cfg.optim.lr, cfg.run.train_iters, cfg.warmup_steps(), cfg.drop_steps(), s.drop_begin,
-                     s.drop_rate)
-    return LRScheduler(optimizer, sched, cfg.checkpoint.resume.rewarm_iters)
+def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer | None, *, lr: float, train_iters: int,
+                    rewarm_iters: int = 0) -> LRScheduler:
+    """From the train config's ``schedule`` section (fractions of ``train_iters`` resolved), the peak ``lr``
+    (``optim.lr``) and ``rewarm_iters`` (``checkpoint.resume.rewarm_iters``)."""
+    from fm.train.config import frac_or_steps
+
+    sched = Schedule(cfg.name, lr, train_iters, frac_or_steps(cfg.warmup_iters, train_iters),
+                     frac_or_steps(cfg.drop_iters, train_iters), cfg.drop_begin, cfg.drop_rate)
+    return LRScheduler(optimizer, sched, rewarm_iters)

@@ -216,7 +216,8 @@ class Trainer:
                                   scaled_names=scaled, shapes=e.param_shapes)
         self.optimizer = e.build_optimizer(groups, lr=opt.lr, betas=(0.9, 0.95), eps=opt.eps,
                                            weight_decay=opt.weight_decay, offload=eng.offload)
-        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.scheduler = build_scheduler(cfg.schedule, self.optimizer, lr=opt.lr, train_iters=cfg.run.train_iters,
+                                         rewarm_iters=cfg.checkpoint.resume.rewarm_iters)
         self.n_params = count_non_embedding_params(self.model, e.param_shapes)
         mc = self.model_config
         self.flops_per_token = flops_per_token(self.n_params, mc.num_layers, mc.dim_model, cfg.data.max_length,

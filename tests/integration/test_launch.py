@@ -55,7 +55,8 @@ def test_launcher_composes_torchrun_from_env_and_checks_first(launcher, tmp_path
     assert (o["rdzv_backend"], o["rdzv_endpoint"]) == ("c10d", "g3002:12346")
     assert "SIGUSR1" in o["signals-to-handle"].split(",")
     worker = WIRING[launcher.name][0]
-    assert cmd[-5:] == [worker, "--train_config", str(cfg), "--exp_group", "a b 'c'"]  # quotes and spaces stay one argument
+    # quotes and spaces stay one argument
+    assert cmd[-5:] == [worker, "--train_config", str(cfg), "--exp_group", "a b 'c'"]
     assert "world          2 node(s) x 3 process(es) = 6" in out and "preflight      ok" in out
 
 

@@ -57,7 +57,7 @@ def test_linear():
 def test_fractions_resolved_from_config():
     cfg = load_config(None, {"lr_scheduler": "WarmupStableDrop", "lr": LR, "train_iters": 200,
                              "warmup_iters": 0.05, "drop_iters": 0.1})
-    sch = build_scheduler(cfg, None)
+    sch = build_scheduler(cfg.schedule, None, lr=cfg.optim.lr, train_iters=cfg.run.train_iters)
     assert (sch.schedule.warmup_iters, sch.schedule.drop_iters) == (10, 20)
 
 
