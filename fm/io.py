@@ -14,6 +14,7 @@ one is named as such (:class:`CorruptFileError`). :func:`load_pickle` does the s
 
 from __future__ import annotations
 
+import enum
 import io
 import json
 import os
@@ -187,11 +188,23 @@ def load_pickle(path: str | Path, allow: Iterable[tuple[str, str]], data: bytes 
     for safety (:class:`UnsafeFileError`). ``data``: the bytes, when already read."""
     allowed = set(allow)
 
+    def refuse(what: str) -> UnsafeFileError:
+        return UnsafeFileError(f"{path}: refused for safety: it asks for {what}, which this kind of file never holds; "
+                               "fm never unpickles arbitrary objects from a file")
+
+    def enum_member(cls: Any, name: Any) -> Any:
+        # Python 3.11.0-3.11.4 pickle an Enum member as getattr(EnumClass, "NAME") (later ones by value): allowed
+        # for a member of an allowed Enum class, and for nothing else getattr could reach.
+        if not (isinstance(cls, enum.EnumMeta) and isinstance(name, str) and name in cls.__members__):
+            raise refuse(f"getattr({getattr(cls, '__qualname__', type(cls).__name__)}, {name!r})")
+        return cls[name]
+
     class Restricted(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
+            if (module, name) == ("builtins", "getattr"):
+                return enum_member
             if (module, name) not in allowed:
-                raise UnsafeFileError(f"{path}: refused for safety: it asks for {module}.{name}, which this kind "
-                                      "of file never holds; fm never unpickles arbitrary objects from a file")
+                raise refuse(f"{module}.{name}")
             return super().find_class(module, name)
 
     raw = data if data is not None else Path(path).read_bytes()

@@ -137,6 +137,32 @@ def _fsdp_world_of_one():
     return engine
 
 
+class _ByName:
+    """Pickles as ``getattr(cls, name)``: how Python 3.11.0-3.11.4 (Debian 12's 3.11.2) write an Enum member."""
+
+    def __init__(self, cls, name):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return (getattr, (self.cls, self.name))
+
+
+def test_enum_members_pickled_by_name_load_and_nothing_else_getattr_reaches():
+    """On Python 3.11.2 torch's optimizer checkpoint metadata holds an Enum as getattr(...): resume refused it."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    from fm.distributed.fsdp import _DCP_METADATA_GLOBALS
+
+    member = _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    data = pickle.dumps([_ByName(_MEM_FORMAT_ENCODING, member.name)])
+    assert load_pickle("m", _DCP_METADATA_GLOBALS, data=data) == [member]
+    for cls, name in ((torch.Size, "count"), (_MEM_FORMAT_ENCODING, "__class__"), (_MEM_FORMAT_ENCODING, "mro")):
+        with pytest.raises(UnsafeFileError, match=r"refused for safety: it asks for getattr\("):
+            load_pickle("m", _DCP_METADATA_GLOBALS, data=pickle.dumps(_ByName(cls, name)))
+    with pytest.raises(UnsafeFileError, match="builtins.eval"):  # getattr's target must itself be allowed
+        load_pickle("m", _DCP_METADATA_GLOBALS, data=pickle.dumps(_ByName(eval, "__call__")))
+
+
 def test_dcp_optimizer_checkpoint_cannot_run_code(tmp_path, marker):
     engine = _fsdp_world_of_one()
     try:
