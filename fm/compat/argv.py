@@ -67,13 +67,13 @@ def is_train_config_file(value: str) -> bool:
 
 
 def _boolean_keys() -> set[str]:
-    from fm.compat.upstream import KEYS, REFUSED, field_type
+    from fm.compat.upstream import KEYS, NO_OP_FLAGS, REFUSED, field_type
     from fm.schema import help_rows
     from fm.train.config import TrainConfig
 
     fm_bools = {name for name, typ, _, _ in help_rows(TrainConfig) if typ == "bool"}
     return (fm_bools | {up for up, path in KEYS.items() if field_type(TrainConfig, path) is bool}
-            | {k for k, (legal, _) in REFUSED.items() if isinstance(legal, bool)})
+            | {k for k, (legal, _) in REFUSED.items() if isinstance(legal, bool)} | set(NO_OP_FLAGS))
 
 
 def parse_train_args(argv: Sequence[str]) -> TrainArgs:

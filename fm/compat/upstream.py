@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from fm.schema import _Bad, coerce, fields_of, suggest
-from fm.words import parse_bool
 
 # upstream key → fm key (section.key)
 KEYS: dict[str, str] = {
@@ -58,6 +57,11 @@ NO_OPS: dict[str, str] = {
     "local": "data is always read from the local filesystem (no HDFS)",
     "grad_ckpt_num": "engine.activation_checkpointing with engine.checkpoint_every chooses the checkpointed layers",
 }
+
+# upstream's save="True" (a flag, not a directory): these words mean the default directory; anything else is a path
+_SAVE_FLAG_WORDS = ("true", "false", "1", "0")
+# upstream keys of boolean type that do nothing here: given bare on a command line they take no value
+NO_OP_FLAGS = ("local", "stop_when_end")
 
 # Keys with one legal value: (that value, why any other is refused).
 REFUSED: dict[str, tuple[Any, str]] = {
@@ -181,7 +185,7 @@ def _is_section(root: type, path: str) -> bool:
 def _upstream_value(name: str, value: Any, notes: list[str], where: str, root: type) -> Any:
     """Upstream's value forms: strings everywhere (parsed as on the command line), ``save="True"`` (a flag:
     the default directory), ``resume_ckpt`` as a step number."""
-    if name == "save" and (isinstance(value, bool) or parse_bool(str(value)) is not None):
+    if name == "save" and (isinstance(value, bool) or str(value).strip().lower() in _SAVE_FLAG_WORDS):
         notes.append(f'{where}: save={value!r} is upstream\'s flag form; checkpoints go to the default directory '
                      '"data/checkpoints"')
         return "data/checkpoints"

@@ -7,7 +7,7 @@ interface, so the same loop runs on one CPU, under FSDP2 and under BMTrain.
 
 Typical use (the trainer's view)::
 
-    engine = build_engine("auto", seed=cfg.seed)
+    engine = build_engine("auto", seed=cfg.run.seed)
     engine.init()
     model = engine.shard(build_model(cfg_model, device="meta"), dtype=torch.bfloat16,
                          activation_checkpointing=True)

@@ -117,7 +117,7 @@ class ScheduleConfig:
 
 @dataclass
 class ResumeSpec:
-    """Where a run resumes from and what it takes from there (:mod:`fm.checkpoint.resume`)."""
+    """Where a run resumes from and what it takes from there (:mod:`fm.checkpoint.checkpointer`)."""
 
     source: str = key("", '`""` fresh start; `latest` newest complete checkpoint (fresh if none yet); a step '
                       "number; a checkpoint directory; or a bare `.pt` (weights only)")
@@ -362,6 +362,15 @@ def keys_help(width: int = 100) -> str:
         alias = f"  (upstream --{up})" if up else ""
         out.append(f"  --{name} {metavar}  [default {show_default(default)}]{alias}")
         out += textwrap.wrap(text.replace("`", ""), width, initial_indent="      ", subsequent_indent="      ")
+    from fm.compat.upstream import NO_OPS, REFUSED
+
+    out.append("\n  upstream keys accepted with no effect (said once at start when set):")
+    for name, why in NO_OPS.items():
+        out += textwrap.wrap(f"--{name}: {why}", width, initial_indent="    ", subsequent_indent="      ")
+    out.append("  upstream keys refused unless at their one legal value:")
+    for name, (legal, why) in REFUSED.items():
+        out += textwrap.wrap(f"--{name} {show_default(legal)} only: {why}", width, initial_indent="    ",
+                             subsequent_indent="      ")
     return "\n".join(out)
 
 

@@ -154,7 +154,9 @@ def _weights(cfg: TrainConfig, report: Report) -> None:
 
     run, spec = cfg.run.dir(), cfg.checkpoint.resume
     resume = None
-    if spec.source:
+    if spec.source and Path(spec.source).is_file():
+        resume = Path(spec.source)  # a bare .pt: weights only
+    elif spec.source:
         try:
             resume = resolve_checkpoint(run, spec.source)
         except FileNotFoundError as e:

@@ -37,6 +37,10 @@ def test_grammar(tmp_path):
         assert parse_train_args([f"{flag}=y.json"]).config == "y.json"
     assert parse_train_args(["--engine.offload", "--run.train_iters", "5"]).cli() == {"engine.offload": "true",
                                                                                       "run.train_iters": "5"}
+    # upstream's boolean keys that do nothing here are still flags: given bare they take no value
+    a = parse_train_args(["--local", "--lr", "0.1", "--stop_when_end"])
+    assert a.overrides == [("local", "true"), ("lr", "0.1"), ("stop_when_end", "true")]
+    assert load_config(None, cli=parse_train_args(["--local", "--offload"]).cli()).engine.offload is True
     with pytest.raises(ConfigError, match="--lr needs a value"):
         parse_train_args(["--lr"])
     with pytest.raises(ConfigError, match="unexpected argument '0.1'"):

@@ -95,6 +95,11 @@ def test_preflight_checks_model_vocab_weights_and_resume(tmp_path):
     r = preflight(str(cfg), [("load_model", str(tmp_path / "base.pt"))])
     assert any("has 8000 pieces but the model config's vocab_size is 100" in p for p in r.problems)
     assert any(p.startswith("model.init_from: checkpoint not found") for p in r.problems)
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    r = preflight(str(cfg), [("resume_ckpt", str(weights))])  # a bare .pt resumes the weights only
+    assert not r.problems and f"resumes from {weights}" in r.facts["run directory"]
 
 
 def test_help_lists_every_train_key(capsys):

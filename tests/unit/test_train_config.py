@@ -182,3 +182,13 @@ def test_train_help_lists_every_key():
         assert f"  --{name} " in text, name
     assert "--engine.name {auto,bmtrain,fsdp}  [default \"auto\"]  (upstream --engine)" in text
     assert "--checkpoint.resume.rewarm_iters INT  [default 0]  (upstream --resume_no_optimze)" in text
+    for name in (*NO_OPS, *REFUSED):  # upstream's keys that do nothing or are refused are listed with the reason
+        assert f"    --{name}" in text, name
+
+
+def test_save_flag_form_is_upstreams_words_only():
+    # save="True" is upstream's flag: the default directory; any other value is a directory, as it always was
+    for flag in (True, "True", "false", "1", "0"):
+        assert load_config(None, {"save": flag}).run.save_dir == "data/checkpoints"
+    for path in ("yes", "", "ckpt"):
+        assert load_config(None, {"save": path}).run.save_dir == path

@@ -18,7 +18,7 @@ substituted, and why the rest is the real code: ``docs/engines.md``):
 
 Only BMTrain 1.0.1 with the exact sources pinned in ``SOURCE_SHA256`` is accepted. Call :func:`install`
 before anything imports ``bmtrain``: a test's own process or spawned worker calls it first, and a
-process that torchrun starts runs its script through ``tests/support/run_bmtrain_cpu.py`` (what
+process that torchrun starts runs its script through ``tests/support/worker.py --bmtrain-cpu`` (what
 ``tests.helpers.launch(..., bmtrain_cpu=True)`` does). Without a GPU the engine
 (:class:`fm.distributed.bmtrain.BMTrainEngine`) runs on the CPU only when ``bmtrain`` was loaded by
 this backend (its modules carry ``__fm_cpu_backend__``).
