@@ -25,7 +25,7 @@ from fm.schema import build, check, format_problems, help_rows, key, show_defaul
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "qualify_model_config", "validate", "frac_or_steps"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "qualify_model_config", "frac_or_steps"]
 
 Scheduler = Literal["cosine", "warmupstabledrop", "warmupstableexp", "linear", "constant"]
 SCHEDULERS = get_args(Scheduler)
@@ -286,14 +286,6 @@ def qualify_model_config(cfg: TrainConfig, family: str | None) -> TrainConfig:
     name = cfg.model.config
     if family and "/" not in name and not Path(name).is_file():
         cfg.model.config = f"{family}/{name}"
-    return cfg
-
-
-def validate(cfg: TrainConfig, source: str = "config") -> TrainConfig:
-    """Raise one :class:`ConfigError` with every problem :func:`cross_problems` finds."""
-    problems = cross_problems(cfg, source)
-    if problems:
-        raise ConfigError(format_problems(source, problems))
     return cfg
 
 
