@@ -23,7 +23,7 @@ from fm.tokenizer import (
     load_tokenizer,
     resolve_tokenizer,
 )
-from tests.helpers import make_mixture, write_index
+from tests.helpers import make_mixture
 from tests.support.hf_fixtures import CHATML, IM_END, IM_START, build_hf_tokenizer
 
 TEXTS = ["中国的首都是北京。Hello, world!", "Training a language model 需要数据", "  two  spaces\tand tab\n\n",
