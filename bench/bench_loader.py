@@ -1,11 +1,14 @@
 """Loader throughput against SentencePiece alone, and worker memory against dataset size. Prints figures.
 
-    python bench/bench_loader.py [--mb 2.4] [--rows 3000] [--max-length 512] [--batch-size 4]
+    python bench/bench_loader.py [--mb 2.4] [--rows 3000] [--max-length 512] [--batch-size 4] [--hf-only]
 
 * throughput: packed tokens/s of one stream (the work of one DataLoader worker, run in-process) against
   SentencePiece alone on the same texts in the same run (its faster output form, in calls as large as the
   loader's); the ratio is the figure to watch (target ≥ 0.8:
   reading, JSON, transform, permutation and packing together cost ≤ 25% over tokenization).
+* Hugging Face tokenizer: the same with a byte-level BPE ``tokenizer.json`` of the demo tokenizer's vocabulary
+  size (8,000, trained on the demo corpus in the run: tests/support/hf_fixtures.py) against the ``tokenizers``
+  library's own ``encode_batch`` on the same lines, in calls as large as the loader's (target ≥ 0.8).
 * memory: RSS of a fresh process that produces the same number of rows from a dataset of size S and of 8·S
   (should not grow with S: offsets are memory-mapped, the line order is a Feistel permutation, O(1) memory).
 """
@@ -96,6 +99,52 @@ def loader_speed(cfg: str, tok, rows: int, batch_size: int, max_length: int, wor
     return tokens / (clock() - start)
 
 
+def hf_tokenizer(tmp: str, cfg: str, vocab_size: int = 8000):
+    """A byte-level BPE tokenizer directory of ``vocab_size`` trained on the benchmark's corpus."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from fm.data.indexed import IndexedDataset
+    from fm.tokenizer import load_tokenizer
+    from tests.support.hf_fixtures import build_hf_tokenizer
+
+    ds = IndexedDataset(json.load(open(cfg))[0]["path"])
+    texts = [ds.record(i)["output"] for i in range(len(ds))]
+    return load_tokenizer(build_hf_tokenizer(os.path.join(tmp, "hf"), vocab_size=vocab_size, texts=texts))
+
+
+def hf_encode_only(cfg: str, enc, seconds: float = 3.0) -> float:
+    """tokens/s (CPU time, all threads) of the ``tokenizers`` library alone (``enc``: its ``encode_batch`` or
+    ``encode_batch_fast``, no offsets) on the dataset's texts, in calls of as many lines as the loader makes."""
+    from fm.data.indexed import IndexedDataset
+    from fm.data.sources import refill_lines
+
+    ds = IndexedDataset(json.load(open(cfg))[0]["path"])
+    texts = [ds.record(i)["output"] for i in range(min(len(ds), 20000))]
+    step = refill_lines(ds)
+    tokens, start = 0, time.process_time()
+    while time.process_time() - start < seconds:
+        for i in range(0, len(texts), step):
+            tokens += sum(len(e.ids) for e in enc(texts[i:i + step], add_special_tokens=False))
+    return tokens / (time.process_time() - start)
+
+
+def hf_section(tmp: str, cfg: str, args: argparse.Namespace) -> None:
+    tok = hf_tokenizer(tmp, cfg)
+    runs = []
+    for _ in range(5):  # interleaved, as above; the median by the ratio to encode_batch
+        runs.append((hf_encode_only(cfg, tok.tk.encode_batch, seconds=1.0),
+                     hf_encode_only(cfg, tok.tk.encode_batch_fast, seconds=1.0),
+                     loader_speed(cfg, tok, args.rows, args.batch_size, args.max_length)))
+    runs.sort(key=lambda r: r[2] / r[0])
+    batch, fast, one = runs[len(runs) // 2]
+    r1, r2 = sorted(r[2] / r[0] for r in runs), sorted(r[2] / r[1] for r in runs)
+    print(f"HF tokenizers encode_batch alone : {batch:>12,.0f} tokens/s (tokenizer.json, {tok.vocab_size:,} tokens)")
+    print(f"HF tokenizers encode_batch_fast  : {fast:>12,.0f} tokens/s (no offsets)")
+    print(f"loader with it, one stream       : {one:>12,.0f} packed tokens/s = {one / batch:.2f} x encode_batch "
+          f"(range {r1[0]:.2f}-{r1[-1]:.2f}), {one / fast:.2f} x encode_batch_fast (range {r2[0]:.2f}-{r2[-1]:.2f}); "
+          "median of 5 interleaved runs")
+
+
 def child_rss(cfg: str, rows: int, batch_size: int, max_length: int) -> None:
     from fm.tokenizer import Tokenizer
 
@@ -111,6 +160,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--hf-only", action="store_true", help="only the Hugging Face tokenizer figures")
     p.add_argument("--child", nargs=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -121,6 +171,9 @@ def main() -> None:
 
     tok = Tokenizer(TOKENIZER)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.hf_only:
+            hf_section(tmp, build_dataset(tmp, 1), args)
+            return
         small, large = build_dataset(tmp, 1), build_dataset(tmp, 8)
         # Interleave the two measurements so machine load affects both alike; report the median of 5 pairs.
         pairs = []
@@ -133,6 +186,7 @@ def main() -> None:
         print(f"SentencePiece encode alone       : {enc:>12,.0f} tokens/s")
         print(f"loader, one stream (per worker)  : {one:>12,.0f} packed tokens/s = {one / enc:.2f} x encode "
               f"(median of 5 paired runs; range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+        hf_section(tmp, small, args)
         two = loader_speed(small, tok, args.rows * 2, args.batch_size, args.max_length, workers=2)
         print(f"loader, 2 DataLoader workers     : {two:>12,.0f} packed tokens/s (machine has {os.cpu_count()} cores)")
         for name, cfg in (("1x", small), ("8x", large)):

@@ -11,6 +11,10 @@ chat template without adding special tokens). tests/unit/test_chat.py pins the t
 * ``spark``: iFlytekSpark's ``<User> question<end><Bot> answer<end><User> …<end><Bot> `` with newlines and
   tabs written as Spark's tokenizer expects them (``<ret>``, ``<tab>``).
 * ``none``: the contents back to back.
+
+And a tokenizer's own Jinja ``chat_template`` (a Hugging Face tokenizer carries one in ``tokenizer_config.json``):
+:func:`render_jinja` renders it as transformers' ``apply_chat_template`` does (``fm generate --template auto``,
+SFT data in ``messages`` form: docs/mixtures.md).
 """
 
 from __future__ import annotations
@@ -18,6 +22,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 FORMATS = ("none", "fm9g", "spark")
+AUTO = "auto"  # fm generate --template auto: the tokenizer's chat_template if it has one, else "none"
+TEMPLATE = "template"  # what AUTO resolves to when the tokenizer carries a Jinja chat_template
+
+
+def resolve_format(fmt: str, chat_template: str | None) -> str:
+    """``auto`` → :data:`TEMPLATE` when the tokenizer has a ``chat_template``, else ``none``; other formats as given."""
+    if fmt == AUTO:
+        return TEMPLATE if chat_template else "none"
+    return fmt
 ROLES = ("system", "user", "assistant")
 
 
@@ -83,3 +96,56 @@ def jinja_template(fmt: str) -> str:
     if fmt not in _JINJA:
         raise ValueError(f"unknown chat format {fmt!r}: choose one of {', '.join(FORMATS)}")
     return _JINJA[fmt]
+
+
+# ------------------------------------------------------------------------------------------------ Jinja templates
+_COMPILED: dict[str, object] = {}
+
+
+def _compile(template: str):
+    """A chat template compiled as transformers compiles it (utils/chat_template_utils.py): a sandboxed, immutable
+    environment with ``trim_blocks``/``lstrip_blocks``, the loop controls, ``raise_exception``, ``strftime_now`` and
+    a ``tojson`` that keeps non-ASCII text."""
+    compiled = _COMPILED.get(template)
+    if compiled is not None:
+        return compiled
+    import json
+    from datetime import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    compiled = _COMPILED[template] = env.from_string(template)
+    return compiled
+
+
+def render_jinja(template: str, messages: Sequence[Mapping[str, object]], *, add_generation_prompt: bool = False,
+                 **variables: object) -> str:
+    """A conversation rendered with the Jinja chat ``template`` (``variables``: ``bos_token``, ``eos_token``, ...),
+    as transformers' ``apply_chat_template(..., tokenize=False)`` renders it: keys whose value is None are dropped
+    from the messages first. A template that calls ``raise_exception`` raises ValueError with its message."""
+    import jinja2
+
+    msgs = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise ValueError(f"message {i}: expected {{'role': str, 'content': ...}}, got {m!r}")
+        msgs.append({k: v for k, v in m.items() if v is not None})
+    try:
+        return _compile(template).render(messages=msgs, add_generation_prompt=add_generation_prompt, **variables)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"chat template: {e}") from e

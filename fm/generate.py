@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from fm.chat import FORMATS, from_spark_text, render, render_prompt
+from fm.chat import AUTO, FORMATS, TEMPLATE, from_spark_text, render, render_prompt, resolve_format
 
 PenaltyMode = Literal["multiplicative", "subtractive"]
 
@@ -413,7 +413,7 @@ def _load_model(args: Any) -> tuple[torch.nn.Module, str | None]:
 def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
-    from fm.tokenizer import Tokenizer
+    from fm.tokenizer import load_tokenizer
 
     p = build_parser()
     args = p.parse_args(argv)
@@ -423,9 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, own_tokenizer = _load_model(args)
         tok_path = args.tokenizer or own_tokenizer
         if tok_path is None:
-            raise ValueError(f"{args.checkpoint or args.config}: no tokenizer.model in the checkpoint; "
-                             "give --tokenizer")
-        tok = Tokenizer(tok_path)
+            raise ValueError(f"{args.checkpoint or args.config}: no tokenizer in the checkpoint (tokenizer.model or "
+                             "tokenizer/); give --tokenizer")
+        tok = load_tokenizer(tok_path)
     except (OSError, ValueError, KeyError) as e:  # bad input: the message names it and says how to fix it
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -440,14 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "--checkpoint: random weights of this config)")
     p.add_argument("--base", help="LoRA adapter only: the base weights "
                    "(default: the adapter's base_model_name_or_path)")
-    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: the checkpoint's own)")
+    p.add_argument("--tokenizer", help="SentencePiece .model, tokenizer.json or HF tokenizer directory (default: the "
+                   "checkpoint's own)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--predict-data", help="questions joined by '##' (Spark's predict_data)")
     p.add_argument("--input-file", help="json/jsonl with an 'input' field per record, or a 'messages' list (a "
                    "multi-turn conversation of {role: system|user|assistant, content}) rendered with --template")
     p.add_argument("--output", help="jsonl to write: the input records plus a 'generate' field")
-    p.add_argument("--template", choices=FORMATS, default="none",
-                   help="chat format around each input (fm.chat; the same as the chat_template fm export writes)")
+    p.add_argument("--template", choices=(AUTO, *FORMATS), default=AUTO,
+                   help="chat format around each input (fm.chat; the same as the chat_template fm export writes); "
+                        "auto (default): the tokenizer's own chat_template (a Hugging Face tokenizer's "
+                        "tokenizer_config.json) if it has one, else none")
     p.add_argument("--max-new-tokens", "--predict-length", dest="max_new_tokens", type=int, default=128)
     p.add_argument("--batch-size", "--predict-batch", dest="batch_size", type=int, default=8)
     p.add_argument("--do-sample", action="store_true")
@@ -472,10 +475,11 @@ def _run(args: Any, model: torch.nn.Module, tok: Any, records: list[dict[str, An
 
     from fm.io import atomic_write
 
-    stops = [tok.eos_id]
-    for piece in args.stop + (["<end>"] if args.template == "spark" else []):
+    fmt = resolve_format(args.template, tok.chat_template)
+    stops = [tok.eos_id] if tok.eos_id is not None else []
+    for piece in args.stop + (["<end>"] if fmt == "spark" else []):
         tid = tok.piece_to_id(piece)
-        if tid == tok.unk_id:
+        if tid is None:
             print(f"error: stop piece {piece!r} is not in {tok.path}", file=sys.stderr)
             return 2
         stops.append(tid)
@@ -485,14 +489,20 @@ def _run(args: Any, model: torch.nn.Module, tok: Any, records: list[dict[str, An
         repetition_penalty_mode=args.repetition_penalty_mode,
         repetition_penalty_increase=args.repetition_penalty_increase, stop_token_ids=tuple(stops),
         seed=args.seed, use_cache=not args.no_cache)
-    spark = args.template == "spark"
+    spark = fmt == "spark"
+
+    def prompts_of(chunk: list[dict[str, Any]]) -> list:
+        if fmt == TEMPLATE:  # the tokenizer's template: its text decides about BOS; its special tokens stay whole
+            convs = [r["messages"] if "messages" in r else [{"role": "user", "content": r["input"]}] for r in chunk]
+            return [tok.encode(tok.apply_chat_template(c, add_generation_prompt=True)) for c in convs]
+        # Spark's format writes newlines and tabs as its tokenizer expects them (<ret>, <tab>)
+        return [render(r["messages"], fmt) if "messages" in r else render_prompt(r["input"], fmt) for r in chunk]
+
     def run(out_f: Any) -> None:
         batch = 1 if args.stream else max(1, args.batch_size)
         for start in range(0, len(records), batch):
             chunk = records[start:start + batch]
-            # Spark's format writes newlines and tabs as its tokenizer expects them (<ret>, <tab>)
-            texts = [render(r["messages"], args.template) if "messages" in r else
-                     render_prompt(r["input"], args.template) for r in chunk]
+            texts = prompts_of(chunk)
 
             def stream(row: int, tid: int | None, text: str) -> None:
                 sys.stdout.write(from_spark_text(text) if spark else text)

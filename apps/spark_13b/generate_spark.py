@@ -160,7 +160,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> list[dict[str, Any]]:
     tok = Tokenizer(tok_path)
     stops = [tok.eos_id]
     end = tok.piece_to_id("<end>")
-    if end != tok.unk_id:
+    if end is not None:
         stops.append(end)
     cfg = generation_config(args, stops)
     model = load_model(args, ck)

@@ -46,6 +46,7 @@ from fm.checkpoint.layout import (
     RNG_FILE,
     SCHEDULER_FILE,
     TMP_PREFIX,
+    TOKENIZER_DIR,
     TOKENIZER_FILE,
     CheckpointError,
     list_checkpoints,
@@ -94,6 +95,25 @@ def copy_part(relpath: str, src: str | Path) -> Part:
         (d / relpath).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, d / relpath)
         return [relpath]
+
+    return write
+
+
+def tokenizer_part(src: str | Path) -> Part:
+    """Copy of the tokenizer: a SentencePiece model as ``tokenizer.model``, a Hugging Face tokenizer (``tokenizer.json``
+    or its directory) as the directory ``tokenizer/`` holding its files (:func:`fm.tokenizer.tokenizer_files`)."""
+    from fm.tokenizer import resolve_tokenizer, tokenizer_files, tokenizer_kind
+
+    path = resolve_tokenizer(src)
+    if tokenizer_kind(path) != "hf":
+        return copy_part(TOKENIZER_FILE, path)
+    files = tokenizer_files(path)
+
+    def write(d: Path) -> list[str]:
+        (d / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
+        for f, name in files:
+            shutil.copyfile(f, d / TOKENIZER_DIR / name)
+        return [f"{TOKENIZER_DIR}/{name}" for _, name in files]
 
     return write
 
@@ -208,7 +228,7 @@ def standard_parts(
         if model_config is not None:
             parts.append(json_part(MODEL_CONFIG_FILE, model_config))
         if tokenizer_path is not None:
-            parts.append(copy_part(TOKENIZER_FILE, tokenizer_path))
+            parts.append(tokenizer_part(tokenizer_path))
         if scheduler_state is not None:
             buf = io.BytesIO()
             torch.save(scheduler_state, buf)  # serialised now, as the JSON parts

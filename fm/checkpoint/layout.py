@@ -9,7 +9,9 @@ Layout (``root`` is ``<run.save_dir>/<run.name>``, upstream's ``<save>/<model_un
     <root>/<step>/config.json                       resolved train config (fm's sectioned form)
     <root>/<step>/model_config.json                 resolved model config (with model_family): the step dir
                                                     is self-describing, wherever it is copied
-    <root>/<step>/tokenizer.model                   copy of the tokenizer
+    <root>/<step>/tokenizer.model                   copy of the tokenizer: a SentencePiece model
+    <root>/<step>/tokenizer/                        ... or a Hugging Face tokenizer's files (tokenizer.json,
+                                                    tokenizer_config.json, and those of fm.tokenizer.HF_FILES present)
     <root>/<step>/scheduler.pt                      lr scheduler state
     <root>/<step>/rng/rank<r>.pt                    per-rank RNG states
     <root>/<step>/COMPLETE                          written last inside the dir (JSON: step, world size, and
@@ -40,7 +42,8 @@ DATASET_DIR = "dataset_ckpt"
 DATASET_FILE = f"{DATASET_DIR}/state.json"
 CONFIG_FILE = "config.json"
 MODEL_CONFIG_FILE = "model_config.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece tokenizer
+TOKENIZER_DIR = "tokenizer"  # a Hugging Face tokenizer: a directory of its files
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng/rank{rank}.pt"
 COMPLETE = "COMPLETE"

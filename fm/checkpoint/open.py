@@ -18,8 +18,10 @@ Its model config is ``model_config=`` when given (a JSON file or a shipped name)
 ``<name>.json`` beside a lone ``<name>.pt`` (what ``fm import`` and ``fm lora merge`` write), ``model_config.json``
 (every checkpoint we write has one), else a ``config.json`` that is a model config, nests
 one under ``model_config``/``model``, or is the train config whose ``config`` key names it. Its tokenizer is
-``tokenizer=`` when given, else the ``tokenizer.model`` in it (every checkpoint we write has one; a lone ``.pt``:
-``<stem>.tokenizer.model`` beside it, else ``tokenizer.model`` in its directory).
+``tokenizer=`` when given, else the one in it (every checkpoint we write has one): a SentencePiece
+``tokenizer.model`` or a Hugging Face tokenizer directory ``tokenizer/``; a lone ``.pt``: ``<stem>.tokenizer.model``
+or ``<stem>.tokenizer/`` beside it, else what its directory holds; a Hugging Face export: its ``tokenizer.model``,
+else its own ``tokenizer.json``. :attr:`Checkpoint.tokenizer` is the file or the directory.
 Nothing here runs code from the files (:func:`fm.io.load_torch`).
 """
 
@@ -33,7 +35,14 @@ from typing import Any
 
 import torch
 
-from fm.checkpoint.layout import MODEL_RE, CheckpointFormError, models_in, resolve_checkpoint
+from fm.checkpoint.layout import (
+    MODEL_RE,
+    TOKENIZER_DIR,
+    TOKENIZER_FILE,
+    CheckpointFormError,
+    models_in,
+    resolve_checkpoint,
+)
 from fm.train.lora_adapter import ADAPTER_CONFIG, load_adapter, merge_state_dict
 
 log = logging.getLogger(__name__)
@@ -236,21 +245,49 @@ def _open_base(adapter_dir: Path, base: str | Path | None, family: str | None) -
     return opened
 
 
-def tokenizer_beside(weights: str | Path) -> Path:
-    """``<weights stem>.tokenizer.model``: the tokenizer of a lone ``.pt`` (fm lora merge writes it)."""
+def tokenizer_beside(weights: str | Path, kind: str = "sentencepiece") -> Path:
+    """The tokenizer of a lone ``.pt`` (fm lora merge writes it): ``<weights stem>.tokenizer.model`` (a SentencePiece
+    model), or with ``kind="hf"`` the directory ``<weights stem>.tokenizer/`` (a Hugging Face tokenizer's files)."""
     weights = Path(weights)
-    return weights.with_name(weights.stem + ".tokenizer.model")
+    return weights.with_name(weights.stem + (".tokenizer" if kind == "hf" else ".tokenizer.model"))
+
+
+def write_tokenizer_beside(weights: str | Path, tokenizer: str | Path) -> Path:
+    """Copy ``tokenizer`` (a SentencePiece model, or a Hugging Face tokenizer file or directory) beside the lone
+    ``.pt`` ``weights`` (:func:`tokenizer_beside`), atomically. Returns where it went."""
+    from fm.io import atomic_write_bytes
+    from fm.tokenizer import copy_tokenizer_files, resolve_tokenizer, tokenizer_kind
+
+    path = resolve_tokenizer(tokenizer)
+    if tokenizer_kind(path) == "hf":
+        dst = tokenizer_beside(weights, "hf")
+        copy_tokenizer_files(path, dst)
+    else:
+        dst = tokenizer_beside(weights)
+        atomic_write_bytes(Path(path).read_bytes(), dst)
+    return dst
+
+
+def _hf_tokenizer_dir(d: Path) -> bool:
+    return (d / "tokenizer.json").is_file()
 
 
 def _tokenizer_in(ck: Checkpoint) -> Path | None:
-    if ck.path.is_file() and tokenizer_beside(ck.path).is_file():
-        return tokenizer_beside(ck.path)
+    if ck.path.is_file():
+        if tokenizer_beside(ck.path).is_file():
+            return tokenizer_beside(ck.path)
+        if _hf_tokenizer_dir(tokenizer_beside(ck.path, "hf")):
+            return tokenizer_beside(ck.path, "hf")
     homes = [ck.path] if ck.path.is_dir() else [ck.path.parent]
     if ck.base is not None:
         homes.append(ck.base.path if ck.base.path.is_dir() else ck.base.path.parent)
     for home in homes:
-        if (home / "tokenizer.model").is_file():
-            return home / "tokenizer.model"
+        if (home / TOKENIZER_FILE).is_file():
+            return home / TOKENIZER_FILE
+        if _hf_tokenizer_dir(home / TOKENIZER_DIR):
+            return home / TOKENIZER_DIR
+        if _hf_tokenizer_dir(home):  # a Hugging Face export (or import source) ships its tokenizer as it is
+            return home
     return None
 
 

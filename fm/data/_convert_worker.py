@@ -187,12 +187,12 @@ class TokenCounter:
 
     def __init__(self, language: str, tokenizer_path: str | None, threads: int = -1):
         self.language = language
-        self.threads = threads  # SentencePiece threads per list encode (-1: all cores)
+        self.threads = threads  # SentencePiece threads per list encode (-1: all cores; HF tokenizers: its own)
         self.tokenizer_path = os.path.abspath(tokenizer_path) if tokenizer_path else None
         if self.tokenizer_path:
-            from fm.tokenizer import Tokenizer
+            from fm.tokenizer import load_tokenizer
 
-            self._tok = Tokenizer(self.tokenizer_path)
+            self._tok = load_tokenizer(self.tokenizer_path)
             self.factor = 1.0
             self.method = f"tokenizer:{self.tokenizer_path}"
         else:
@@ -213,10 +213,8 @@ class TokenCounter:
         return chars
 
     def _encode_lengths(self, texts: list[str]) -> np.ndarray:
-        if self._tok.special_tokens:
-            ids = self._tok.encode_batch(texts)
-        else:  # one batch call; numpy results avoid building a Python int per token
-            ids = self._tok.sp.encode(texts, return_type="numpy", num_threads=self.threads)
+        # one batch call; int32 arrays avoid building a Python int per token (SentencePiece: self.threads threads)
+        ids = self._tok.encode_batch_arrays(texts, threads=self.threads)
         return np.fromiter(map(len, ids), np.int64, len(texts))
 
     def _token_counts(self, recs: list) -> np.ndarray:

@@ -403,9 +403,8 @@ def convert(path: str, output: str, opts: Options) -> dict:
 
         try:
             opts.tokenizer = resolve_tokenizer(opts.tokenizer)
-        except FileNotFoundError:
-            raise ConvertError(f"--tokenizer {opts.tokenizer}: file not found (a SentencePiece .model file, or "
-                               "'demo' for the shipped demo tokenizer)") from None
+        except FileNotFoundError as e:
+            raise ConvertError(f"--tokenizer {opts.tokenizer}: {e}") from None
     RecordFormat(opts.json_keys)  # a bad --json-keys fails before anything is read
     check_paths(path, output, name, opts.overwrite)
     files = find_inputs(path)
@@ -590,9 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "option) is trained on whole; two keys INPUT OUTPUT are a prompt (masked: no loss, may be "
                         "missing) and its answer (trained on). Default: input output. Other keys are kept in "
                         "data.jsonl for transforms; the keys are recorded in meta.json for the loader")
-    p.add_argument("--tokenizer", metavar="MODEL",
-                   help="SentencePiece model (or 'demo', the shipped one): count tokens exactly (input + output "
-                        "tokens per line) instead of estimating them")
+    p.add_argument("--tokenizer", metavar="TOKENIZER",
+                   help="SentencePiece .model, tokenizer.json or HF tokenizer directory (or 'demo', the shipped one): "
+                        "count tokens exactly (input + output tokens per line) instead of estimating them")
     p.add_argument("--workers", "-j", type=int, default=1, metavar="N",
                    help="worker processes (0: one per CPU core; default 1); the output is identical for any N")
     p.add_argument("--strict", action="store_true",

@@ -75,6 +75,9 @@ class MixtureLoader:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if batch_size < 1 or max_length < 4:
             raise ValueError(f"batch_size must be ≥ 1 and max_length ≥ 4, got {batch_size}, {max_length}")
+        if getattr(tokenizer, "eos_id", 0) is None:
+            raise ValueError(f"the tokenizer {getattr(tokenizer, 'path', '')} has no EOS token, which ends every "
+                             "sample: name one with data.eos_token (or eos_token in its tokenizer_config.json)")
         self.config = config
         self.specs = config.datasets
         self.task_names = config.task_names
@@ -99,6 +102,10 @@ class MixtureLoader:
         """Lines of the dataset, after checking its token ids against the vocabulary."""
         ds = open_dataset(spec.path, spec.format)
         check_vocabulary(spec, ds, self.tokenizer, self.vocab_size)
+        if spec.messages_key is not None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"task {spec.task_name!r}: messages_key {spec.messages_key!r} needs a tokenizer with a "
+                             f"chat_template, and {getattr(self.tokenizer, 'path', 'the tokenizer')} has none (give a "
+                             "Hugging Face tokenizer whose tokenizer_config.json carries one)")
         return len(ds)
 
     def _plan(self) -> Plan:
@@ -232,10 +239,12 @@ class MixtureLoader:
 
 
 def _as_tokenizer(tokenizer):
+    """A tokenizer object, or the path/name of one (SentencePiece .model, tokenizer.json or HF tokenizer directory,
+    ``demo``): loaded with :func:`fm.tokenizer.load_tokenizer`."""
     if isinstance(tokenizer, (str, os.PathLike)):
-        from fm.tokenizer import Tokenizer
+        from fm.tokenizer import load_tokenizer
 
-        return Tokenizer(str(tokenizer))
+        return load_tokenizer(tokenizer)
     return tokenizer
 
 
@@ -244,6 +253,7 @@ def build_train_loader(dataset_config: str | MixtureConfig, tokenizer, *, batch_
                        seed: int = 0, vocab_size: int | None = None) -> MixtureLoader:
     """The training loader: validated config → MixtureLoader for this rank.
 
+    ``tokenizer``: a :class:`fm.tokenizer.Tokenizer`, or what :func:`fm.tokenizer.load_tokenizer` takes.
     ``vocab_size``: the model's; every dataset's token ids (or tokenizer) are checked against it (default: the
     tokenizer's own size).
     """

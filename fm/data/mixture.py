@@ -56,6 +56,10 @@ class MixtureEntry:
     json_keys: list[str] | None = key(
         None, "the records' text keys: [\"text\"] (trained on whole) or [INPUT, OUTPUT] (prompt masked, answer "
         "trained on); default: what fm convert --json-keys recorded, else [\"input\", \"output\"]")
+    messages_key: str | None = key(
+        None, "the records' key holding a conversation ([{role, content}, ...], usually \"messages\"), rendered with "
+        "the tokenizer's chat_template: all but the last message (plus the generation prompt) masked, the last "
+        "(assistant) message trained on")
 
 
 _ENTRY_FIELDS = fields_of(MixtureEntry)
@@ -95,6 +99,7 @@ class DatasetSpec:
     incontext_weight: list[float] | None = None
     is_long: bool = False
     json_keys: list[str] | None = None  # None: meta.json's, else input/output (see fm.data.sources.json_keys)
+    messages_key: str | None = None  # records are conversations under this key (see fm.data.sources.Source)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -202,6 +207,13 @@ def _check_entry(i: int, raw: Any, base_dir: str, problems: list[str]) -> Datase
         elif values.get("transforms"):
             found.append("json_keys: a transform reads the record's keys itself; remove 'json_keys' (or the "
                          "transform)")
+    if values.get("messages_key") is not None:
+        clash = [k for k in ("json_keys", "transforms") if values.get(k)] + (["format"] if fmt == "megatron" else [])
+        if not values["messages_key"]:
+            found.append("messages_key: must be a non-empty string (the records' conversation key, e.g. \"messages\")")
+        elif clash:
+            found.append(f"messages_key: conversations are rendered with the tokenizer's chat template; remove "
+                         f"{' and '.join(repr(k) for k in clash)} (or 'messages_key')")
     abs_path = abs_script = None
     if values.get("path"):
         abs_path = _resolve(base_dir, values["path"])
@@ -224,6 +236,7 @@ def _check_entry(i: int, raw: Any, base_dir: str, problems: list[str]) -> Datase
         oversize_rule=entry.oversize_rule, do_compact=entry.do_compact, nlines=entry.nlines,
         ave_tokens_per_line=entry.ave_tokens_per_line, total_tokens=entry.total_tokens,
         incontext_weight=entry.incontext_weight, is_long=entry.is_long, json_keys=entry.json_keys,
+        messages_key=entry.messages_key,
     )
 
 
@@ -301,6 +314,11 @@ def _check_keys(spec: DatasetSpec, problems: list[str]) -> None:
     ``{"text": ...}`` must say so with json_keys, or every line would train on nothing)."""
     record = _first_record(spec, problems)
     if record is None:
+        return
+    if spec.messages_key is not None:
+        if not isinstance(record.get(spec.messages_key), list):
+            problems.append(f"task {spec.task_name!r}: line 1 of {spec.path}/data.jsonl has no list under "
+                            f"{spec.messages_key!r} (messages_key; its keys: {sorted(record)[:8]})")
         return
     _, out_key = json_keys(spec.json_keys, open_dataset(spec.path, spec.format))
     if out_key not in record:

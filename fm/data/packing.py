@@ -1,7 +1,8 @@
 """Tokenized records → training samples → packed rows (upstream FM9G semantics).
 
 A record ``{"input": I, "output": O}`` becomes ``src = [BOS] + I + O`` and ``tgt = [-100]*len(I) + O + [EOS]``:
-``tgt[t]`` is the label of position t (already shifted), −100 where the next token is still input. A row of
+``tgt[t]`` is the label of position t (already shifted), −100 where the next token is still input. A tokenizer
+without BOS (``bos_id`` None): ``src = I + O``, ``tgt = [-100]*(len(I) - 1) + O + [EOS]``. A row of
 ``max_length`` tokens holds whole samples back to back; attention never crosses a sample boundary
 (``cu_seqlens``), and ``position_ids`` restart at 0 for every sample and for the padding tail.
 """
@@ -30,8 +31,8 @@ def default_rule(input_ids: Sequence[int], rule: str | None) -> str:
     return "head" if len(input_ids) else "segment"
 
 
-def sample_pieces(input_ids: Sequence[int], output_ids: Sequence[int], bos_id: int, eos_id: int, max_length: int,
-                  rule: str | None = None) -> tuple[list[tuple[tuple, int, int, int]], str | None]:
+def sample_pieces(input_ids: Sequence[int], output_ids: Sequence[int], bos_id: int | None, eos_id: int,
+                  max_length: int, rule: str | None = None) -> tuple[list[tuple[tuple, int, int, int]], str | None]:
     """The samples of one record as ``(pieces, n, n_masked, last_label)`` and what happened to it (None, or one
     of the event names above).
 
@@ -42,29 +43,36 @@ def sample_pieces(input_ids: Sequence[int], output_ids: Sequence[int], bos_id: i
     token of ``src``. Input of ``≥ max_length − 2`` tokens leaves no room for an answer: the record is dropped.
     A sample longer than ``max_length`` is cut to its head (``head``), cut into ``max_length`` chunks that each
     become a sample (``segment``), or dropped (``drop``).
+
+    ``bos_id`` None (a tokenizer without BOS, e.g. Qwen's): no BOS; ``src = input + output``, and the last input
+    token is trained to predict the first output token (``n_masked = len(input) - 1``). A record with neither
+    input nor output then has no token: it yields ``[EOS]`` → EOS.
     """
     n_in = len(input_ids)
     if n_in >= max_length - 2:
         return [], INPUT_TOO_LONG
-    n = 1 + n_in + len(output_ids)
+    head: tuple = () if bos_id is None else (_bos(bos_id),)
+    lead = len(head)
+    if lead == 0 and n_in == 0 and len(output_ids) == 0:
+        output_ids = _bos(eos_id)
+    masked = max(n_in + lead - 1, 0)  # positions whose label is still an input token
+    n = lead + n_in + len(output_ids)
     if n <= max_length:
-        return [((_bos(bos_id), input_ids, output_ids) if n_in else (_bos(bos_id), output_ids), n, n_in, eos_id)], \
-            None
+        return [((*head, input_ids, output_ids) if n_in else (*head, output_ids), n, masked, eos_id)], None
     rule = default_rule(input_ids, rule)
     if rule == "drop":
         return [], OVERSIZE_DROPPED
-    src = np.concatenate((_bos(bos_id), np.asarray(input_ids, dtype=np.int64),
-                          np.asarray(output_ids, dtype=np.int64)))
+    src = np.concatenate((*head, np.asarray(input_ids, dtype=np.int64), np.asarray(output_ids, dtype=np.int64)))
 
     def label(t: int) -> int:  # label of position t of the whole sample
-        return IGNORE_INDEX if t < n_in else (int(src[t + 1]) if t + 1 < n else eos_id)
+        return IGNORE_INDEX if t < masked else (int(src[t + 1]) if t + 1 < n else eos_id)
 
     if rule == "head":
-        return [((src[:max_length],), max_length, n_in, label(max_length - 1))], TRUNCATED
+        return [((src[:max_length],), max_length, masked, label(max_length - 1))], TRUNCATED
     parts = []
     for a in range(0, n, max_length):
         b = min(a + max_length, n)
-        parts.append(((src[a:b],), b - a, min(max(n_in - a, 0), b - a), label(b - 1)))
+        parts.append(((src[a:b],), b - a, min(max(masked - a, 0), b - a), label(b - 1)))
     return parts, SEGMENTED
 
 

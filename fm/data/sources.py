@@ -2,7 +2,8 @@
 
 * :func:`fm.data.datasets.open_dataset` opens a dataset of either format.
 * :class:`Source` turns line numbers of one dataset into ``(input ids, output ids)``: a jsonl record through the
-  dataset's transform, or its ``json_keys``; a Megatron document as it is stored, without the BOS/EOS the
+  dataset's transform, its ``json_keys``, or (``messages_key``) a conversation rendered with the tokenizer's chat
+  template; a Megatron document as it is stored, without the BOS/EOS the
   packer adds (so a document made with ``--append-eod`` ends in exactly one EOS, like one made without).
 * :func:`check_vocabulary` refuses token ids the model has no embedding for, naming the file and the id.
 """
@@ -93,7 +94,13 @@ class Source:
         self.megatron = isinstance(self.ds, MegatronDataset)
         self.vocab_limit = vocab_size or tokenizer.vocab_size
         self.transform = load_transform(spec.transforms) if spec.transforms else None
-        self.in_key, self.out_key = (None, "") if self.megatron else json_keys(spec.json_keys, self.ds)
+        self.messages_key = getattr(spec, "messages_key", None)
+        if self.messages_key is not None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"task {spec.task_name!r}: messages_key {self.messages_key!r} needs a tokenizer with a "
+                             f"chat_template, and {getattr(tokenizer, 'path', 'the tokenizer')} has none (give a "
+                             "Hugging Face tokenizer whose tokenizer_config.json carries one)")
+        self.in_key, self.out_key = (None, "") if self.megatron or self.messages_key else \
+            json_keys(spec.json_keys, self.ds)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -114,6 +121,8 @@ class Source:
     def tokenize(self, lines: np.ndarray, epochs: np.ndarray, roots: np.ndarray) -> list[tuple[Any, Any]]:
         if self.megatron:
             return [((), self._document(i)) for i in lines.tolist()]
+        if self.messages_key is not None:
+            return self._conversations(lines)
         inputs, outputs = [], []
         epoch_keys: dict[int, int] = {}
         records = self._records(lines)
@@ -149,6 +158,41 @@ class Source:
             in_ids[i] = ids
         return list(zip(in_ids, out_ids))
 
+    def _conversations(self, lines: np.ndarray) -> list[tuple[Any, Any]]:
+        """Records holding a conversation under ``messages_key``: input = the chat template of all but the last
+        message with the generation prompt, output = the rest of the template of the whole conversation. The
+        whole text is encoded at once (special-token strings the template writes become their ids) and cut where
+        the input ends; a BOS the template writes is left to the packer."""
+        tok, key = self.tokenizer, self.messages_key
+        texts, cuts = [], []
+        for line, record in zip(lines.tolist(), self._records(lines)):
+            where = f"{self.ds.data_path}: line {line + 1} (task {self.spec.task_name!r})"
+            msgs = record.get(key)
+            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+                raise ValueError(f"{where}: {key!r} must be a non-empty list of messages ({{\"role\": ..., "
+                                 f"\"content\": ...}}), got {_short(msgs)}")
+            if msgs[-1].get("role") != "assistant":
+                raise ValueError(f"{where}: the last message must be the assistant's (the answer trained on), got "
+                                 f"role {msgs[-1].get('role')!r}")
+            try:
+                prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True)
+                full = tok.apply_chat_template(msgs)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if not full.startswith(prompt):
+                raise ValueError(f"{where}: the chat template renders the conversation without its last message "
+                                 "(with the generation prompt) as something other than the start of the whole "
+                                 "conversation; the prompt cannot be masked")
+            texts.append(full)
+            cuts.append(len(prompt))
+        out = []
+        bos = tok.bos_id
+        for in_ids, out_ids in tok.encode_split(texts, cuts):
+            if bos is not None and len(in_ids) and in_ids[0] == bos:
+                in_ids = in_ids[1:]  # the packer adds the BOS
+            out.append((in_ids, out_ids))
+        return out
+
     def _keyed(self, record: dict, line: int) -> tuple[str, str]:
         """(input, output) of a record read through the dataset's json_keys (a missing input is "")."""
         out = record.get(self.out_key)
@@ -172,6 +216,7 @@ class Source:
                                  f"vocabulary [0, {self.vocab_limit}) (task {self.spec.task_name!r}): the data was "
                                  "tokenized with another tokenizer; tokenize it again with the model's")
             tok = self.tokenizer
-            a, b = int(ids[0] == tok.bos_id), len(ids) - int(ids[-1] == tok.eos_id)
+            a = int(tok.bos_id is not None and ids[0] == tok.bos_id)
+            b = len(ids) - int(ids[-1] == tok.eos_id)
             ids = ids[a:max(a, b)]
         return ids

@@ -20,9 +20,9 @@ from fm.data.mixture import MixtureConfigError
 
 
 def collect(args: argparse.Namespace) -> dict:
-    from fm.tokenizer import Tokenizer
+    from fm.tokenizer import load_tokenizer
 
-    loader = build_train_loader(args.dataset_config, Tokenizer(args.tokenizer), batch_size=args.batch_size,
+    loader = build_train_loader(args.dataset_config, load_tokenizer(args.tokenizer), batch_size=args.batch_size,
                                 max_length=args.max_length, num_workers=args.workers, seed=args.seed)
     rows = tokens = batches = 0
     start = time.perf_counter()
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fm stats", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset-config", "--dataset_config", required=True, help="mixture config (JSON list)")
     p.add_argument("--tokenizer", "--tokenizer_path", required=True,
-                   help="SentencePiece model file (or 'demo', the shipped one): the one training will use")
+                   help="SentencePiece .model, tokenizer.json or HF tokenizer directory (or 'demo', the shipped one): "
+                        "the one training will use")
     p.add_argument("--batch-size", "--batch_size", type=int, default=1)
     p.add_argument("--max-length", "--max_length", type=int, default=4096)
     p.add_argument("--rows", type=int, default=1000, help="stop after this many rows (default 1000)")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = collect(args)
-    except (MixtureConfigError, FileNotFoundError) as e:
+    except (MixtureConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else render(result))

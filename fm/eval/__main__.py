@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model-config", default=None, help="model config json or shipped name (default: the "
                    "checkpoint's own)")
     m.add_argument("--model-family", default=None, help="dragonfly or spark, if the config does not say")
-    m.add_argument("--tokenizer", default=None, help="SentencePiece tokenizer.model (default: the checkpoint's "
-                   "own)")
+    m.add_argument("--tokenizer", default=None, help="SentencePiece .model, tokenizer.json or HF tokenizer directory "
+                   "(default: the checkpoint's own)")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     m.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     m.add_argument("--max-length", type=int, default=None, help="longest input in tokens (default: the model "
@@ -110,7 +110,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from fm.eval import scoring, tasks
     from fm.eval.loading import load_model
-    from fm.tokenizer import Tokenizer
+    from fm.tokenizer import load_tokenizer
 
     if not (args.ceval_dir or args.mmlu_dir or args.cmmlu_dir or args.gsm8k or args.ppl_data):
         raise SystemExit("error: nothing to evaluate: give --ceval-dir, --mmlu-dir, --cmmlu-dir, --gsm8k "
@@ -144,8 +144,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                           device=args.device, dtype=dtype)
     tok_path = args.tokenizer or (str(ck.tokenizer) if ck.tokenizer else None)
     if tok_path is None:
-        raise SystemExit(f"error: {ck.describe()} has no tokenizer.model: give --tokenizer")
-    tokenizer = Tokenizer(tok_path)
+        raise SystemExit(f"error: {ck.describe()} carries no tokenizer (tokenizer.model or tokenizer/): give "
+                         "--tokenizer")
+    tokenizer = load_tokenizer(tok_path)
     max_length = args.max_length or getattr(model.config, "max_length", None) or 4096
 
     results: dict[str, Any] = {

@@ -88,7 +88,10 @@ def letter_tokens(tokenizer: Any, task: MCTask, letters: Sequence[str] = LETTERS
     # themselves, word-initial after a space, as the few-shot examples write them.
     pieces = [("▁" if task.answer_sep == " " else "") + letter for letter in letters]
     ids = [tokenizer.piece_to_id(p) for p in pieces]
-    if any(i == tokenizer.unk_id for i in ids) or len(set(ids)) != len(ids):
+    if any(i is None for i in ids):  # not SentencePiece pieces (a byte-level BPE): the letter as it encodes alone
+        alone = [tokenizer.encode(task.answer_sep + letter) for letter in letters]
+        ids = [a[0] if len(a) == 1 else None for a in alone]
+    if any(i is None or i == tokenizer.unk_id for i in ids) or len(set(ids)) != len(ids):
         raise ValueError(f"{task.name}: cannot find one token per answer letter after {task.answer_prefix!r} "
                          f"(tokenised continuations {conts}, pieces {pieces} -> {ids})")
     log.warning("%s: the answer letters merge with %r in this tokenizer; scoring the pieces %s instead",
@@ -109,7 +112,7 @@ def encode_mc_prompt(tokenizer: Any, task: MCTask, subject: MCSubject, index: in
     q = subject.questions[index]
     k = len(subject.shots)
     while True:
-        ids = [tokenizer.bos_id] + tokenizer.encode(task.build_prompt(q, subject.shots[:k])) + letters.extra
+        ids = tokenizer.encode(task.build_prompt(q, subject.shots[:k]), bos=True) + letters.extra
         if len(ids) <= max_length or k == 0:
             break
         k -= 1
@@ -231,7 +234,7 @@ def evaluate_gsm8k(model: torch.nn.Module, tokenizer: Any, examples: list[GenExa
     for ex in examples:
         k = len(shots)
         while True:
-            ids = [tokenizer.bos_id] + tokenizer.encode(gsm8k_prompt(ex.question, shots[:k]))
+            ids = tokenizer.encode(gsm8k_prompt(ex.question, shots[:k]), bos=True)
             if len(ids) + max_new_tokens <= max_length or k == 0:
                 break
             k -= 1
@@ -254,15 +257,17 @@ def evaluate_gsm8k(model: torch.nn.Module, tokenizer: Any, examples: list[GenExa
 
 
 def sample_tokens(tokenizer: Any, record: dict, where: str) -> tuple[list[int], list[int]]:
-    """Upstream's rule: ``[BOS] + input + output`` with labels on the output tokens and EOS."""
+    """Upstream's rule: ``[BOS] + input + output`` with labels on the output tokens and EOS (a tokenizer without
+    BOS: ``input + output``, the last input token labelled with the first output token, as the packer does)."""
     inp, out = record.get("input", ""), record.get("output", record.get("text"))
     if not isinstance(inp, str) or not isinstance(out, str):
         raise ValueError(f"{where}: expected string keys 'input' and 'output' (or 'text'), got keys {sorted(record)}")
     inp_ids = tokenizer.encode(inp) if inp else []
     out_ids = tokenizer.encode(out)
-    src = [tokenizer.bos_id] + inp_ids + out_ids
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    src = bos + inp_ids + out_ids
     tgt = [IGNORE_INDEX] * len(inp_ids) + out_ids + [tokenizer.eos_id]
-    return src, tgt
+    return src, tgt[1 - len(bos):]
 
 
 def windows(src: list[int], tgt: list[int], max_length: int) -> Iterator[tuple[list[int], list[int]]]:

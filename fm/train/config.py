@@ -25,7 +25,7 @@ from fm.schema import build, check, format_problems, help_rows, key, show_defaul
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "qualify_model_config", "frac_or_steps"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "qualify_model_config", "frac_or_steps", "tokenizer_source"]
 
 Scheduler = Literal["cosine", "warmupstabledrop", "warmupstableexp", "linear", "constant"]
 SCHEDULERS = get_args(Scheduler)
@@ -79,13 +79,15 @@ class RunConfig:
 @dataclass
 class DataConfig:
     mixture: str = key("", "mixture config JSON (see docs/mixtures.md); checked before launch")
-    tokenizer: str = key("demo", "SentencePiece model file, or `demo` (the shipped demo tokenizer); copied into "
-                         "every checkpoint")
+    tokenizer: str = key("demo", "SentencePiece `.model`, `tokenizer.json` or Hugging Face tokenizer directory, or "
+                         "`demo` (the shipped demo tokenizer); copied into every checkpoint. Empty: the tokenizer "
+                         "the checkpoint of `checkpoint.resume.source`, else of `model.init_from`, carries")
     max_length: int = key(4096, "tokens per packed row", min=1)
     batch_size: int = key(1, "rows (packed sequences) per micro-batch per process", min=1)
     num_workers: int = key(0, "loader worker processes per rank", min=0)
     prefetch_factor: int = key(2, "batches prefetched per worker", min=1)
-    eos_token: str = key("", 'piece appended to every sample instead of the tokenizer\'s EOS (Spark: `"<end>"`)')
+    eos_token: str = key("", 'token appended to every sample instead of the tokenizer\'s EOS (Spark: `"<end>"`; '
+                         'a Hugging Face added token such as `"<|im_end|>"`)')
 
 
 @dataclass
@@ -316,6 +318,41 @@ def cross_problems(cfg: TrainConfig, source: str = "config") -> list[str]:
         log.warning("%s: checkpoint.resume.weights_only is set but checkpoint.resume.source is empty: training "
                     "starts from scratch", source)
     return problems
+
+
+def tokenizer_source(cfg: TrainConfig) -> tuple[str, str]:
+    """``(tokenizer spec, where it comes from)`` of a run: ``data.tokenizer`` when set; when empty, the tokenizer the
+    resume checkpoint (``checkpoint.resume.source``, if it names one that exists) carries, else ``model.init_from``'s.
+    ConfigError when it is empty and no such checkpoint carries one. The preflight and the trainer both use this."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer, "data.tokenizer"
+    from fm.checkpoint.layout import resolve_checkpoint
+    from fm.checkpoint.open import open_checkpoint
+
+    tried = []
+    spec = cfg.checkpoint.resume.source.strip()
+    if spec:
+        try:
+            resume = Path(spec) if Path(spec).is_file() else resolve_checkpoint(cfg.run.dir(), spec)
+        except (OSError, ValueError):
+            resume = None
+        if resume is not None:
+            tok = open_checkpoint(resume).tokenizer
+            if tok is not None:
+                return str(tok), f"checkpoint.resume.source {resume}"
+            tried.append(f"checkpoint.resume.source {resume}")
+    if cfg.model.init_from:
+        try:
+            tok = open_checkpoint(cfg.model.init_from).tokenizer
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.tokenizer is empty and model.init_from cannot be opened: {e}") from None
+        if tok is not None:
+            return str(tok), f"model.init_from {cfg.model.init_from}"
+        tried.append(f"model.init_from {cfg.model.init_from}")
+    raise ConfigError("data.tokenizer is empty and " + (f"{' nor '.join(tried)} carries no tokenizer" if tried else
+                      "neither checkpoint.resume.source nor model.init_from names a checkpoint to take it from")
+                      + ": set data.tokenizer (a SentencePiece .model, tokenizer.json or Hugging Face tokenizer "
+                      "directory, or demo)")
 
 
 # ---------------------------------------------------------------------------------------------- help

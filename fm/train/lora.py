@@ -266,8 +266,9 @@ def merge_adapter(adapter_dir: str | Path, base: str | Path | None = None, outpu
                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The dense state dict of an adapter folded into its base (``base``, else the adapter's recorded base);
     with ``output``, also written there (atomically) with its model config and tokenizer beside it
-    (``<output stem>.json``, ``<output stem>.tokenizer.model``)."""
-    from fm.checkpoint.open import CheckpointFormError, open_checkpoint, tokenizer_beside, write_config_beside
+    (``<output stem>.json``, ``<output stem>.tokenizer.model`` or for a Hugging Face tokenizer the directory
+    ``<output stem>.tokenizer/``)."""
+    from fm.checkpoint.open import CheckpointFormError, open_checkpoint, write_config_beside, write_tokenizer_beside
 
     ck = open_checkpoint(adapter_dir, base=base)
     if ck.kind != "lora":
@@ -284,10 +285,7 @@ def merge_adapter(adapter_dir: str | Path, base: str | Path | None = None, outpu
         except CheckpointFormError as e:  # an upstream adapter and base with no config anywhere: weights only
             log.warning("%s; wrote the weights only", e)
         if ck.tokenizer is not None:  # so fm generate / export / eval find it without --tokenizer
-            from fm.io import atomic_write
-
-            data = Path(ck.tokenizer).read_bytes()
-            atomic_write(tokenizer_beside(output), lambda f: f.write(data))
+            write_tokenizer_beside(output, ck.tokenizer)
     return merged
 
 

@@ -106,19 +106,30 @@ def _model(cfg: TrainConfig, report: Report) -> Any:
 
 
 def _tokenizer(cfg: TrainConfig, report: Report) -> Any:
-    from fm.tokenizer import Tokenizer
+    from fm.errors import FmError
+    from fm.tokenizer import load_tokenizer
+    from fm.train.config import tokenizer_source
 
     try:
-        tok = Tokenizer(cfg.data.tokenizer)
+        spec, where = tokenizer_source(cfg)
+    except (FmError, OSError, ValueError) as e:
+        report.problems.append(f"data.tokenizer: {e}")
+        return None
+    try:
+        tok = load_tokenizer(spec)
     except FileNotFoundError as e:
         report.problems.append(f"data.tokenizer: {e}")
         return None
-    except (OSError, RuntimeError) as e:  # sentencepiece cannot parse it
-        report.problems.append(f"data.tokenizer: {cfg.data.tokenizer} is not a SentencePiece model ({e})")
+    except (OSError, RuntimeError, ValueError) as e:  # neither SentencePiece nor tokenizers can read it
+        report.problems.append(f"data.tokenizer: {e}")
         return None
-    if cfg.data.eos_token and tok.piece_to_id(cfg.data.eos_token) == tok.unk_id:
-        report.problems.append(f"data.eos_token: {cfg.data.eos_token!r} is not a piece of {tok.path}")
-    report.facts["tokenizer"] = f"{tok.path} ({tok.vocab_size} pieces)"
+    if cfg.data.eos_token and tok.piece_to_id(cfg.data.eos_token) is None:
+        report.problems.append(f"data.eos_token: {cfg.data.eos_token!r} is not a token of {tok.path}")
+    elif not cfg.data.eos_token and tok.eos_id is None:
+        report.problems.append(f"data.tokenizer: {tok.path} has no EOS token, which ends every sample: name one "
+                               "with data.eos_token")
+    origin = "" if where == "data.tokenizer" else f", from {where}"
+    report.facts["tokenizer"] = f"{tok.path} ({tok.kind}, {tok.vocab_size} tokens{origin})"
     return tok
 
 

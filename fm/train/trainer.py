@@ -168,14 +168,18 @@ class Trainer:
 
     def build_loader(self):
         from fm.data.loader import build_train_loader
-        from fm.tokenizer import Tokenizer
+        from fm.tokenizer import load_tokenizer
+        from fm.train.config import tokenizer_source
 
         d, e = self.cfg.data, self.engine
-        self.tokenizer = Tokenizer(d.tokenizer)
-        if d.eos_token:  # e.g. Spark's "<end>": the piece every sample ends with (and is trained on)
+        spec, where = tokenizer_source(self.cfg)
+        self.tokenizer = load_tokenizer(spec)
+        if e.is_main and where != "data.tokenizer":
+            log.info("data.tokenizer is empty: using the tokenizer of %s (%s)", where, self.tokenizer.path)
+        if d.eos_token:  # e.g. Spark's "<end>", Qwen's "<|im_end|>": the token every sample ends with (trained on)
             eos = self.tokenizer.piece_to_id(d.eos_token)
-            if eos == self.tokenizer.unk_id:
-                raise ValueError(f"data.eos_token {d.eos_token!r} is not a piece of {d.tokenizer}")
+            if eos is None:
+                raise ValueError(f"data.eos_token {d.eos_token!r} is not a token of {self.tokenizer.path}")
             self.tokenizer.eos_id = eos
         self.loader = build_train_loader(
             d.mixture, self.tokenizer, batch_size=d.batch_size, max_length=d.max_length, rank=e.rank,

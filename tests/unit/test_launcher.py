@@ -76,7 +76,7 @@ def test_preflight_reports_every_problem_at_once(tmp_path, capsys):
     for part in ("unknown key 'warmup_iter'; did you mean \"warmup_iters\"?",
                  "batch_size (data.batch_size): must be an integer, got 'two'",
                  "engine (engine.name): 'deepspeed' is not one of auto, bmtrain, fsdp",
-                 f"data.tokenizer: tokenizer model not found: {tmp_path / 'no.model'}",
+                 f"data.tokenizer: tokenizer not found: {tmp_path / 'no.model'}",
                  f"data.mixture {mix}: entry 0 (task 'a'): abs_weight: must be > 0, got 0",
                  f"data.mixture {mix}: entry 1 (task 'c'): path not found",
                  f"run.save_dir: {tmp_path / 'a_file' / 'ckpt'}: {tmp_path / 'a_file'} is a file, not a directory"):

@@ -386,3 +386,35 @@ def test_state_round_trips_and_refuses_unknown_versions(mix, tokenizer):
         loader(mix, tokenizer, num_workers=2).load_state_dict(broken)
     with pytest.raises(ValueError, match="not a data loader state"):
         loader(mix, tokenizer).load_state_dict({"kind": "something else"})
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    """A Hugging Face tokenizer without BOS, with a ChatML template (tests.support.hf_fixtures)."""
+    from fm.tokenizer import load_tokenizer
+    from tests.support.hf_fixtures import build_hf_tokenizer
+
+    return load_tokenizer(build_hf_tokenizer(tmp_path_factory.mktemp("hf") / "tok"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_continuation_with_an_hf_tokenizer(tmp_path, hf_tokenizer, workers):
+    """No BOS, segmented and truncated lines, and SFT conversations rendered with the tokenizer's template."""
+    rng = random.Random(6)
+    chats = [{"messages": [{"role": "user", "content": f"q{i} " + text(rng, 3)},
+                           {"role": "assistant", "content": text(rng, rng.randint(1, 12))}]} for i in range(25)]
+    cfg = make_mixture(tmp_path, {
+        "a": ([{"output": f"a{i} " + text(rng, rng.randint(2, 40))} for i in range(30)], {"allow_repeat": False}),
+        "b": ([{"input": f"b{i} " + text(rng, 3), "output": text(rng, rng.randint(2, 30))} for i in range(20)],
+              {"allow_repeat": False, "abs_weight": 0.5}),
+        "c": (chats, {"allow_repeat": False, "messages_key": "messages"}),
+    })
+    ref = list(loader(cfg, hf_tokenizer, num_workers=workers, max_length=96))
+    assert set(lines_used(ref, ("a", "b", "c"))) == {(t, i) for t, n in (("a", 30), ("b", 20), ("c", 25))
+                                                     for i in range(n)}
+    for k in (1, 5):
+        first = loader(cfg, hf_tokenizer, num_workers=workers, max_length=96)
+        take(iter(first), k)
+        resumed = loader(cfg, hf_tokenizer, num_workers=workers, max_length=96)
+        resumed.load_state_dict(roundtrip(merge_states([first.state_dict()])))
+        assert_same(list(resumed), ref[k:])
