@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from fm.errors import FmError
+
 SHIPPED_TOKENIZERS = {"demo": os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer.model")}
 DEFAULT_TOKENIZER = SHIPPED_TOKENIZERS["demo"]  # package data: the demo SentencePiece model (8,000 pieces)
 KINDS = ("sentencepiece", "hf")
@@ -45,7 +47,7 @@ ACCEPTED = ("a SentencePiece .model file, a tokenizer.json file, a Hugging Face 
             "tokenizer_config.json), or 'demo' for the shipped demo tokenizer")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(FmError, ValueError):
     """A tokenizer file that cannot be read as either kind, or a token it lacks; the message names the path."""
 
 
