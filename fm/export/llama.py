@@ -156,6 +156,7 @@ def hf_to_dragonfly_weights(hf_state: Mapping[str, torch.Tensor], cfg: Any, dtyp
     inv_global = {v: k for k, v in _GLOBAL_MAP.items()}
     target = dtype or next(iter(hf_state.values())).dtype
     out: dict[str, torch.Tensor] = {}
+    hf_name: dict[str, str] = {}  # ours → theirs, for the messages
     unknown = []
     for key, value in hf_state.items():
         if key.endswith("rotary_emb.inv_freq"):
@@ -176,6 +177,7 @@ def hf_to_dragonfly_weights(hf_state: Mapping[str, torch.Tensor], cfg: Any, dtyp
                   1.0 / depth_scale if key.endswith(_DEPTH_SCALED) else
                   width if key == "lm_head.weight" else 1.0)
         out[our_key] = _scaled(value, factor, target)
+        hf_name[our_key] = key
     if unknown:
         raise KeyError(f"{file_of(unknown[0])}: {unknown[0]}: no dragonfly equivalent"
                        + (f" (and {len(unknown) - 1} more: {unknown[1:8]})" if len(unknown) > 1 else ""))
@@ -189,14 +191,14 @@ def hf_to_dragonfly_weights(hf_state: Mapping[str, torch.Tensor], cfg: Any, dtyp
             raise ValueError(f"{file_of('lm_head.weight')}: lm_head.weight: config.json says the head is tied "
                              "(tie_word_embeddings) but it differs from model.embed_tokens.weight")
     want = {k: tuple(v.shape) for k, v in build_model(cfg, device="meta").state_dict().items()}
-    hf_name = {v: k for k, v in _hf_names(want).items()}
+    hf_name.update({v: k for k, v in _hf_names(want).items() if v not in hf_name})
     missing = [hf_name[k] for k in want if k not in out]
     if missing:
         raise KeyError(f"{where or 'weights'}: {missing[0]}: missing (config.json describes it"
                        + (f"; {len(missing) - 1} more missing, e.g. {missing[1:6]})" if len(missing) > 1 else ")"))
     for k, v in out.items():
         if k not in want:  # a layer index past num_hidden_layers
-            raise KeyError(f"{file_of(hf_name.get(k, k))}: {hf_name.get(k, k)}: unexpected (config.json has "
+            raise KeyError(f"{file_of(hf_name[k])}: {hf_name[k]}: unexpected (config.json has "
                            f"num_hidden_layers={cfg.num_layers})")
         if tuple(v.shape) != want[k]:
             raise ValueError(f"{file_of(hf_name[k])}: {hf_name[k]}: shape {list(v.shape)}, but config.json "
