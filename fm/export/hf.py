@@ -145,8 +145,10 @@ def _import_tokenizer(hf_dir: Path, output: Path) -> Path | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="dragonfly checkpoint → Hugging Face directory: the family it was imported "
-                        "from (Llama, Qwen2, Qwen3, Mistral), else stock Llama with muP folded in (dragonfly, MiniCPM)")
+    text = ("dragonfly checkpoint → Hugging Face directory: the family it was imported from (Llama, Qwen2, Qwen3, "
+            "Mistral), else stock Llama with muP folded in (dragonfly, MiniCPM); transformers and vLLM load it with no "
+            "remote code")
+    ex = sub.add_parser("export", help=text, description=text)
     ex.add_argument("--checkpoint", required=True,
                     help="run or step directory, .pt state dict, or LoRA adapter directory (merged into its base)")
     ex.add_argument("--output", required=True, help="output directory (created atomically)")
@@ -159,9 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--chat-template", choices=FORMATS, default="fm9g",
                     help="the conversation format the tokenizer's chat_template renders, as fm generate --template "
                          "does (default fm9g: <用户>…<AI>; none: no chat_template)")
-    im = sub.add_parser("import", help="Hugging Face directory (Llama incl. Llama-3 rope scaling, Qwen2/2.5, Qwen3, "
-                        "Mistral, MiniCPM) → our state dict .pt + model config json + its tokenizer; anything "
-                        "else (other rope types, MoE, mlp_bias, partial sliding windows) is refused")
+    text = ("Hugging Face directory (Llama incl. Llama-3 rope scaling and tied heads, Qwen2/2.5, Qwen3, Mistral, "
+            "MiniCPM) → our state dict .pt + model config json + its tokenizer (OUTPUT stem + .tokenizer/ or "
+            ".tokenizer.model); anything else (other model types and rope types, MoE, mlp_bias, sliding windows on "
+            "some layers only, weights that do not fit the config) is refused, naming the file and the key, before "
+            "anything is written")
+    im = sub.add_parser("import", help=text, description=text)
     im.add_argument("--hf-dir", required=True, help="directory with config.json and safetensors/bin weights")
     im.add_argument("--output", required=True, help="state dict .pt to write")
     im.add_argument("--config-output", help="model config json to write (default: OUTPUT with .json suffix)")
