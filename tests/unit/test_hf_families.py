@@ -131,6 +131,19 @@ def test_greedy_generation_matches_transformers(family):
         assert got == (ref_new[:ref_new.index(2)] if 2 in ref_new else ref_new)
 
 
+def test_hf_directory_opens_as_a_checkpoint_as_imported(family):
+    # fm generate / fm eval / train's load_model take the Hugging Face directory itself through the same mapping
+    from fm.checkpoint.open import open_checkpoint
+
+    _, tmp, _, cfg, model = family
+    ck = open_checkpoint(tmp / "hf")
+    assert ck.model_config.to_dict() == cfg.to_dict()
+    state = ck.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and set(state) == set(
+        model.state_dict())
+    assert open_checkpoint(tmp / "m.pt").tokenizer == tmp / "m.tokenizer"  # the copy fm import took along
+
+
 def test_tokenizer_taken_along(family):
     _, tmp, *_ = family
     tok = tmp / "m.tokenizer"
