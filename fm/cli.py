@@ -26,8 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("fm.cli:train", "train on this machine with torchrun: checks everything first; --help lists the keys"),
     "generate": ("fm.generate", "generate text from a checkpoint (its model config and tokenizer come with it)"),
     "eval": ("fm.eval.__main__", "C-Eval, MMLU, CMMLU, GSM8K and perplexity from local files"),
-    "export": ("fm.cli:export", "dragonfly checkpoint -> Hugging Face Llama directory (transformers, vLLM)"),
-    "import": ("fm.cli:import_hf", "Hugging Face Llama directory -> dragonfly .pt (+ its model config)"),
+    "export": ("fm.cli:export", "checkpoint -> Hugging Face directory of its family (Llama/Qwen2/Qwen3/Mistral; "
+               "dragonfly, MiniCPM: Llama)"),
+    "import": ("fm.cli:import_hf", "Hugging Face Llama/Qwen2/Qwen3/Mistral/MiniCPM directory -> dragonfly .pt (+ its "
+               "model config and tokenizer)"),
     "import-spark": ("fm.export.spark_import", "Megatron-DeepSpeed iFlytekSpark checkpoint -> spark .pt"),
     "lora": ("fm.train.lora", "LoRA adapters: merge into dense weights, convert for the Hugging Face export"),
 }

@@ -87,10 +87,10 @@ class Checkpoint:
         if self.config_hint is not None:
             return load_model_config(self.config_hint, self.family), self.config_hint
         if self.kind == "hf":
-            from fm.export.llama import dragonfly_config_from_hf
+            from fm.export.families import dragonfly_config_from_hf
 
             cfg_path = self.path / "config.json"
-            return dragonfly_config_from_hf(_read_json(cfg_path)), str(cfg_path)
+            return dragonfly_config_from_hf(_read_json(cfg_path), str(cfg_path)), str(cfg_path)
         home = self.path if self.path.is_dir() else self.path.parent
         found = None
         beside = self.path.with_suffix(".json")  # what fm import and fm lora merge write next to a .pt
@@ -112,9 +112,12 @@ class Checkpoint:
         from fm.io import load_torch
 
         if self.kind == "hf":
-            from fm.export.llama import hf_to_dragonfly, load_hf_state_dict
+            from fm.export.families import hf_to_dragonfly
+            from fm.export.llama import load_hf_state_dict
 
-            state, _ = hf_to_dragonfly(load_hf_state_dict(self.path), _read_json(self.path / "config.json"))
+            sources: dict[str, str] = {}
+            state, _ = hf_to_dragonfly(load_hf_state_dict(self.path, sources), _read_json(self.path / "config.json"),
+                                       where=str(self.path / "config.json"), sources=sources)
             return state
         if self.kind == "lora":
             adapter_cfg, adapter = load_adapter(self.path)

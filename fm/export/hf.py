@@ -1,5 +1,7 @@
-"""``fm export`` / ``fm import``: dragonfly checkpoints ↔ Hugging Face Llama directories (stock
-``LlamaForCausalLM``: the format, with the muP factors folded into the weights, is :mod:`fm.export.llama`).
+"""``fm export`` / ``fm import``: dragonfly checkpoints ↔ Hugging Face directories of the open families
+(Llama incl. Llama-3 rope scaling, Qwen2/2.5, Qwen3, Mistral, MiniCPM: :mod:`fm.export.families`). An imported
+checkpoint exports back to its own family; dragonfly's own (and MiniCPM) export as stock ``LlamaForCausalLM`` with
+the muP factors folded into the weights (:mod:`fm.export.llama`).
 
 CLI::
 
@@ -11,6 +13,10 @@ CLI::
 ``CKPT`` is any form :func:`fm.checkpoint.open.open_checkpoint` opens: a run or step directory, a ``.pt`` state dict,
 or a LoRA adapter directory (exported merged into its base). Its model config and tokenizer come from the
 checkpoint itself unless ``--config``/``--tokenizer`` are given.
+
+Import takes the tokenizer along: ``OUT.tokenizer/`` (the Hugging Face tokenizer files, copied) when HF_DIR has a
+``tokenizer.json``, else ``OUT.tokenizer.model`` when it has a SentencePiece ``tokenizer.model``. Export ships such
+a directory's files unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,10 +34,9 @@ import torch
 
 from fm.chat import FORMATS
 from fm.checkpoint.open import open_checkpoint
+from fm.export.families import hf_config_from_dragonfly, hf_to_dragonfly, tied_export
 from fm.export.llama import (
     dragonfly_to_hf,
-    hf_config_from_dragonfly,
-    hf_to_dragonfly,
     load_hf_state_dict,
     parse_size,
     save_safetensors_sharded,
@@ -40,6 +46,7 @@ from fm.export.llama import (
 from fm.io import atomic_dir, atomic_write
 from fm.models.config import resolve_dtype
 from fm.models.dragonfly import DragonflyConfig
+from fm.tokenizer import copy_tokenizer_files, load_tokenizer, tokenizer_files
 
 log = logging.getLogger("fm.export.hf")
 
@@ -55,71 +62,117 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
                       config: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
                       dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
                       overwrite: bool = False, chat_template: str = "fm9g") -> Path:
-    """Write a Hugging Face Llama directory for a dragonfly checkpoint; returns the directory.
+    """Write a Hugging Face directory for a dragonfly checkpoint (its source family's, or stock Llama); returns it.
 
-    ``chat_template``: the fm.chat format the tokenizer's ``chat_template`` renders (``none``: no template).
+    ``tokenizer``: a SentencePiece model (with tokenizer files written for it) or a Hugging Face tokenizer directory
+    (its files copied as they are). ``chat_template``: the fm.chat format a SentencePiece tokenizer's
+    ``chat_template`` renders (``none``: no template).
     """
-    ck = open_checkpoint(checkpoint, model_config=config, tokenizer=tokenizer)
+    tok_dir = Path(tokenizer) if tokenizer is not None and Path(tokenizer).is_dir() else None
+    ck = open_checkpoint(checkpoint, model_config=config, tokenizer=None if tok_dir else tokenizer)
     cfg = ck.model_config
     if not isinstance(cfg, DragonflyConfig):
-        raise ValueError(f"{ck.describe()}: a {cfg.model_family} model; only dragonfly exports to Hugging Face Llama "
+        raise ValueError(f"{ck.describe()}: a {cfg.model_family} model; only dragonfly exports to Hugging Face "
                          "(Spark's sliding-window attention has no stock transformers architecture)")
-    state = ck.state_dict()
+    tok = tok_dir or ck.tokenizer
+    hf_tok = tok if tok is not None and Path(tok).is_dir() else None
+    bos, eos, pad = _hf_special_ids(hf_tok) if hf_tok else special_ids(tok)
     target_dtype = dtype if isinstance(dtype, torch.dtype) else _parse_dtype(dtype)
-    hf_state = dragonfly_to_hf(state, cfg, target_dtype)
+    out_dtype = target_dtype or cfg.torch_dtype
+    hf_cfg = hf_config_from_dragonfly(cfg, out_dtype, bos, eos, pad)  # refuses what the family cannot hold
+    state = ck.state_dict()
+    hf_state = dragonfly_to_hf(state, cfg, target_dtype, tied=tied_export(cfg),
+                               o_bias=bool(hf_cfg.get("attention_bias")))
     out_dtype = next(iter(hf_state.values())).dtype
-    sp_model = ck.tokenizer
-    bos, eos, pad = special_ids(sp_model)
-    hf_cfg = hf_config_from_dragonfly(cfg, out_dtype, bos, eos, pad)
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(out_dtype).removeprefix("torch.")
     gen_cfg = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
     output = Path(output)
     with atomic_dir(output, overwrite) as tmp:
         files = save_safetensors_sharded(hf_state, tmp, parse_size(max_shard_size))
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
-        if sp_model is not None:
-            write_tokenizer_files(sp_model, tmp, chat_format=None if chat_template == "none" else chat_template)
+        if hf_tok is not None:  # shipped as it is
+            for f, name in tokenizer_files(hf_tok):
+                shutil.copyfile(f, tmp / name)
+        elif tok is not None:
+            write_tokenizer_files(tok, tmp, chat_format=None if chat_template == "none" else chat_template)
         else:
             log.warning("no tokenizer given (--tokenizer): the export has weights and config only")
-    log.info("exported %s → %s (%d weight file(s), %s)", ck.describe(), output, len(files), out_dtype)
+    log.info("exported %s → %s (%s, %d weight file(s), %s)", ck.describe(), output, hf_cfg["architectures"][0],
+             len(files), out_dtype)
     return output
 
 
 def import_hf(hf_dir: str | os.PathLike, output: str | os.PathLike, *, config_output: str | os.PathLike | None = None,
               dtype: str | torch.dtype | None = None) -> tuple[Path, Path]:
-    """Llama directory → our state dict ``.pt`` + model config json (default: ``<output stem>.json``)."""
+    """A family's Hugging Face directory → our state dict ``.pt`` + model config json (default: ``<output
+    stem>.json``) + its tokenizer beside them (``<stem>.tokenizer/`` or ``<stem>.tokenizer.model``). Everything is
+    checked before the first file is written; each file is written atomically."""
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")
     hf_cfg = json.loads(cfg_path.read_text())
     target_dtype = dtype if isinstance(dtype, torch.dtype) else _parse_dtype(dtype)
-    state, cfg = hf_to_dragonfly(load_hf_state_dict(hf_dir), hf_cfg, target_dtype)
+    sources: dict[str, str] = {}
+    state, cfg = hf_to_dragonfly(load_hf_state_dict(hf_dir, sources), hf_cfg, target_dtype, where=str(cfg_path),
+                                 sources=sources)
     output = Path(output)
     config_output = Path(config_output) if config_output else output.with_suffix(".json")
     atomic_write(output, lambda f: torch.save(state, f))
     text = json.dumps(cfg.to_dict(), indent=2) + "\n"
     atomic_write(config_output, lambda f: f.write(text.encode()))
-    log.info("imported %s → %s + %s", hf_dir, output, config_output)
+    tok = _import_tokenizer(hf_dir, output)
+    log.info("imported %s (%s) → %s + %s%s", hf_dir, hf_cfg.get("model_type"), output, config_output,
+             f" + {tok}" if tok else "")
     return output, config_output
+
+
+def _hf_special_ids(tok_dir: Path) -> tuple[int | None, int | None, int | None]:
+    """``(bos, eos, pad)`` of a Hugging Face tokenizer directory, as fm reads it."""
+    tok = load_tokenizer(tok_dir)
+    return tok.bos_id, tok.eos_id, tok.pad_id
+
+
+def _import_tokenizer(hf_dir: Path, output: Path) -> Path | None:
+    """``<stem>.tokenizer/`` (a copy of the Hugging Face tokenizer files) or ``<stem>.tokenizer.model``."""
+    if (hf_dir / "tokenizer.json").is_file():
+        dest = output.with_name(output.stem + ".tokenizer")
+        copy_tokenizer_files(hf_dir, dest)
+        return dest
+    if (hf_dir / "tokenizer.model").is_file():
+        dest = output.with_name(output.stem + ".tokenizer.model")
+        data = (hf_dir / "tokenizer.model").read_bytes()
+        atomic_write(dest, lambda f: f.write(data))
+        return dest
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="dragonfly checkpoint → Hugging Face Llama directory")
+    text = ("dragonfly checkpoint → Hugging Face directory: the family it was imported from (Llama, Qwen2, Qwen3, "
+            "Mistral), else stock Llama with muP folded in (dragonfly, MiniCPM); transformers and vLLM load it with no "
+            "remote code")
+    ex = sub.add_parser("export", help=text, description=text)
     ex.add_argument("--checkpoint", required=True,
                     help="run or step directory, .pt state dict, or LoRA adapter directory (merged into its base)")
     ex.add_argument("--output", required=True, help="output directory (created atomically)")
     ex.add_argument("--config", help="model config json or shipped name (default: the checkpoint's own)")
-    ex.add_argument("--tokenizer", help="SentencePiece tokenizer.model to ship (default: the checkpoint's own)")
+    ex.add_argument("--tokenizer", help="SentencePiece tokenizer.model, or Hugging Face tokenizer directory (copied "
+                    "as is), to ship (default: the checkpoint's own)")
     ex.add_argument("--dtype", help="bf16 | fp16 | fp32 (default: the checkpoint's dtype)")
     ex.add_argument("--max-shard-size", default="5GB", help="split weights above this size (default 5GB)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ex.add_argument("--chat-template", choices=FORMATS, default="fm9g",
                     help="the conversation format the tokenizer's chat_template renders, as fm generate --template "
                          "does (default fm9g: <用户>…<AI>; none: no chat_template)")
-    im = sub.add_parser("import", help="Hugging Face Llama directory → our state dict .pt + model config json")
+    text = ("Hugging Face directory (Llama incl. Llama-3 rope scaling and tied heads, Qwen2/2.5, Qwen3, Mistral, "
+            "MiniCPM) → our state dict .pt + model config json + its tokenizer (OUTPUT stem + .tokenizer/ or "
+            ".tokenizer.model); anything else (other model types and rope types, MoE, mlp_bias, sliding windows on "
+            "some layers only, weights that do not fit the config) is refused, naming the file and the key, before "
+            "anything is written")
+    im = sub.add_parser("import", help=text, description=text)
     im.add_argument("--hf-dir", required=True, help="directory with config.json and safetensors/bin weights")
     im.add_argument("--output", required=True, help="state dict .pt to write")
     im.add_argument("--config-output", help="model config json to write (default: OUTPUT with .json suffix)")
@@ -143,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(pt)
             print(cfg)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:  # bad input: the message says how
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a permission: nothing half-written is left under the output's name
         print(f"error: {args.output}: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}; nothing was "

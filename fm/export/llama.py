@@ -1,5 +1,6 @@
-"""The Hugging Face Llama format of dragonfly checkpoints (stock ``LlamaForCausalLM``): names, muP folding,
-``config.json``, safetensors shards and tokenizer files. The commands that use it are :mod:`fm.export.hf`.
+"""The Hugging Face Llama tensor layout of dragonfly checkpoints (every family of :mod:`fm.export.families` uses
+it): names, muP folding, the checks of imported weights, safetensors shards and tokenizer files. The commands that
+use it are :mod:`fm.export.hf`; each family's ``config.json`` is :mod:`fm.export.families`'.
 
 Export folds the muP factors into the weights, so transformers and vLLM load the directory with
 no custom code:
@@ -7,11 +8,12 @@ no custom code:
 * ``embed_tokens = E · scale_emb``
 * ``o_proj = W_o · scale_depth/√L`` and ``down_proj = W_out · scale_depth/√L`` (the residual branch scale)
 * ``lm_head = E / scale_width`` (or the untied head / scale_width), written untied
-  (``tie_word_embeddings: false``), because the input and output scales differ.
+  (``tie_word_embeddings: false``), because the input and output scales differ; a tied head without muP
+  factors is written tied (one tensor).
 
 The original config (its muP factors) is recorded under ``"fm_dragonfly"`` in ``config.json`` (ignored by other tools),
-so ``import`` restores the original parameterisation exactly up to fp rounding. A Llama directory
-without that record imports as a plain model: ``scale: false`` and the head untied.
+so ``import`` restores the original parameterisation exactly up to fp rounding. A directory without that record
+imports through its family's mapping (plain Llama: ``scale: false``, the head tied as its config says).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ LAYER_MAP = {  # ours (after "encoder.layers.{i}.") -> HF (after "model.layers.{
     "self_att.self_attention.project_k.bias": "self_attn.k_proj.bias",
     "self_att.self_attention.project_v.bias": "self_attn.v_proj.bias",
     "self_att.self_attention.attention_out.weight": "self_attn.o_proj.weight",
+    "self_att.self_attention.q_norm.weight": "self_attn.q_norm.weight",  # qk_norm (Qwen3)
+    "self_att.self_attention.k_norm.weight": "self_attn.k_norm.weight",
     "ffn.layernorm_before_ffn.weight": "post_attention_layernorm.weight",
     "ffn.ffn.w_in.w_0.weight": "mlp.gate_proj.weight",
     "ffn.ffn.w_in.w_1.weight": "mlp.up_proj.weight",
@@ -74,92 +78,20 @@ def mup_factors(config: Any) -> tuple[float, float, float]:
     return (float(config.scale_emb) if config.scale else 1.0, float(config.residual_scale), float(config.scale_width))
 
 
-def hf_config_from_dragonfly(config: Any, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2,
-                             pad_id: int | None = None) -> dict[str, Any]:
-    config = as_config(config)
-    where = config.source
-    if config.activate_fn != "silu":
-        raise ValueError(f"{where}: activate_fn {config.activate_fn!r} — stock Llama needs 'silu'")
-    if config.sliding_window is not None:
-        raise ValueError(f"{where}: sliding_window={config.sliding_window} has no stock Llama equivalent")
-    rope_theta = float(config.base)
-    dt = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.dim_model,
-        "intermediate_size": config.dim_ff,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.dim_head,
-        "hidden_act": "silu",
-        "max_position_embeddings": config.max_length,
-        "rms_norm_eps": config.eps,
-        "rope_theta": rope_theta,  # read by transformers 4.x and older vLLM
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},  # transformers 5.x
-        "attention_bias": config.qkv_bias,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "initializer_range": config.init_std,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "pad_token_id": pad_id,
-        "use_cache": True,
-        "torch_dtype": dt,
-        "dtype": dt,
-        MUP_KEY: {"config": config.to_dict(), "folded": {"embed_tokens": mup_factors(config)[0],
-                                                         "o_proj,down_proj": mup_factors(config)[1],
-                                                         "lm_head": 1.0 / mup_factors(config)[2]}},
-    }
-
-
-def dragonfly_config_from_hf(hf: Mapping[str, Any]) -> Any:
-    """Our config for a Llama ``config.json``: the recorded original when we exported it, else plain
-    (``scale: false``, no residual scaling, head tied as in the HF config)."""
-    if hf.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in hf.get("architectures", []):
-        raise ValueError(f"not a Llama checkpoint (model_type={hf.get('model_type')!r}); only Llama imports")
-    record = hf.get(MUP_KEY)
-    if isinstance(record, Mapping) and "config" in record:
-        return as_config(record["config"], "config.json:" + MUP_KEY)
-    if hf.get("mlp_bias"):
-        raise ValueError("config.json: mlp_bias=true Llama models have no dragonfly equivalent")
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
-        raise ValueError(f"config.json: rope scaling {rope or hf.get('rope_scaling')} is not supported by dragonfly")
-    heads = int(hf["num_attention_heads"])
-    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    return as_config({
-        "vocab_size": int(hf["vocab_size"]),
-        "dim_model": int(hf["hidden_size"]),
-        "dim_ff": int(hf["intermediate_size"]),
-        "dim_head": int(hf.get("head_dim") or hf["hidden_size"] // heads),
-        "num_heads": heads,
-        "num_kv_heads": int(hf.get("num_key_value_heads") or heads),
-        "num_layers": int(hf["num_hidden_layers"]),
-        "activate_fn": hf.get("hidden_act", "silu"),
-        "eps": float(hf.get("rms_norm_eps", 1e-6)),
-        "init_std": float(hf.get("initializer_range", 0.02)),
-        "scale": False,
-        "scale_emb": 1.0,
-        "scale_depth": -1.0,
-        "tie_lm_head": bool(hf.get("tie_word_embeddings", False)),
-        "base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        "qkv_bias": bool(hf.get("attention_bias", False)),
-        "max_length": int(hf.get("max_position_embeddings", 4096)),
-        "dtype": str(dtype).removeprefix("torch."),
-    }, "config.json")
-
-
 # ------------------------------------------------------------------------------- weights
 
 
-def dragonfly_to_hf(state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any],
-                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Our (upstream-named) state dict → Llama state dict with the muP factors folded in."""
+def dragonfly_to_hf(state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], dtype: torch.dtype | None = None,
+                    *, tied: bool = False, o_bias: bool | None = None) -> dict[str, torch.Tensor]:
+    """Our (upstream-named) state dict → Llama-named state dict with the muP factors folded in.
+
+    ``tied``: write no ``lm_head`` (the export says ``tie_word_embeddings: true``; only without muP factors).
+    ``o_bias``: write a zero ``o_proj.bias`` (Llama-style ``attention_bias`` gives o_proj one too; default:
+    when the q/k/v projections have biases)."""
     cfg = as_config(cfg)
     emb_scale, depth_scale, width = mup_factors(cfg)
+    if tied and not (cfg.tie_lm_head and emb_scale == 1.0 and width == 1.0):
+        raise ValueError(f"{cfg.source}: a tied export needs a tied head without muP factors")
     target = dtype or next(iter(state.values())).dtype
     out: dict[str, torch.Tensor] = {}
     unknown = []
@@ -180,16 +112,24 @@ def dragonfly_to_hf(state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any],
         raise KeyError(f"state dict keys with no Llama equivalent: {unknown[:8]}{' …' if len(unknown) > 8 else ''}")
     if "model.embed_tokens.weight" not in out:
         raise KeyError("state dict has no input_embedding.weight: is this a dragonfly checkpoint?")
-    if "lm_head.weight" not in out:
-        # Tied head: logits = (h / scale_width) @ Eᵀ.
-        out["lm_head.weight"] = _scaled(state["input_embedding.weight"], 1.0 / width, target)
-    if cfg.qkv_bias:
+    if "lm_head.weight" not in out and not tied:
+        # Tied head: logits = (h / scale_width) @ Eᵀ; its own tensor (safetensors refuses shared storage).
+        out["lm_head.weight"] = _scaled(state["input_embedding.weight"], 1.0 / width, target).clone()
+    if cfg.qkv_bias if o_bias is None else o_bias:
         # Llama's attention_bias also gives o_proj a bias: ours has none, so it is zero.
         for i in range(cfg.num_layers):
             out[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(cfg.dim_model, dtype=target)
-    _check_layers(out, cfg.num_layers, "model.layers.{i}.", [v for v in LAYER_MAP.values()
-                                                             if cfg.qkv_bias or not v.endswith("bias")])
+    _check_layers(out, cfg.num_layers, "model.layers.{i}.", [v for k, v in LAYER_MAP.items() if _expected(k, cfg)])
     return out
+
+
+def _expected(layer_key: str, cfg: Any) -> bool:
+    """Whether a dragonfly layer has ``layer_key`` (LAYER_MAP's keys) under ``cfg``."""
+    if layer_key.endswith("bias"):
+        return cfg.qkv_bias
+    if "_norm." in layer_key:
+        return cfg.qk_norm
+    return True
 
 
 def _scaled(value: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
@@ -200,19 +140,31 @@ def _scaled(value: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Ten
     return (value.detach().to(torch.float32) * factor).to(dtype).contiguous()
 
 
-def hf_to_dragonfly(hf_state: Mapping[str, torch.Tensor], hf_cfg: Mapping[str, Any],
-                    dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], Any]:
-    """Llama state dict → (our state dict, our config); unfolds muP when we exported it."""
-    cfg = dragonfly_config_from_hf(hf_cfg)
-    emb_scale, depth_scale, width = mup_factors(cfg)
+def hf_to_dragonfly_weights(hf_state: Mapping[str, torch.Tensor], cfg: Any, dtype: torch.dtype | None = None, *,
+                            folded: bool = False, sources: Mapping[str, str] | None = None,
+                            where: str = "") -> dict[str, torch.Tensor]:
+    """Llama-named weights → our state dict for ``cfg``; ``folded``: fm exported them (muP folded in, undone here).
+
+    Refused, naming the file and the key: a weight with no dragonfly place, a non-zero ``o_proj.bias``, a
+    missing weight, a shape other than the config's, a "tied" head that differs from the embedding."""
+    from fm.models.registry import build_model
+
+    sources = sources or {}
+    file_of = lambda k: sources.get(k, where or "weights")  # noqa: E731
+    emb_scale, depth_scale, width = mup_factors(cfg) if folded else (1.0, 1.0, 1.0)
     inv_layer = {v: k for k, v in LAYER_MAP.items()}
     inv_global = {v: k for k, v in _GLOBAL_MAP.items()}
     target = dtype or next(iter(hf_state.values())).dtype
     out: dict[str, torch.Tensor] = {}
+    hf_name: dict[str, str] = {}  # ours → theirs, for the messages
     unknown = []
     for key, value in hf_state.items():
-        if key.endswith("rotary_emb.inv_freq") or key.endswith("o_proj.bias"):
-            continue  # buffers of old exports; o_proj bias is zero in ours (checked below)
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # buffers of old exports
+        if key.endswith("o_proj.bias"):
+            if bool(value.detach().float().abs().max() > 0):
+                raise ValueError(f"{file_of(key)}: {key} is non-zero: dragonfly has no output-projection bias")
+            continue
         m = _HF_LAYER_RE.match(key)
         if m and m.group(2) in inv_layer:
             our_key = f"encoder.layers.{m.group(1)}.{inv_layer[m.group(2)]}"
@@ -225,19 +177,45 @@ def hf_to_dragonfly(hf_state: Mapping[str, torch.Tensor], hf_cfg: Mapping[str, A
                   1.0 / depth_scale if key.endswith(_DEPTH_SCALED) else
                   width if key == "lm_head.weight" else 1.0)
         out[our_key] = _scaled(value, factor, target)
+        hf_name[our_key] = key
     if unknown:
-        raise KeyError(f"Llama keys with no dragonfly equivalent: {unknown[:8]}{' …' if len(unknown) > 8 else ''}")
-    for key, value in hf_state.items():
-        if key.endswith("o_proj.bias") and bool(value.detach().float().abs().max() > 0):
-            raise ValueError(f"{key} is non-zero: dragonfly has no output-projection bias")
-    if cfg.tie_lm_head:
-        head = out.pop("lm_head.weight", None)
-        emb = out["input_embedding.weight"]
+        raise KeyError(f"{file_of(unknown[0])}: {unknown[0]}: no dragonfly equivalent"
+                       + (f" (and {len(unknown) - 1} more: {unknown[1:8]})" if len(unknown) > 1 else ""))
+    if cfg.tie_lm_head and "lm_head.weight" in out:
+        head = out.pop("lm_head.weight")
+        emb = out.get("input_embedding.weight")
         # both were rounded to the export dtype after scaling: allow a few ulps of it
-        rtol = 4 * torch.finfo(hf_state["lm_head.weight"].dtype).eps if head is not None else 0.0
-        if head is not None and not torch.allclose(head.float(), emb.float(), rtol=rtol, atol=1e-6):
-            raise ValueError("config says the head is tied but lm_head differs from embed_tokens·scale_width")
-    return out, cfg
+        rtol = 4 * torch.finfo(hf_state["lm_head.weight"].dtype).eps
+        if emb is not None and not (head.shape == emb.shape and torch.allclose(head.float(), emb.float(), rtol=rtol,
+                                                                               atol=1e-6)):
+            raise ValueError(f"{file_of('lm_head.weight')}: lm_head.weight: config.json says the head is tied "
+                             "(tie_word_embeddings) but it differs from model.embed_tokens.weight")
+    want = {k: tuple(v.shape) for k, v in build_model(cfg, device="meta").state_dict().items()}
+    hf_name.update({v: k for k, v in _hf_names(want).items() if v not in hf_name})
+    missing = [hf_name[k] for k in want if k not in out]
+    if missing:
+        raise KeyError(f"{where or 'weights'}: {missing[0]}: missing (config.json describes it"
+                       + (f"; {len(missing) - 1} more missing, e.g. {missing[1:6]})" if len(missing) > 1 else ")"))
+    for k, v in out.items():
+        if k not in want:  # a layer index past num_hidden_layers
+            raise KeyError(f"{file_of(hf_name[k])}: {hf_name[k]}: unexpected (config.json has "
+                           f"num_hidden_layers={cfg.num_layers})")
+        if tuple(v.shape) != want[k]:
+            raise ValueError(f"{file_of(hf_name[k])}: {hf_name[k]}: shape {list(v.shape)}, but config.json "
+                             f"describes {list(want[k])}")
+    return out
+
+
+def _hf_names(keys) -> dict[str, str]:
+    """HF name → our name for our ``keys`` (inverse of the renaming above)."""
+    names = {}
+    for key in keys:
+        m = _LAYER_RE.match(key)
+        if m and m.group(2) in LAYER_MAP:
+            names[f"model.layers.{m.group(1)}.{LAYER_MAP[m.group(2)]}"] = key
+        elif key in _GLOBAL_MAP:
+            names[_GLOBAL_MAP[key]] = key
+    return names
 
 
 def _check_layers(state: Mapping[str, Any], num_layers: int, prefix: str, names: Sequence[str]) -> None:
@@ -302,26 +280,27 @@ def save_safetensors_sharded(state: Mapping[str, torch.Tensor], out_dir: Path, m
     return names
 
 
-def load_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
+def load_hf_state_dict(hf_dir: Path, sources: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """All weights of a Hugging Face directory; ``sources`` (when given) is filled with each key's file."""
     from safetensors.torch import load_file
 
     hf_dir = Path(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(str(hf_dir / f)))
-        return state
-    if (hf_dir / "model.safetensors").is_file():
-        return load_file(str(hf_dir / "model.safetensors"))
-    bins = sorted(hf_dir.glob("pytorch_model*.bin"))
-    if bins:
-        state = {}
-        for b in bins:
-            state.update(load_torch(b))
-        return state
-    raise FileNotFoundError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
+        files = [hf_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    elif (hf_dir / "model.safetensors").is_file():
+        files = [hf_dir / "model.safetensors"]
+    else:
+        files = sorted(hf_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = load_file(str(f)) if f.suffix == ".safetensors" else load_torch(f)
+        state.update(part)
+        if sources is not None:
+            sources.update(dict.fromkeys(part, str(f)))
+    return state
 
 
 # ------------------------------------------------------------------------------- tokenizer

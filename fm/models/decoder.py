@@ -68,7 +68,7 @@ class DecoderLM(nn.Module):
             self.lm_head = (
                 None if config.tie_lm_head else nn.Linear(config.dim_model, config.vocab_size, bias=False, dtype=dtype)
             )
-        self.rotary = RotaryEmbedding(config.dim_head, config.base)
+        self.rotary = RotaryEmbedding(config.dim_head, config.base, getattr(config, "rope_scaling", None))
         device = torch.device(device) if device is not None else torch.device("cpu")
         if device.type != "meta":
             self.to_empty(device=device)

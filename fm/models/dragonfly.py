@@ -13,6 +13,11 @@ muP, exactly as upstream:
 * init: N(0, init_std²) for the embedding (and an untied ``lm_head``), N(0, init_std²/scale_width)
   for the hidden matrices, 1 for norm weights, 0 for biases;
 * optimizer lr of hidden matrices = lr / scale_width (:func:`fm.models.registry.mup_scaled_param_names`).
+
+Beyond upstream (the open families ``fm import`` maps here, :mod:`fm.export.families`): ``qk_norm`` (per-head
+RMSNorm of q and k before the rotation, Qwen3), ``rope_scaling_type: "llama3"`` (Llama 3.1 frequency rescaling,
+with ``rope_scaling_factor`` and the three ``rope_*`` keys below), ``sliding_window`` (Mistral) and ``hf_model_type``
+(the Hugging Face family a checkpoint was imported from, which ``fm export`` writes back).
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from fm.nn.attention import DRAGONFLY_NAMES, Attention
 from fm.nn.kv_cache import KVCache
 from fm.nn.mlp import GatedMLP
 from fm.nn.norm import RMSNorm
+from fm.nn.rotary import Llama3Scaling
 
 
 @dataclass
 class DragonflyConfig:
-    """Keys of upstream ``model_configs/*.json`` (all accepted) plus ours (``sliding_window``, ``model_family``)."""
+    """Keys of upstream ``model_configs/*.json`` (all accepted) plus ours (``sliding_window``, ``model_family``,
+    the ``rope_*`` keys of Llama-3 scaling, ``hf_model_type``)."""
 
     vocab_size: int = 122753
     dim_model: int = 4096
@@ -53,7 +60,7 @@ class DragonflyConfig:
     tie_lm_head: bool = False
     base: float = 10000.0
     qkv_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: bool = False  # RMSNorm (eps) of each head's q and k before rotary, weights q_norm / k_norm (Qwen3)
     dropout_p: float = 0.0
     sliding_window: int | None = None
     max_length: int = 8192  # the context length an export declares (upstream dragonfly's default)
@@ -73,8 +80,12 @@ class DragonflyConfig:
     tp: int = 0
     pose_prob: float = 0.0
     pose_scaling_factor: float = 1.0
-    rope_scaling_type: str = ""
-    rope_scaling_factor: float = 1.0
+    rope_scaling_type: str = ""  # "" (none) or "llama3"
+    rope_scaling_factor: float = 1.0  # llama3: the factor long wavelengths are stretched by
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above rope_original_max_length / this are stretched
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below rope_original_max_length / this are kept
+    rope_original_max_length: int = 8192  # llama3: the context the model was pretrained with
+    hf_model_type: str | None = None  # the Hugging Face family it was imported from (fm export writes it back)
     source: str = field(default="<dict>", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -89,16 +100,34 @@ class DragonflyConfig:
             ),
             (self.dim_head % 2 == 0, f"dim_head={self.dim_head} must be even (rotary)"),
             (self.ffn_gated, "ffn_gated=false is not supported: dragonfly's FFN is gated (remove the key)"),
-            (not self.qk_norm, "qk_norm=true is not implemented (upstream ignored it as well): set it to false"),
             (
-                self.rope_scaling_type == "" and self.rope_scaling_factor == 1.0 and self.pose_prob == 0.0,
-                'rope scaling / PoSE are not implemented: leave rope_scaling_type "", factor 1, pose_prob 0',
+                self.rope_scaling_type in ("", "llama3"),
+                f'rope_scaling_type {self.rope_scaling_type!r} is not implemented: use "" (none) or "llama3"',
             ),
+            (
+                self.rope_scaling_type == "llama3" or self.rope_scaling_factor == 1.0,
+                'rope_scaling_factor applies to rope_scaling_type "llama3" only: leave it 1 or set the type',
+            ),
+            (
+                self.rope_scaling_type != "llama3"
+                or (self.rope_scaling_factor > 0 and self.rope_original_max_length > 0
+                    and self.rope_high_freq_factor > self.rope_low_freq_factor > 0),
+                "llama3 rope scaling needs rope_scaling_factor > 0, rope_original_max_length > 0 and "
+                "rope_high_freq_factor > rope_low_freq_factor > 0",
+            ),
+            (self.pose_prob == 0.0, "PoSE is not implemented: leave pose_prob 0"),
             (self.tp in (0, 1), f"tp={self.tp}: tensor parallelism is not supported (use 0)"),
             (self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or null"),
             (self.dim_model_base > 0, "dim_model_base must be positive"),
             (dtype.lower() in DTYPES, f"dtype {dtype!r} is not one of {', '.join(DTYPES)}"),
         ])
+
+    @property
+    def rope_scaling(self) -> Llama3Scaling | None:
+        if self.rope_scaling_type != "llama3":
+            return None
+        return Llama3Scaling(self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                             self.rope_original_max_length)
 
     @property
     def scale_width(self) -> float:
@@ -139,6 +168,8 @@ class SelfAttentionBlock(nn.Module):
             config.num_kv_heads,
             config.dim_head,
             qkv_bias=config.qkv_bias,
+            qk_norm=config.qk_norm,
+            norm_eps=config.eps,
             window=config.sliding_window,
             names=DRAGONFLY_NAMES,
             init_std=config.hidden_init_std,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm.nn.kv_cache import KVCache
+from fm.nn.norm import RMSNorm
 from fm.nn.rotary import apply_rotary
 from fm.nn.utils import init_linear, set_submodule
 
@@ -295,6 +296,9 @@ class Attention(nn.Module):
     ``names`` are the attribute paths of the q, k, v and output projections (checkpoint layout):
     dragonfly ``project_q project_k project_v attention_out``, spark ``q_proj k_proj v_proj
     out_proj``. Called as ``attn(x, cos, sin, mask, cu_seqlens, max_seqlen, kv_cache)``.
+
+    ``qk_norm``: each head's query and key go through an RMSNorm over ``dim_head`` (weights ``q_norm``, ``k_norm``,
+    shared by the heads; eps ``norm_eps``) before the rotation, as Qwen3 does.
     """
 
     def __init__(
@@ -306,6 +310,8 @@ class Attention(nn.Module):
         *,
         qkv_bias: bool = False,
         out_bias: bool = False,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
         window: int | None = None,
         names: tuple[str, str, str, str] = DRAGONFLY_NAMES,
         init_std: float = 0.02,
@@ -330,6 +336,8 @@ class Attention(nn.Module):
         set_submodule(self, names[1], nn.Linear(dim, num_kv_heads * dim_head, bias=qkv_bias, **kw))
         set_submodule(self, names[2], nn.Linear(dim, num_kv_heads * dim_head, bias=qkv_bias, **kw))
         set_submodule(self, names[3], nn.Linear(num_heads * dim_head, dim, bias=out_bias, **kw))
+        self.q_norm = RMSNorm(dim_head, norm_eps, **kw) if qk_norm else None
+        self.k_norm = RMSNorm(dim_head, norm_eps, **kw) if qk_norm else None
 
     def projections(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
         return tuple(self.get_submodule(n) for n in self.names)  # type: ignore[return-value]
@@ -337,6 +345,9 @@ class Attention(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         for proj in self.projections():
             init_linear(proj, self.init_std, generator)
+        if self.q_norm is not None:
+            self.q_norm.init_weights()
+            self.k_norm.init_weights()
 
     def forward(
         self,
@@ -353,6 +364,8 @@ class Attention(nn.Module):
         q = proj_q(x).view(batch, seqlen, self.num_heads, self.dim_head)
         k = proj_k(x).view(batch, seqlen, self.num_kv_heads, self.dim_head)
         v = proj_v(x).view(batch, seqlen, self.num_kv_heads, self.dim_head)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if kv_cache is not None:
