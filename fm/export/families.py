@@ -16,7 +16,9 @@ qwen3       Qwen3ForCausalLM            ``qk_norm: true``, ``head_dim`` → ``di
 mistral     MistralForCausalLM          ``sliding_window`` (same convention: ``window`` keys, itself included)
 minicpm     (remote code; exported as   ``scale: true`` with ``scale_emb``, ``scale_depth``,
             LlamaForCausalLM, folded)   ``dim_model_base`` (MiniCPM's muP is dragonfly's)
-fm9g        —                           entry point only: refused until it is filled in
+fm9g,       (upstream FM9G 4B / 7B,     MiniCPM's mapping when the config has the muP keys, else plain;
+fm9g7b      remote code; exported as    ``attention_bias`` (or ``qkv_bias``) → ``qkv_bias``; multi-head
+            LlamaForCausalLM, folded)   latent attention keys (``q_lora_rank`` …) refused
 ==========  ==========================  ===============================================================
 
 Common to all: ``tie_word_embeddings`` → ``tie_lm_head``; refused with the file, the key and the reason:
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 
+from fm.errors import FmError
 from fm.export.llama import MUP_KEY, as_config, hf_to_dragonfly_weights, mup_factors
 
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
@@ -50,7 +53,7 @@ class Family:
     defaults: Mapping[str, Any] = field(default_factory=dict)  # transformers' defaults for absent keys
 
 
-class HFFormatError(ValueError):
+class HFFormatError(FmError, ValueError):
     """A Hugging Face directory fm cannot map exactly; the message names the file, the key and the reason."""
 
 
@@ -172,13 +175,28 @@ def _read_minicpm(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
             "scale_depth": float(hf["scale_depth"]), "dim_model_base": int(hf["dim_model_base"])}
 
 
+MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+MUP_KEYS = ("scale_emb", "scale_depth", "dim_model_base")
+
+
 def _read_fm9g(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
-    # ENTRY POINT for upstream FM9G's Hugging Face checkpoints (lead engineer: fill in). Known: upstream's
-    # converter renames Llama's names (model.embed_tokens. → input_embedding., model.norm.weight →
-    # encoder.output_layernorm.weight, model. → encoder., self_attn.q_proj. → self_att.self_attention.project_q. …),
-    # i.e. the weights are Llama-named; the muP keys are presumably MiniCPM's (then: return _read_minicpm(hf, where)
-    # and give the entry its architecture / defaults).
-    raise _refuse(where, "model_type", "fm9g", "upstream FM9G Hugging Face checkpoints are not mapped yet")
+    """Upstream FM9G's Hugging Face checkpoints (``fm9g``: the 4B, ``fm9g7b``: the 7B; ``FM9GForCausalLM``, remote
+    code). Their weights carry Llama's names (upstream's ``hgface_2_bmtrain.py`` renames them onto dragonfly's,
+    as :mod:`fm.export.llama` does, with no scaling); the muP keys, when the config has them, are MiniCPM's, and
+    the q/k/v biases are ``attention_bias`` (or ``qkv_bias``, dragonfly's own spelling)."""
+    for key in MLA_KEYS:
+        if hf.get(key):
+            raise _refuse(where, key, hf[key], "multi-head latent attention (MiniCPM3-style) has no dragonfly "
+                          "equivalent")
+    bias = bool(hf.get("attention_bias", hf.get("qkv_bias", False)))
+    present = [k for k in MUP_KEYS if hf.get(k) is not None]
+    if not present or hf.get("use_mup") is False:
+        return {"qkv_bias": bias}
+    if len(present) < len(MUP_KEYS):
+        missing = next(k for k in MUP_KEYS if k not in present)
+        raise _refuse(where, missing, None, f"muP needs all of {', '.join(MUP_KEYS)} (the config has "
+                      f"{', '.join(present)})")
+    return {**_read_minicpm(hf, where), "qkv_bias": bias}
 
 
 # ------------------------------------------------------------------------------- dragonfly → config.json
@@ -232,7 +250,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            {"max_position_embeddings": 4096 * 32, "sliding_window": 4096, "num_key_value_heads": 8}),
     Family("minicpm", "LlamaForCausalLM", _read_minicpm, None,  # remote code: exported as stock Llama, muP folded
            {"tie_word_embeddings": True}),
-    Family("fm9g", "LlamaForCausalLM", _read_fm9g, None),  # ENTRY POINT: upstream FM9G's HF checkpoints (to do)
+    # upstream FM9G (remote code): exported as stock Llama, muP folded
+    Family("fm9g", "LlamaForCausalLM", _read_fm9g, None, {"tie_word_embeddings": True}),
+    Family("fm9g7b", "LlamaForCausalLM", _read_fm9g, None, {"tie_word_embeddings": True}),
 )}
 
 

@@ -17,6 +17,9 @@ from safetensors.torch import load_file, save_file
 from fm.export.hf import export_checkpoint, main
 from fm.generate import generate
 from fm.models.registry import build_model, load_model_config
+from tests.support.hf_fixtures import IM_END, build_hf_tokenizer
+
+SAMPLES = ["Hello, how are you? 你好，世界！", "def f(x):\n\treturn x  # 训练 2026"]
 
 SHAPE = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "bos_token_id": 1,
@@ -43,17 +46,6 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def _write_tokenizer(path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(60)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                                unk_token="<unk>", pad_token="<pad>")
-    fast.save_pretrained(str(path))
-
-
 def _hf_model(name: str, seed: int = 0):
     cfg_cls, model_cls, keys = FAMILIES[name]
     config = getattr(transformers, cfg_cls)(**SHAPE, **keys)
@@ -76,7 +68,7 @@ def family(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     hf = _hf_model(request.param)
     hf.save_pretrained(str(tmp / "hf"))
-    _write_tokenizer(tmp / "hf")
+    build_hf_tokenizer(tmp / "hf", vocab_size=SHAPE["vocab_size"])  # Qwen-style BPE, Chinese and English
     cfg, model = _import(tmp / "hf", tmp / "m.pt")
     return request.param, tmp, hf, cfg, model
 
@@ -174,8 +166,36 @@ def test_export_goes_back_to_the_family(family, tmp_path):
     # the tokenizer files, as they were (and transformers reads them)
     assert (out / "tokenizer.json").read_bytes() == (tmp / "hf" / "tokenizer.json").read_bytes()
     tok, src = (transformers.AutoTokenizer.from_pretrained(str(d)) for d in (out, tmp / "hf"))
-    assert tok("w1 w2 w9").input_ids == src("w1 w2 w9").input_ids
-    assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"], hf_cfg["pad_token_id"]) == (1, 2, 0)
+    for text in SAMPLES:  # the exported tokenizer encodes and decodes as the original
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert ids == src(text, add_special_tokens=False).input_ids and tok.decode(ids) == text
+    chat = [{"role": "user", "content": SAMPLES[0]}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == src.apply_chat_template(
+        chat, add_generation_prompt=True)
+    assert (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"], hf_cfg["pad_token_id"]) == (
+        None, src.convert_tokens_to_ids(IM_END), src.pad_token_id)
+
+
+def test_fm_generate_with_the_carried_tokenizer_and_its_chat_template(family, tmp_path):
+    # fm generate on the imported .pt: its tokenizer (taken along by fm import) and its ChatML template
+    # (--template auto) give the token ids and the greedy continuation transformers gives
+    from fm.generate import main as generate_main
+
+    _, tmp, hf, _, _ = family
+    src = transformers.AutoTokenizer.from_pretrained(str(tmp / "hf"))
+    out = tmp_path / "gen.jsonl"
+    assert generate_main(["--checkpoint", str(tmp / "m.pt"), "--prompt", SAMPLES[0], "--template", "auto",
+                          "--max-new-tokens", "6", "--dtype", "fp32", "--output", str(out)]) == 0
+    got = json.loads(out.read_text().splitlines()[0])["generate"]
+    prompt = src.apply_chat_template([{"role": "user", "content": SAMPLES[0]}], add_generation_prompt=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    eos = src.convert_tokens_to_ids(IM_END)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          do_sample=False, max_new_tokens=6, eos_token_id=eos, pad_token_id=src.pad_token_id)
+    new = ref[0, len(prompt):].tolist()
+    new = new[:new.index(eos)] if eos in new else new
+    assert got == src.decode(new)
 
 
 def test_qwen2_window_on_every_layer_is_a_plain_window(tmp_path):
@@ -236,10 +256,51 @@ def test_minicpm_imports_with_its_mup_and_exports_folded(tmp_path):
     assert load_model_config(str(tmp_path / "again.json"), "dragonfly") == cfg
 
 
-def test_fm9g_entry_point_is_refused_until_filled_in(tmp_path, capsys):
+def test_upstream_fm9g_4b_form_imports_as_minicpm(tmp_path):
+    # upstream FM9G's 4B checkpoint: model_type fm9g, FM9GForCausalLM (remote code), Llama-named weights, MiniCPM's muP
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=True)).eval()
+    _randomize(llama, 11)
+    llama.save_pretrained(str(tmp_path / "hf"))
+    _edit_config(tmp_path / "hf", drop=("rope_parameters",), model_type="fm9g", architectures=["FM9GForCausalLM"],
+                 auto_map={"AutoConfig": "configuration_fm9g.FM9GConfig",
+                           "AutoModelForCausalLM": "modeling_fm9g.FM9GForCausalLM"}, rope_theta=10000.0, **MINICPM)
+    cfg, model = _import(tmp_path / "hf", tmp_path / "m.pt")
+    assert (cfg.scale, cfg.scale_emb, cfg.scale_depth, cfg.dim_model_base, cfg.hf_model_type) == (
+        True, 12.0, 1.4, 8, "fm9g")
+    ref = _minicpm_reference(llama, **MINICPM)
+    _assert_logits_match(model, lambda ids: ref(input_ids=ids).logits.float())
+    back = LlamaForCausalLM.from_pretrained(str(export_checkpoint(tmp_path / "m.pt", tmp_path / "out")),
+                                            dtype=torch.float32).eval()
+    _assert_logits_match(model, lambda ids: back(input_ids=ids).logits.float(), packed=False)
+
+
+@pytest.mark.parametrize("bias_key", ["attention_bias", "qkv_bias"])
+def test_upstream_fm9g_7b_form_imports_with_qkv_biases_and_no_mup(tmp_path, bias_key):
+    # upstream FM9G's 7B: model_type fm9g7b, a Qwen2-shaped body (q/k/v biases, RoPE base 1e6) without muP keys
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    qwen = Qwen2ForCausalLM(Qwen2Config(**SHAPE, tie_word_embeddings=False,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 1e6})).eval()
+    _randomize(qwen, 12)
+    qwen.save_pretrained(str(tmp_path / "hf"))
+    _edit_config(tmp_path / "hf", drop=("rope_parameters", "use_sliding_window", "max_window_layers", "layer_types"),
+                 model_type="fm9g7b", architectures=["FM9GForCausalLM"], rope_theta=1e6, **{bias_key: True})
+    cfg, model = _import(tmp_path / "hf", tmp_path / "m.pt")
+    assert (cfg.scale, cfg.qkv_bias, cfg.base, cfg.tie_lm_head, cfg.hf_model_type) == (
+        False, True, 1e6, False, "fm9g7b")
+    _assert_logits_match(model, lambda ids: qwen(input_ids=ids).logits.float())
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"q_lora_rank": 16, **MINICPM}, "q_lora_rank=16"),
+    ({"scale_emb": 12.0, "dim_model_base": 8}, "scale_depth=None"),
+])
+def test_upstream_fm9g_forms_fm_cannot_map_are_refused(tmp_path, capsys, changes, key):
     _, hf_dir = _plain_llama(tmp_path)
-    _edit_config(hf_dir, model_type="fm9g")
-    _assert_refused(hf_dir, tmp_path, capsys, "config.json", "model_type='fm9g'", "not mapped yet")
+    _edit_config(hf_dir, model_type="fm9g", **changes)
+    _assert_refused(hf_dir, tmp_path, capsys, "config.json", key)
 
 
 # ------------------------------------------------------------------------------------------ refusals
