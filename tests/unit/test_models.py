@@ -134,6 +134,20 @@ def test_2_4b_parameter_count_on_meta():
     assert sum(p.numel() for p in model.parameters()) == 2_724_880_896
 
 
+@pytest.mark.parametrize("name, total, body", [("fm9g_4b", 4_129_681_920, 3_941_655_040),
+                                               ("fm9g_7b", 7_078_350_848, 6_476_664_832)])
+def test_upstream_fm9g_4b_and_7b_shapes(name, total, body):
+    config = load_model_config(name)
+    assert config.vocab_size == 73448 and config.base == 1e6
+    if name == "fm9g_4b":  # MiniCPM's muP, GQA 40/4, tied head
+        assert (config.scale, config.scale_emb, config.scale_depth, config.num_kv_heads, config.tie_lm_head) == (
+            True, 12, 1.4, 4, True)
+    else:  # Qwen2-shaped: q/k/v biases, all heads for keys and values, no muP
+        assert (config.scale, config.qkv_bias, config.num_kv_heads, config.tie_lm_head) == (False, True, 32, False)
+    model = build_model(config, device="meta")
+    assert (model.num_parameters(), model.num_parameters(exclude_embeddings=True)) == (total, body)
+
+
 def test_skywork_13b_llama_family_parameter_count_on_meta():
     config = load_model_config("skywork_13b")
     assert not config.scale and config.scale_width == 1.0 and config.residual_scale == 1.0
