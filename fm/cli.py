@@ -4,6 +4,7 @@
     fm txt2jsonl / fm convert / fm stats      data: text -> jsonl -> index, mixture statistics
     fm train --config TRAIN.json              training on this machine with torchrun (checked first)
     fm generate / fm eval                     use a checkpoint (any form: run, step, .pt, LoRA, HF export)
+    fm merge                                  average checkpoints (the last N of a run, weighted, EMA)
     fm export / fm import / fm import-spark   Hugging Face and Megatron interop
     fm lora merge / fm lora export-hf         LoRA adapters
 """
@@ -26,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("fm.cli:train", "train on this machine with torchrun: checks everything first; --help lists the keys"),
     "generate": ("fm.generate", "generate text from a checkpoint (its model config and tokenizer come with it)"),
     "eval": ("fm.eval.__main__", "C-Eval, MMLU, CMMLU, GSM8K and perplexity from local files"),
+    "merge": ("fm.checkpoint.merge", "average checkpoints of one model (a run's last N, chosen steps or paths; "
+              "uniform, weighted or EMA) into one .pt"),
     "export": ("fm.cli:export", "checkpoint -> Hugging Face directory of its family (Llama/Qwen2/Qwen3/Mistral; "
                "dragonfly, MiniCPM: Llama)"),
     "import": ("fm.cli:import_hf", "Hugging Face Llama/Qwen2/Qwen3/Mistral/MiniCPM directory -> dragonfly .pt (+ its "
