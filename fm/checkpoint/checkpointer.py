@@ -13,6 +13,8 @@ The model and optimizer are the engine's (sharded; saved and loaded collectively
 LoRA run saves its adapter (PEFT format) in place of the model. The resume spec (:class:`ResumeSpec`):
 ``source`` "" (fresh), ``latest`` (the newest complete checkpoint that verifies; fresh if none yet), a step, a
 directory, or a bare ``.pt`` (weights only); ``weights_only``, ``load_data``, ``rewarm_iters``, ``strict``.
+With ``checkpoint.merge_last_n`` N, rank 0 writes ``<run dir>/merged_last_<N>.pt``, the average of the newest N
+checkpoints, after each save that commits (:meth:`Checkpointer._merge_last`).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class Checkpointer:
         self.last_saved = -1  # the step of the last save or of the checkpoint resumed from
         self.lock = None  # rank 0's lock on the run directory
         self._writer = commit.CheckpointManager(self.run_dir, keep_last_n=cfg.keep_last_n or None,
-                                                async_save=cfg.async_save, comm=engine)
+                                                async_save=cfg.async_save, comm=engine,
+                                                after_commit=self._merge_last if cfg.merge_last_n else None)
 
     # ------------------------------------------------------------------ the run directory
     def claim(self) -> None:
@@ -228,6 +231,20 @@ class Checkpointer:
         if e.is_main:
             log.info("checkpoint %s: %s (%s)", "started" if self.cfg.async_save else "saved", final, reason)
         return final
+
+    def _merge_last(self, step: int) -> None:
+        """``checkpoint.merge_last_n``: rank 0, after checkpoint ``step`` is committed (in the writer thread under
+        ``async_save``), averages the newest N complete checkpoints from their saved files into
+        ``<run dir>/merged_last_<N>.pt`` (:func:`fm.checkpoint.merge.merge_run_last`: one checkpoint in memory at a
+        time, an fp32 accumulator, every file written atomically)."""
+        from fm.checkpoint.merge import merge_run_last
+
+        n = self.cfg.merge_last_n
+        t0 = time.perf_counter()
+        out = merge_run_last(self.run_dir, n)
+        if out is not None:
+            log.info("checkpoint.merge_last_n: %s holds the average of the newest %d checkpoints (up to step %d; "
+                     "%.1f s)", out, n, step, time.perf_counter() - t0)
 
     def due(self, step: int) -> bool:
         """A periodic save is due at ``step`` (``checkpoint.every``)."""

@@ -243,6 +243,8 @@ class CheckpointManager:
     ``comm`` is the engine (rank, world size, ``broadcast_object``, ``all_gather_object``); None means
     a single process. With ``async_save`` the parts are written in a background thread; the next
     :meth:`save`, :meth:`wait` or :meth:`close` joins it and every rank raises if any rank failed.
+    ``after_commit(step)`` runs on rank 0 once checkpoint ``step`` is committed (and pruned), in the same thread
+    as the write; the checkpoint stands whatever it does: an exception there is logged, never raised.
     """
 
     def __init__(
@@ -253,6 +255,7 @@ class CheckpointManager:
         async_save: bool = False,
         comm: Engine | None = None,
         commit_timeout_s: float = 3600.0,
+        after_commit: Callable[[int], None] | None = None,
     ) -> None:
         if keep_last_n is not None and keep_last_n < 1:
             raise ValueError(f"keep_last_n must be >= 1 or None, got {keep_last_n}")
@@ -261,6 +264,7 @@ class CheckpointManager:
         self.async_save = async_save
         self.comm = comm
         self.commit_timeout_s = commit_timeout_s
+        self.after_commit = after_commit
         self.rank = comm.rank if comm is not None else 0
         self.world_size = comm.world_size if comm is not None else 1
         self._thread: threading.Thread | None = None
@@ -329,6 +333,7 @@ class CheckpointManager:
             atomic_write_json({"files": manifest}, tmp / f".done-rank{self.rank}")
             if self.rank == 0:
                 self._commit(step, tmp)
+                self._after_commit(step)
         except OSError as e:  # a full disk, a lost mount: one line that names the file and the cause
             log.error("checkpoint %d: rank %d could not write: %s", step, self.rank, _describe(e))
             self._error = e
@@ -339,6 +344,14 @@ class CheckpointManager:
                 atomic_write_bytes(repr(e).encode(), tmp / f".failed-rank{self.rank}")
             except OSError:
                 pass
+
+    def _after_commit(self, step: int) -> None:
+        if self.after_commit is None:
+            return
+        try:
+            self.after_commit(step)
+        except Exception as e:  # the checkpoint is committed: what runs after it must not undo the save
+            log.error("checkpoint %d is saved, but what runs after the save failed: %s", step, _describe(e))
 
     def _wait_for_ranks(self, tmp: Path) -> None:
         deadline = time.monotonic() + self.commit_timeout_s

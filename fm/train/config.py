@@ -136,6 +136,9 @@ class CheckpointConfig:
     every: int = key(500, "checkpoint every N iterations and at the end; 0 = none, except on a stop signal, at the "
                      "end of data and at the non-finite stop", min=0)
     keep_last_n: int = key(0, "keep only the newest N complete checkpoints (0 = all)", min=0)
+    merge_last_n: int = key(0, "after each save, once N complete checkpoints exist, rank 0 writes their uniform "
+                            "average (fp32 accumulation) as `<run dir>/merged_last_<N>.pt` with its config and "
+                            "tokenizer beside it (in the background writer with `async_save`); 0 = off", min=0)
     async_save: bool = key(False, "write checkpoint files in a background thread (the snapshot is taken "
                            "synchronously)")
     resume: ResumeSpec = section(ResumeSpec, "what to resume from")
@@ -314,6 +317,13 @@ def cross_problems(cfg: TrainConfig, source: str = "config") -> list[str]:
         problems.append(f"schedule.drop_iters: {sch.name} needs drop_iters >= 1 step, got {sch.drop_iters}")
     if not run.name or "/" in run.name:
         problems.append(f"run.name: {run.name!r} must be a non-empty name without '/'")
+    ck = cfg.checkpoint
+    if ck.merge_last_n and ck.keep_last_n and ck.keep_last_n < ck.merge_last_n:
+        problems.append(f"checkpoint.merge_last_n: {ck.merge_last_n} needs that many checkpoints kept, but "
+                        f"checkpoint.keep_last_n is {ck.keep_last_n}; set keep_last_n >= merge_last_n (or 0)")
+    if ck.merge_last_n and lora.enabled:
+        problems.append("checkpoint.merge_last_n: a LoRA run's checkpoints hold adapters, not the model; average them "
+                        "after training with fm merge (it folds each adapter into its base)")
     if cfg.checkpoint.resume.weights_only and not cfg.checkpoint.resume.source:
         log.warning("%s: checkpoint.resume.weights_only is set but checkpoint.resume.source is empty: training "
                     "starts from scratch", source)

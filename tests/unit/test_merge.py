@@ -1,4 +1,4 @@
-"""``fm merge`` (checkpoint averaging).
+"""``fm merge`` (checkpoint averaging) and the trainer's ``checkpoint.merge_last_n``.
 
 Checkpoints here are real step directories (written by :class:`~fm.checkpoint.commit.CheckpointManager`: model,
 ``model_config.json``, tokenizer, ``COMPLETE``) of a tiny dragonfly with different weights; every expected value is
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -188,3 +189,68 @@ def test_merged_checkpoint_generates_and_exports(tmp_path, tokenizer_path, capsy
     ids = torch.randint(0, 8000, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ours(ids).float(), rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- merge_last_n
+def test_merge_last_n_after_each_save(tmp_path, tokenizer_path):
+    """The real Checkpointer on a world-1 fsdp engine, async saves: after each save that leaves N complete
+    checkpoints, ``<run dir>/merged_last_<N>.pt`` is the mean of the newest N model files; fewer, none."""
+    from fm.checkpoint.checkpointer import Checkpointer, CheckpointMeta
+    from fm.distributed import build_engine
+    from fm.train.config import load_config
+    from tests.distributed.tinylm import make_meta_model, param_groups
+
+    cfg = load_config(None, {"checkpoint": {"merge_last_n": 2, "keep_last_n": 3, "async_save": True}})
+    engine = build_engine("fsdp", seed=0)
+    engine.init()
+    try:
+        model = engine.shard(make_meta_model())
+        engine.build_optimizer(param_groups(model), lr=1e-2)
+        counters = {"iteration": 0}
+        states = {"trainer": SimpleNamespace(state_dict=lambda: dict(counters)),
+                  "scheduler": SimpleNamespace(num_iters=0, state_dict=lambda: {}),
+                  "loader": SimpleNamespace(state_dict=lambda: None)}
+        run = tmp_path / "run"
+        ck = Checkpointer(cfg.checkpoint, run, engine, states=states,
+                          meta=CheckpointMeta({}, MODEL, tokenizer_path))
+        merged = run / "merged_last_2.pt"
+        for step in (1, 2, 3, 4):
+            logits = model(torch.randint(0, 64, (2, 8)))
+            engine.backward(engine.loss(logits, torch.randint(0, 64, (2, 8))).mean())
+            engine.optimizer_step()
+            counters["iteration"] = step
+            ck.save(step)
+            ck.wait()
+            if step == 1:
+                assert not merged.exists()
+                continue
+            sds = _inputs(run, (step - 1, step))
+            got = _load(merged)
+            for k in sds[0]:
+                torch.testing.assert_close(got[k], (sds[0][k] + sds[1][k]) / 2, rtol=0, atol=1e-7)
+            assert json.loads(merged.with_suffix(".merge.json").read_text())["steps"] == [step - 1, step]
+        assert layout.list_checkpoints(run) == [2, 3, 4]  # keep_last_n still prunes; the merge reads what is kept
+        assert (run / "merged_last_2.tokenizer.model").is_file() and (run / "merged_last_2.json").is_file()
+    finally:
+        engine.shutdown()
+
+
+def test_merge_last_n_config_checks():
+    from fm.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="keep_last_n >= merge_last_n"):
+        load_config(None, {"checkpoint": {"merge_last_n": 3, "keep_last_n": 2}})
+    with pytest.raises(ConfigError, match="LoRA run"):
+        load_config(None, {"checkpoint": {"merge_last_n": 3}, "lora": {"enabled": True}})
+    assert load_config(None, {"checkpoint": {"merge_last_n": 3}}).checkpoint.merge_last_n == 3
+
+
+def test_a_failing_merge_does_not_fail_the_save(tmp_path, caplog):
+    def boom(step):
+        raise RuntimeError("merge broke")
+
+    m = commit.CheckpointManager(tmp_path / "run", async_save=True, after_commit=boom)
+    m.save(5, [commit.json_part("x.json", {})])
+    m.wait()
+    assert layout.list_checkpoints(tmp_path / "run") == [5]
+    assert "checkpoint 5 is saved, but what runs after the save failed: RuntimeError: merge broke" in caplog.text
