@@ -315,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 tokenizer=args.tokenizer)
     except CheckpointError as e:
         raise MergeError(str(e)) from None
+    except OSError as e:  # a full disk, a lost mount: one line naming the file; write_merged removed its files
+        raise MergeError(f"{e.filename or args.output}: {e.strerror or e}; nothing was written") from None
     for src, wi in zip(res.sources, res.weights):
         log.info("  %.6f  %s", wi, src)
     log.info("wrote %s", ", ".join(map(str, res.written)))
