@@ -186,7 +186,7 @@ def find_inputs(path: str) -> list[str]:
         found += [os.path.join(root, n) for n in names if n.endswith(DIR_SUFFIXES)]
     found.sort(key=lambda p: os.path.relpath(p, path).split(os.sep))
     if not found:
-        raise ConvertError(f"--path {path}: no *.jsonl, *.jsonl.gz, *.jsonl.zst or *.parquet files found "
+        raise ConvertError(f"--path {path}: no *.jsonl files found, nor *.jsonl.gz, *.jsonl.zst or *.parquet "
                            "(searched recursively)")
     return found
 
