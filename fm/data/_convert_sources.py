@@ -11,14 +11,13 @@ gives (``iter_stream_chunks``), so validation, statistics and the output are the
   ISO 8601 strings). A file can be split between workers by row group. Columns of a type JSON has no form for
   (binary, decimal, durations, ...) are refused before anything is read.
 
-Decompressing and decoding Parquet run in a background thread (``prefetch``): zlib, zstandard and Arrow release the
-GIL, so with one worker they overlap the scanning of the previous block on a second core.
+Reading runs in the worker's thread, block by block. A background thread was measured and gave nothing on the
+2-core development VM (docs/benchmarks-convert.md): zstandard's decompressor and Parquet's rows-to-JSON step
+hold the GIL, and zlib's released GIL is mostly taken by the scanning, which holds it too.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -31,7 +30,6 @@ PLAIN, GZIP, ZSTD, PARQUET = "jsonl", "gzip", "zstd", "parquet"
 DIR_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 READ_BLOCK = 1 << 20  # compressed bytes read at a time
 MAX_OUT = 4 << 20  # decompressed bytes per block handed to the scanner (bounds memory for highly compressible data)
-PREFETCH_DEPTH = 4
 PARQUET_BATCH_ROWS = 4096
 
 
@@ -185,45 +183,6 @@ def parquet_blocks(path: str, first: int, last: int) -> Iterator[tuple[bytes, in
 
 
 # ----------------------------------------------------------------------------------------------- plumbing
-
-def prefetch(blocks: Callable[[], Iterator], depth: int = PREFETCH_DEPTH) -> Iterator:
-    """``blocks()``'s items, produced in a background thread up to ``depth`` ahead; its errors are re-raised here."""
-    q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in blocks():
-                if not put((True, item)):
-                    return
-            put((True, done))
-        except BaseException as e:  # noqa: B036 - handed to the consumer, which raises it
-            put((False, e))
-
-    t = threading.Thread(target=run, daemon=True, name="fm-convert-read")
-    t.start()
-    try:
-        while True:
-            ok, item = q.get()
-            if not ok:
-                raise item
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        t.join()
-
 
 def iter_stream_chunks(blocks: Iterator[tuple[bytes, int]], scratch) -> Iterator[tuple[int, int]]:
     """Fill ``scratch.buf`` with whole lines from a stream of ``(bytes, progress)`` blocks; yields how many bytes

@@ -20,6 +20,7 @@ import msgspec
 import numpy as np
 
 from fm.data._convert_sources import (
+    GZIP,
     PARQUET,
     PLAIN,
     SourceError,
@@ -27,7 +28,6 @@ from fm.data._convert_sources import (
     gzip_blocks,
     iter_stream_chunks,
     parquet_blocks,
-    prefetch,
     zstd_blocks,
 )
 from fm.data.indexed import DATA_FILE, FORMAT_VERSION, META_FILE  # noqa: F401 - the converter's names too
@@ -382,13 +382,10 @@ def iter_segment(path: str, seg: Segment, scratch: Scratch) -> Iterator[tuple[in
             yield cut, cut
         return
     if kind == PARQUET:
-        blocks = prefetch(lambda: parquet_blocks(path, seg.start, seg.end))
+        blocks = parquet_blocks(path, seg.start, seg.end)
     else:
-        blocks = prefetch(lambda: (gzip_blocks if kind == "gzip" else zstd_blocks)(path))
-    try:
-        yield from iter_stream_chunks(blocks, scratch)
-    finally:
-        blocks.close()
+        blocks = (gzip_blocks if kind == GZIP else zstd_blocks)(path)
+    yield from iter_stream_chunks(blocks, scratch)
 
 
 class _Writeback:
