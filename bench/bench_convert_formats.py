@@ -7,7 +7,9 @@ The corpus is bench_convert's random-word English jsonl; the .gz (level 6), .zst
 writes the same data.jsonl. Figures (MB/s of the jsonl text, wall clock, best of ``--repeat`` alternating
 runs, and the ratio of the medians of pairs) for one file at ``--workers 1`` and for the corpus cut in four
 files at ``--workers 2``. The references measure, in this process, what reading each format costs alone
-(decompressing, or turning Parquet rows into jsonl), which bounds the converter (docs/benchmarks-convert.md).
+(decompressing with isal / zstandard, or turning Parquet rows into jsonl), which bounds the converter. With
+``--workers 1`` on a machine with a second core, the converter reads in a background thread: the figure then
+depends on that core being idle (docs/benchmarks-convert.md).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def references(base: str, mb: float) -> None:
 
     print("\nreferences (this process, one core): reading the format alone")
     nrg = pq.ParquetFile(base + ".parquet").metadata.num_row_groups
-    for name, blocks in (("gzip decompress (zlib)", lambda: gzip_blocks(base + ".jsonl.gz")),
+    for name, blocks in (("gzip decompress (isal)", lambda: gzip_blocks(base + ".jsonl.gz")),
                          ("zstd decompress", lambda: zstd_blocks(base + ".jsonl.zst")),
                          ("parquet rows -> jsonl", lambda: parquet_blocks(base + ".parquet", 0, nrg))):
         t = min(timed(lambda b=blocks: sum(len(x) for x, _ in b())) for _ in range(3))

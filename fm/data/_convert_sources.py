@@ -3,21 +3,25 @@
 Every format is read as a stream of jsonl bytes and cut into the same whole-line chunks the plain-jsonl reader
 gives (``iter_stream_chunks``), so validation, statistics and the output are the same code and the same bytes.
 
-* gzip (stdlib ``zlib``; concatenated members are read in turn) and zstandard (``zstandard``; several frames are
-  read in turn) are decompressed in blocks, never to disk. A compressed file cannot be split at a byte offset:
-  it is read whole by one worker.
+* gzip (ISA-L's inflate from ``isal``, stdlib ``zlib`` where it is missing; concatenated members are read in
+  turn) and zstandard (``zstandard``; several frames are read in turn) are decompressed in blocks, never to disk.
+  A compressed file cannot be split at a byte offset: it is read whole by one worker.
 * Parquet (``pyarrow``): each row becomes one compact JSON object on one line, keys in column order
-  (``msgspec``: no spaces, non-ASCII kept as UTF-8, NaN and infinities as ``null``, dates and timestamps as
+  (msgspec's form: no spaces, non-ASCII kept as UTF-8, NaN and infinities as ``null``, dates and timestamps as
   ISO 8601 strings). A file can be split between workers by row group. Columns of a type JSON has no form for
-  (binary, decimal, durations, ...) are refused before anything is read.
+  (binary, decimal, durations, ...) are refused before anything is read. A batch whose columns are strings
+  needing no escape, integers, booleans or nulls is written with ``pyarrow.compute`` (``batch_jsonl``), which
+  releases the GIL; any other goes through msgspec, which escapes faster but holds the GIL.
 
-Reading runs in the worker's thread, block by block. A background thread was measured and gave nothing on the
-2-core development VM (docs/benchmarks-convert.md): zstandard's decompressor and Parquet's rows-to-JSON step
-hold the GIL, and zlib's released GIL is mostly taken by the scanning, which holds it too.
+Where a worker has a core to spare (fewer workers than cores), ``prefetched`` reads a block ahead in a
+background thread: isal, zstandard, zlib and pyarrow release the GIL while they work, so reading overlaps with
+the scanning of the previous block (docs/benchmarks-convert.md). Otherwise reading runs in the worker's thread.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -30,7 +34,9 @@ PLAIN, GZIP, ZSTD, PARQUET = "jsonl", "gzip", "zstd", "parquet"
 DIR_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 READ_BLOCK = 1 << 20  # compressed bytes read at a time
 MAX_OUT = 4 << 20  # decompressed bytes per block handed to the scanner (bounds memory for highly compressible data)
+ZSTD_READ_BLOCK = READ_BLOCK // 8
 PARQUET_BATCH_ROWS = 4096
+READ_THREAD = True  # read in a background thread (``prefetched``); False reads in the worker's thread
 
 
 class SourceError(FmError):
@@ -87,8 +93,14 @@ def _members(path: str, new: Callable, errors: tuple, what: str, block: int,
 
 
 def gzip_blocks(path: str) -> Iterator[tuple[bytes, int]]:
-    """Decompressed blocks of a gzip file (all its members)."""
-    return _members(path, lambda: zlib.decompressobj(31), (zlib.error,), "gzip", READ_BLOCK, MAX_OUT)
+    """Decompressed blocks of a gzip file (all its members): ISA-L's inflate (``isal``, several times faster than
+    zlib's, the same bytes), zlib where ``isal`` is not installed."""
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - isal is pinned in requirements.txt
+        return _members(path, lambda: zlib.decompressobj(31), (zlib.error,), "gzip", READ_BLOCK, MAX_OUT)
+    return _members(path, lambda: isal_zlib.decompressobj(31), (isal_zlib.error, zlib.error), "gzip",
+                    READ_BLOCK, MAX_OUT)
 
 
 def zstd_blocks(path: str) -> Iterator[tuple[bytes, int]]:
@@ -97,7 +109,7 @@ def zstd_blocks(path: str) -> Iterator[tuple[bytes, int]]:
     import zstandard
 
     dctx = zstandard.ZstdDecompressor()
-    return _members(path, dctx.decompressobj, (zstandard.ZstdError,), "zstd", READ_BLOCK // 8, None)
+    return _members(path, dctx.decompressobj, (zstandard.ZstdError,), "zstd", ZSTD_READ_BLOCK, None)
 
 
 # ----------------------------------------------------------------------------------------------- parquet
@@ -159,6 +171,77 @@ def _compressed_size(rg) -> int:
     return sum(rg.column(j).total_compressed_size for j in range(rg.num_columns))
 
 
+def _json_strings(col):
+    """JSON string literals (``"..."``, ``null`` for nulls) of an Arrow string array, or None where a value needs
+    an escape (``"``, ``\\``, a control character such as a newline): that is left to msgspec, which escapes
+    faster than ``pyarrow.compute`` (one ``replace_substring`` pass per character; docs/benchmarks-convert.md).
+    The check reads the array's bytes with numpy: the minimum first (nearly free, and a newline ends it)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    large = pa.large_string()
+    s = col.cast(large)
+    _, offsets, data = s.buffers()
+    if data is not None and len(s):
+        ends = np.frombuffer(offsets, np.int64)
+        a = np.frombuffer(data, np.uint8)[int(ends[s.offset]):int(ends[s.offset + len(s)])]
+        if a.size and (a.min() < 0x20 or np.count_nonzero(a == 0x22) or np.count_nonzero(a == 0x5C)):
+            return None
+    quote = pa.scalar('"', large)
+    empty, null = pa.scalar("", large), pa.scalar("null", large)
+    return pc.fill_null(pc.binary_join_element_wise(quote, s, quote, empty), null)
+
+
+def _json_values(col):
+    """Each value of Arrow array ``col`` as compact JSON text (a large_string array), as msgspec writes it, for
+    strings without escapes, integers, booleans and nulls; None for the other types and values."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.types as pt
+
+    large = pa.large_string()
+    t = col.type
+    if pt.is_dictionary(t) and _is_text(t.value_type):
+        col, t = col.cast(t.value_type), t.value_type
+    if pt.is_string(t) or pt.is_large_string(t) or getattr(pt, "is_string_view", bool)(t):
+        return _json_strings(col)
+    if pt.is_null(t):
+        return pa.array(["null"] * len(col), large)
+    if pt.is_integer(t) or pt.is_boolean(t):  # "-3", "true": the same text as JSON
+        return pc.fill_null(col.cast(large), pa.scalar("null", large))
+    return None
+
+
+def batch_jsonl(batch, enc) -> bytes | memoryview:
+    """The rows of a record batch as jsonl: one compact JSON object per row, keys in column order; the same bytes
+    as ``enc.encode_lines(batch.to_pylist())``, which it is where a column is not one ``_json_values`` takes.
+
+    The vectorised form (``pyarrow.compute``, which releases the GIL) lets a reading thread overlap with the
+    converting one; msgspec's holds the GIL. tests/unit/test_convert_formats.py checks that both give the same
+    bytes."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    large = pa.large_string()
+    n = batch.num_rows
+    parts = []
+    for i, name in enumerate(batch.schema.names):
+        values = _json_values(batch.column(i)) if n else None
+        if values is None:
+            return enc.encode_lines(batch.to_pylist())
+        parts.append(pa.scalar(("{" if i == 0 else ",") + enc.encode(name).decode() + ":", large))
+        parts.append(values)
+    if not parts:
+        return b"{}\n" * n
+    parts.append(pa.scalar("}\n", large))
+    lines = pc.binary_join_element_wise(*parts, pa.scalar("", large))  # no nulls: every part is filled
+    _, offsets, data = lines.buffers()  # the lines end to end in the data buffer
+    offsets = np.frombuffer(offsets, np.int64)
+    return memoryview(data).cast("B")[int(offsets[lines.offset]):int(offsets[lines.offset + n])]
+
+
 def parquet_blocks(path: str, first: int, last: int) -> Iterator[tuple[bytes, int]]:
     """jsonl bytes of row groups ``first..last-1`` (one compact JSON object per row) and their compressed sizes."""
     import pyarrow.parquet as pq
@@ -171,15 +254,20 @@ def parquet_blocks(path: str, first: int, last: int) -> Iterator[tuple[bytes, in
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
         raise SourceError(f"not a readable Parquet file ({e})", hint) from None
     for rg in range(first, last):
-        try:
-            batches = list(pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[rg], use_threads=False))
-        except Exception as e:
-            raise SourceError(f"row group {rg}: cannot be read ({e})", hint) from None
         size = _compressed_size(meta.row_group(rg))
-        for i, batch in enumerate(batches):
-            yield enc.encode_lines(batch.to_pylist()), size if i == len(batches) - 1 else 0
-        if not batches:
-            yield b"", size
+        batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[rg], use_threads=False)
+        pending = None  # a block is yielded once the next one is read: the last one carries the row group's size
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as e:
+                raise SourceError(f"row group {rg}: cannot be read ({e})", hint) from None
+            if batch is None:
+                break
+            if pending is not None:
+                yield pending, 0
+            pending = batch_jsonl(batch, enc)
+        yield (pending if pending is not None else b""), size
 
 
 # ----------------------------------------------------------------------------------------------- plumbing
@@ -222,3 +310,61 @@ def iter_stream_chunks(blocks: Iterator[tuple[bytes, int]], scratch) -> Iterator
         yield have, progress
     elif progress:
         yield 0, progress
+
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def prefetched(make: Callable[[], Iterator[tuple[bytes, int]]], depth: int = 2) -> Iterator[tuple[bytes, int]]:
+    """The blocks of ``make()``, produced in a background thread up to ``depth`` blocks ahead.
+
+    Decompressing (isal, zstandard and zlib release the GIL while they run) and reading Parquet (pyarrow's
+    decoding and the ``pyarrow.compute`` kernels of ``parquet_blocks`` release it too) then overlap with the
+    scanning of the previous block, on another core when one is free. An exception in the thread is raised
+    here, in the caller's thread; closing this generator (an error further on, or the first bad line with
+    ``--strict``) stops the thread and waits for it."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run() -> None:
+        blocks = None
+        try:
+            blocks = make()
+            for item in blocks:
+                if not put(item):
+                    return
+        except BaseException as e:  # handed to the caller's thread
+            put(_Failed(e))
+            return
+        finally:
+            if blocks is not None and hasattr(blocks, "close"):
+                blocks.close()
+        put(_END)
+
+    thread = threading.Thread(target=run, name="fm-convert-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -19,6 +19,7 @@ from operator import attrgetter
 import msgspec
 import numpy as np
 
+from fm.data import _convert_sources as _sources
 from fm.data._convert_sources import (
     GZIP,
     PARQUET,
@@ -28,6 +29,7 @@ from fm.data._convert_sources import (
     gzip_blocks,
     iter_stream_chunks,
     parquet_blocks,
+    prefetched,
     zstd_blocks,
 )
 from fm.data.indexed import DATA_FILE, FORMAT_VERSION, META_FILE  # noqa: F401 - the converter's names too
@@ -374,18 +376,35 @@ class Segment:
     end: int
 
 
-def iter_segment(path: str, seg: Segment, scratch: Scratch) -> Iterator[tuple[int, int]]:
-    """Whole lines of ``seg`` in ``scratch.buf``: yields how many bytes it holds and the input bytes consumed."""
+def read_in_thread(workers: int) -> bool:
+    """Whether compressed and Parquet input is read in a background thread (``prefetched``): only when this
+    process may use more cores than there are workers; with a worker on every core the thread has no core to run
+    on and only adds its hand-over cost (≈ 10 % measured, docs/benchmarks-convert.md)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return _sources.READ_THREAD and workers < cores
+
+
+def iter_segment(path: str, seg: Segment, scratch: Scratch, thread: bool = False) -> Iterator[tuple[int, int]]:
+    """Whole lines of ``seg`` in ``scratch.buf``: yields how many bytes it holds and the input bytes consumed.
+    ``thread``: decompress (or read Parquet) in a background thread, a block ahead."""
     kind = file_kind(path)
     if kind == PLAIN:
         for cut in iter_chunks(path, seg.start, seg.end, scratch):
             yield cut, cut
         return
     if kind == PARQUET:
-        blocks = parquet_blocks(path, seg.start, seg.end)
+        make = lambda: parquet_blocks(path, seg.start, seg.end)  # noqa: E731
     else:
-        blocks = (gzip_blocks if kind == GZIP else zstd_blocks)(path)
-    yield from iter_stream_chunks(blocks, scratch)
+        make = lambda: (gzip_blocks if kind == GZIP else zstd_blocks)(path)  # noqa: E731
+    blocks = prefetched(make) if thread else make()
+    try:
+        yield from iter_stream_chunks(blocks, scratch)
+    finally:
+        if hasattr(blocks, "close"):
+            blocks.close()  # stops the reading thread
 
 
 class _Writeback:
@@ -533,10 +552,11 @@ def convert_piece(files: Sequence[str], segments: Sequence[Segment], out, data_p
     buckets = np.zeros(len(BUCKETS), dtype=np.int64)
     out.seek(data_pos)
     writeback = _Writeback(out.fileno(), data_pos) if opts.fsync else None
+    thread = read_in_thread(opts.workers)
     for si, seg in enumerate(segments):
         seg_line = 0
         try:
-            for cut, used in iter_segment(files[seg.file_idx], seg, scratch):
+            for cut, used in iter_segment(files[seg.file_idx], seg, scratch, thread):
                 if parent_pid is not None and os.getppid() != parent_pid:
                     raise SystemExit("convert worker: parent process died")
                 if cut:

@@ -66,7 +66,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("fmt", FORMATS[1:])
-def test_same_output_as_jsonl(tmp_path, fmt, workers):
+def test_same_output_as_jsonl(tmp_path, fmt, workers, read_thread):
     recs = _records(700)
     ref = _write(tmp_path / "ref" / "x", recs, "jsonl")
     src = _write(tmp_path / "src" / "x", recs, fmt)
@@ -124,8 +124,18 @@ def _no_output_left(tmp_path: Path, *inputs: str) -> None:
     assert sorted(os.listdir(tmp_path)) == sorted(inputs)  # the temp dir was removed
 
 
+@pytest.fixture(params=[True, False], ids=["read-thread", "read-inline"])
+def read_thread(request, monkeypatch):
+    """Reading compressed and Parquet input in a background thread (one worker on a multi-core machine) or in
+    the worker's thread (a worker per core): both give the same errors."""
+    from fm.data import _convert_worker
+
+    monkeypatch.setattr(_convert_worker, "read_in_thread", lambda workers: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("fmt", ["jsonl.gz", "jsonl.zst"])
-def test_truncated_archive_is_an_error_naming_the_file(tmp_path, capsys, fmt):
+def test_truncated_archive_is_an_error_naming_the_file(tmp_path, capsys, fmt, read_thread):
     src = _write(tmp_path / "x", _records(3000, 7), fmt)
     data = src.read_bytes()
     src.write_bytes(data[: len(data) * 2 // 3])
@@ -137,7 +147,7 @@ def test_truncated_archive_is_an_error_naming_the_file(tmp_path, capsys, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["jsonl.gz", "jsonl.zst"])
-def test_corrupt_archive_is_an_error_naming_the_file(tmp_path, capsys, fmt):
+def test_corrupt_archive_is_an_error_naming_the_file(tmp_path, capsys, fmt, read_thread):
     src = _write(tmp_path / "x", _records(3000, 7), fmt)
     data = bytearray(src.read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 64):
@@ -149,7 +159,7 @@ def test_corrupt_archive_is_an_error_naming_the_file(tmp_path, capsys, fmt):
     _no_output_left(tmp_path, src.name)
 
 
-def test_corrupt_parquet_is_an_error_naming_the_file_and_row_group(tmp_path, capsys):
+def test_corrupt_parquet_is_an_error_naming_the_file_and_row_group(tmp_path, capsys, read_thread):
     src = _write(tmp_path / "x", _records(600, 8), "parquet", row_group_size=100)
     md = pq.ParquetFile(src).metadata
     col = md.row_group(3).column(1)  # the "output" column chunk of row group 3
@@ -203,3 +213,90 @@ def test_help_mentions_the_formats():
     text = build_parser().format_help()
     for word in (".jsonl.gz", ".jsonl.zst", ".parquet", "Parquet"):
         assert word in text
+
+
+# ------------------------------------------------------------------ the fast readers (isal, thread, vectorised JSON)
+
+_TRICKY = ['a"b', "back\\slash", "nl\nx", "tab\t", "".join(chr(i) for i in range(32)), "\u2028\u2029", "🙂",
+           "中文", "", None, '\\"\\n', "\x7f", "\r\n\b\f", "é" * 50]
+
+
+def test_vectorised_json_is_the_python_path():
+    """batch_jsonl (pyarrow.compute for strings without escapes, integers, booleans, nulls; msgspec for the rest)
+    writes the bytes msgspec writes."""
+    import datetime
+
+    from fm.data import _convert_sources
+
+    enc = msgspec.json.Encoder()
+    recs = [{"text": t, "id": i - 3, "ok": [True, False, None][i % 3], "f": i / 3 if i != 5 else float("nan"),
+             "none": None, "nest": {"a": [str(i), t]}, "day": datetime.date(2020, 1, i + 1), 'k"ey\n中': t}
+            for i, t in enumerate(_TRICKY)]
+    batch = pa.RecordBatch.from_pylist(recs)
+    text = batch.column(0)
+    plain = pa.array(["plain words", "", None, "中文 🙂 é", "\u2028\u2029\x7f", "a/b <c> & 'd'"] * 2)
+    n = len(plain)
+    vectorised = [  # no value needs an escape: the pyarrow.compute form
+        pa.RecordBatch.from_arrays(
+            [plain, plain.cast(pa.large_string()), plain.dictionary_encode(), plain.cast(pa.string_view()),
+             pa.array([None] * n, pa.int8()), pa.array(range(n), pa.uint64()), pa.array(range(-6, n - 6)),
+             pa.array([True, None, False] * (n // 3)), pa.nulls(n)],
+            ["t", 'k"ey\n中', "dict", "view", "null_ints", "u64", "i64", "bool", "null"]),
+        pa.RecordBatch.from_pylist([{"t": "x"}, {"t": None}, {"t": ""}]),
+    ]
+    python = [  # a value needs an escape, or a column has no vectorised form: msgspec
+        batch, batch.slice(3, 6), batch.slice(0, 0),
+        pa.RecordBatch.from_arrays([text.cast(pa.large_string()), text.dictionary_encode()], ["large", "dict"]),
+        pa.RecordBatch.from_pylist([{"t": f"{ch}"} for ch in ('"', "\\", "\n", "\x00", "\x1f")]),
+        pa.RecordBatch.from_pylist([{"t": "x", "f": 1.5}]),
+    ]
+    for b in vectorised:
+        for part in (b, b.slice(1), b.slice(2, 1)):
+            assert all(_convert_sources._json_values(c) is not None for c in part.columns)
+            assert bytes(_convert_sources.batch_jsonl(part, enc)) == enc.encode_lines(part.to_pylist())
+    for b in python:
+        for part in (b, b.slice(1)):
+            assert bytes(_convert_sources.batch_jsonl(part, enc)) == enc.encode_lines(part.to_pylist())
+    assert _convert_sources._json_values(pa.array(['a"b'])) is None
+
+
+def test_gzip_members_and_padding_read_with_isal(tmp_path):
+    from fm.data._convert_sources import gzip_blocks
+
+    raw = [_jsonl(_records(n, n)) for n in (500, 1, 2000)]
+    path = tmp_path / "m.jsonl.gz"
+    path.write_bytes(b"".join(gzip.compress(r, level, mtime=0) for r, level in zip(raw, (1, 6, 9))) + b"\0" * 100)
+    blocks = list(gzip_blocks(str(path)))
+    assert b"".join(b for b, _ in blocks) == b"".join(raw)
+    assert sum(used for _, used in blocks) == path.stat().st_size
+
+
+def test_prefetched_passes_errors_and_stops_when_closed():
+    import threading
+
+    from fm.data._convert_sources import SourceError, prefetched
+
+    def failing():
+        yield b"a", 1
+        raise SourceError("broken", "hint")
+
+    got = []
+    with pytest.raises(SourceError, match="broken"):
+        for item in prefetched(failing):
+            got.append(item)
+    assert got == [(b"a", 1)]
+
+    closed = []
+
+    def endless():
+        try:
+            while True:
+                yield b"x", 1
+        finally:
+            closed.append(True)
+
+    gen = prefetched(endless)
+    assert next(gen) == (b"x", 1)
+    gen.close()
+    assert closed == [True]
+    assert not [t for t in threading.enumerate() if t.name == "fm-convert-read"]
