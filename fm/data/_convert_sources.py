@@ -256,18 +256,15 @@ def parquet_blocks(path: str, first: int, last: int) -> Iterator[tuple[bytes, in
     for rg in range(first, last):
         size = _compressed_size(meta.row_group(rg))
         batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[rg], use_threads=False)
-        pending = None  # a block is yielded once the next one is read: the last one carries the row group's size
-        while True:
+        while True:  # batch by batch: the first block is ready after PARQUET_BATCH_ROWS rows
             try:
                 batch = next(batches, None)
             except Exception as e:
                 raise SourceError(f"row group {rg}: cannot be read ({e})", hint) from None
             if batch is None:
                 break
-            if pending is not None:
-                yield pending, 0
-            pending = batch_jsonl(batch, enc)
-        yield (pending if pending is not None else b""), size
+            yield batch_jsonl(batch, enc), 0
+        yield b"", size  # the row group's progress
 
 
 # ----------------------------------------------------------------------------------------------- plumbing
