@@ -19,6 +19,19 @@ from operator import attrgetter
 import msgspec
 import numpy as np
 
+from fm.data import _convert_sources as _sources
+from fm.data._convert_sources import (
+    GZIP,
+    PARQUET,
+    PLAIN,
+    SourceError,
+    file_kind,
+    gzip_blocks,
+    iter_stream_chunks,
+    parquet_blocks,
+    prefetched,
+    zstd_blocks,
+)
 from fm.data.indexed import DATA_FILE, FORMAT_VERSION, META_FILE  # noqa: F401 - the converter's names too
 from fm.errors import FmError
 
@@ -355,9 +368,41 @@ def iter_chunks(path: str, start: int, end: int, scratch: Scratch) -> Iterator[i
 
 @dataclass
 class Segment:
+    """A byte range of a plain jsonl file; a whole compressed file (0, its size); row groups of a Parquet file."""
     file_idx: int
     start: int
     end: int
+
+
+def read_in_thread(workers: int) -> bool:
+    """Whether compressed and Parquet input is read in a background thread (``prefetched``): only when this
+    process may use more cores than there are workers; with a worker on every core the thread has no core to run
+    on and only adds its hand-over cost (≈ 10 % measured, docs/benchmarks-convert.md)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return _sources.READ_THREAD and workers < cores
+
+
+def iter_segment(path: str, seg: Segment, scratch: Scratch, thread: bool = False) -> Iterator[tuple[int, int]]:
+    """Whole lines of ``seg`` in ``scratch.buf``: yields how many bytes it holds and the input bytes consumed.
+    ``thread``: decompress (or read Parquet) in a background thread, a block ahead."""
+    kind = file_kind(path)
+    if kind == PLAIN:
+        for cut in iter_chunks(path, seg.start, seg.end, scratch):
+            yield cut, cut
+        return
+    if kind == PARQUET:
+        make = lambda: parquet_blocks(path, seg.start, seg.end)  # noqa: E731
+    else:
+        make = lambda: (gzip_blocks if kind == GZIP else zstd_blocks)(path)  # noqa: E731
+    blocks = prefetched(make) if thread else make()
+    try:
+        yield from iter_stream_chunks(blocks, scratch)
+    finally:
+        if hasattr(blocks, "close"):
+            blocks.close()  # stops the reading thread
 
 
 class _Writeback:
@@ -458,13 +503,15 @@ class PieceQueue:
 def convert_pieces(files: Sequence[str], pieces: Sequence[Sequence[Segment]], positions: Sequence[int],
                    data_path: str, side: str, opts: Options, queue: PieceQueue,
                    progress: Callable[[int], None] | None = None,
-                   parent_pid: int | None = None) -> dict[int, PartResult]:
+                   parent_pid: int | None = None, spills: Sequence[str | None] = ()) -> dict[int, PartResult]:
     """Convert the pieces ``queue`` hands out until none is left; returns their results by piece number.
 
     Piece ``k`` (its segments, in order) goes into ``data_path`` (which must exist) from byte ``positions[k]``
     on; its raw int64 line lengths are appended to ``side + ".len"`` and its text index lines (the end offset
     of each line, assuming the piece stays at ``positions[k]``) to ``side + ".txt"``. Formatting them here
     runs in parallel; the parent only re-formats a piece that moved because an earlier one dropped lines.
+    A piece whose output size is not known in advance (compressed or Parquet input, with several workers) has a
+    spill file ``spills[k]`` instead: it is written there from byte 0 and copied into data.jsonl by the parent.
     """
     # One SentencePiece thread per worker when there are several: more would only compete for the same cores.
     counter = TokenCounter(opts.language, opts.tokenizer, threads=1 if opts.workers > 1 else -1)
@@ -474,8 +521,14 @@ def convert_pieces(files: Sequence[str], pieces: Sequence[Sequence[Segment]], po
     with open(data_path, "r+b") as out, open(side + ".len", "wb") as lens, open(side + ".txt", "wb") as txt:
         while (k := queue.take()) is not None:
             res = results[k] = PartResult(side=side, len_at=lens.tell(), txt_at=txt.tell())
-            convert_piece(files, pieces[k], out, positions[k], lens, txt, res, opts, counter, scratch, progress,
-                          parent_pid, fmt)
+            spill = spills[k] if spills else None
+            if spill:
+                with open(spill, "w+b") as own:  # a temp file: data.jsonl, where it is copied, is synced
+                    convert_piece(files, pieces[k], own, 0, lens, txt, res, opts, counter, scratch, progress,
+                                  parent_pid, fmt)
+            else:
+                convert_piece(files, pieces[k], out, positions[k], lens, txt, res, opts, counter, scratch,
+                              progress, parent_pid, fmt)
             res.txt_end = txt.tell()
             if res.strict_error is not None:  # later pieces cannot hold the first bad line: stop everyone
                 queue.stop()
@@ -497,42 +550,60 @@ def convert_piece(files: Sequence[str], segments: Sequence[Segment], out, data_p
     buckets = np.zeros(len(BUCKETS), dtype=np.int64)
     out.seek(data_pos)
     writeback = _Writeback(out.fileno(), data_pos) if opts.fsync else None
+    thread = read_in_thread(opts.workers)
     for si, seg in enumerate(segments):
         seg_line = 0
-        for cut in iter_chunks(files[seg.file_idx], seg.start, seg.end, scratch):
-            if parent_pid is not None and os.getppid() != parent_pid:
-                raise SystemExit("convert worker: parent process died")
-            chunk = scan_chunk(scratch.buf, cut, counter, scratch, fmt)
-            for i, reason in chunk.bad:
-                res.skipped[reason] = res.skipped.get(reason, 0) + 1
-                if len(res.first_bad) < MAX_REPORTED:
-                    res.first_bad.append((si, seg_line + i, reason))
-                if opts.strict and reason not in NON_FATAL and res.strict_error is None:
-                    res.strict_error = (si, seg_line + i, reason)
-            if res.strict_error is not None:
-                res.seg_lines.append(seg_line + chunk.nlines)
-                return
-            seg_line += chunk.nlines
-            if chunk.good:
-                out.write(chunk.good)
-                if writeback is not None:
-                    out.flush()
-                    writeback.wrote(len(chunk.good))
-                lens.write(chunk.lengths.astype("<i8", copy=False).tobytes())
-                txt.write(format_offsets(np.cumsum(chunk.lengths) + (data_pos + res.nbytes)))
-                if res.sample is None:
-                    res.sample = chunk.first_line
-                res.nlines += len(chunk.lengths)
-                res.nbytes += len(chunk.good)
-                res.count_sum += int(chunk.counts.sum())
-                buckets += _bucket_counts(chunk.counts * counter.factor)
-            if progress is not None:
-                progress(cut)
+        try:
+            for cut, used in iter_segment(files[seg.file_idx], seg, scratch, thread):
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    raise SystemExit("convert worker: parent process died")
+                if cut:
+                    seg_line = _convert_chunk(cut, seg_line, si, out, writeback, lens, txt, data_pos, res, opts,
+                                              counter, scratch, fmt, buckets)
+                    if res.strict_error is not None:
+                        res.seg_lines.append(seg_line)
+                        return
+                if progress is not None:
+                    progress(used)
+        except SourceError as e:
+            path = files[seg.file_idx]
+            where = "" if file_kind(path) == PARQUET else f", after line {seg_line + e.lines_before}"
+            raise ConvertError(f"{path}: {e.message}{where}; {e.hint}; nothing was written to --output") from None
         res.seg_lines.append(seg_line)
     out.flush()
     if writeback is not None:
         writeback.finish()
     res.buckets = buckets.tolist()
+
+
+def _convert_chunk(cut, seg_line, si, out, writeback, lens, txt, data_pos, res, opts, counter, scratch, fmt,
+                   buckets) -> int:
+    """Scan and write the ``cut`` bytes of ``scratch.buf``; returns the segment's line count after them (on a
+    --strict error: including the chunk, with ``res.strict_error`` set)."""
+    chunk = scan_chunk(scratch.buf, cut, counter, scratch, fmt)
+    for i, reason in chunk.bad:
+        res.skipped[reason] = res.skipped.get(reason, 0) + 1
+        if len(res.first_bad) < MAX_REPORTED:
+            res.first_bad.append((si, seg_line + i, reason))
+        if opts.strict and reason not in NON_FATAL and res.strict_error is None:
+            res.strict_error = (si, seg_line + i, reason)
+    seg_line += chunk.nlines
+    if res.strict_error is not None:
+        return seg_line
+    if chunk.good:
+        out.write(chunk.good)
+        if writeback is not None:
+            out.flush()
+            writeback.wrote(len(chunk.good))
+        lens.write(chunk.lengths.astype("<i8", copy=False).tobytes())
+        txt.write(format_offsets(np.cumsum(chunk.lengths) + (data_pos + res.nbytes)))
+        if res.sample is None:
+            res.sample = chunk.first_line
+        res.nlines += len(chunk.lengths)
+        res.nbytes += len(chunk.good)
+        res.count_sum += int(chunk.counts.sum())
+        buckets += _bucket_counts(chunk.counts * counter.factor)
+    return seg_line
 
 
 _WORKER_PROGRESS = None
@@ -549,10 +620,10 @@ def worker_entry(conn, progress_value, args: tuple) -> None:
     global _WORKER_PROGRESS
     _WORKER_PROGRESS = progress_value
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    files, pieces, positions, data_path, side, opts, queue, parent_pid = args
+    files, pieces, positions, data_path, side, opts, queue, parent_pid, spills = args
     try:
         result = (True, convert_pieces(files, pieces, positions, data_path, side, opts, queue,
-                                       _worker_progress, parent_pid))
+                                       _worker_progress, parent_pid, spills))
     except BaseException as e:  # noqa: B036 - everything goes back to the parent, which raises it
         queue.stop()  # the run fails: the other workers need not go on
         result = (False, e)

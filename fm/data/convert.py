@@ -16,6 +16,12 @@ re-scanned line by line to name the reason. With ``--workers N`` the input is cu
 written straight into data.jsonl at a reserved position (the parent closes the gaps left by dropped lines),
 so the output is byte-identical to one worker.
 
+Compressed jsonl (``.jsonl.gz``, ``.jsonl.zst``) and Parquet are read as streams of jsonl bytes
+(``fm.data._convert_sources``) and go through the same scanning, so they give the same output bytes. Their
+output size is not known in advance: with one worker everything is one piece written in order; with several,
+each compressed file is one piece and a Parquet file is cut at row groups, and such a piece (other than the
+first) writes to its own spill file, copied into data.jsonl by the parent (``assemble``).
+
 The output is built in a temporary directory next to the target and renamed into place only when complete.
 """
 
@@ -38,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from fm.data._convert_sources import DIR_SUFFIXES, PARQUET, PLAIN, file_kind, parquet_row_groups
 from fm.data._convert_worker import (  # noqa: F401 - re-exported: the converter's public names
     BUCKET_EDGES,
     BUCKETS,
@@ -63,6 +70,7 @@ from fm.data._convert_worker import (  # noqa: F401 - re-exported: the converter
     scan_chunk,
     worker_entry,
 )
+from fm.errors import FmError
 
 log = logging.getLogger("fm.data.convert")
 
@@ -90,6 +98,44 @@ def split_segments(files: Sequence[str], sizes: Sequence[int], parts: int) -> li
     return result
 
 
+def plan_pieces(files: Sequence[str], sizes: Sequence[int], row_groups: dict[int, list[int]],
+                opts: Options) -> list[list[Segment]]:
+    """Pieces when some input is compressed or Parquet: with one worker, one piece of whole files; else runs of
+    plain files are cut as ``split_segments`` does, each compressed file is one piece (it cannot be split at a
+    byte offset) and a Parquet file is cut into pieces of whole row groups (``row_groups[i]``: their
+    compressed sizes), all of about the plain pieces' size."""
+    ends = [len(row_groups[i]) if i in row_groups else sizes[i] for i in range(len(files))]
+    if opts.workers <= 1:
+        return [[Segment(i, 0, e) for i, e in enumerate(ends) if e > 0]]
+    total = sum(sizes)
+    target = max(1, total // opts.piece_count(total))
+    pieces: list[list[Segment]] = []
+    i = 0
+    while i < len(files):
+        kind = file_kind(files[i])
+        if kind == PLAIN:
+            j = i
+            while j < len(files) and file_kind(files[j]) == PLAIN:
+                j += 1
+            run = sum(sizes[i:j])
+            if run:
+                for segs in split_segments(files[i:j], sizes[i:j], max(1, round(run / target))):
+                    pieces.append([Segment(s.file_idx + i, s.start, s.end) for s in segs])
+            i = j
+            continue
+        if kind == PARQUET:
+            first, acc = 0, 0
+            for r, size in enumerate(row_groups[i]):
+                acc += size
+                if acc >= target or r == len(row_groups[i]) - 1:
+                    pieces.append([Segment(i, first, r + 1)])
+                    first, acc = r + 1, 0
+        elif sizes[i]:
+            pieces.append([Segment(i, 0, sizes[i])])
+        i += 1
+    return pieces or [[]]
+
+
 def _next_line_start(path: str, pos: int, size: int) -> int:
     if pos <= 0:
         return 0
@@ -112,7 +158,8 @@ def _is_index_dir(path: str) -> bool:
 
 
 def find_inputs(path: str) -> list[str]:
-    """``path`` itself if a file, else every ``*.jsonl`` below it (recursive, sorted by relative path).
+    """``path`` itself if a file, else every ``*.jsonl``, ``*.jsonl.gz``, ``*.jsonl.zst`` and ``*.parquet`` below it
+    (recursive, sorted by relative path).
 
     Directories that are index outputs (meta.json + data.jsonl) or interrupted temp outputs are skipped,
     so converting a tree twice never reads a previous result back in.
@@ -136,10 +183,11 @@ def find_inputs(path: str) -> list[str]:
             seen.add(os.path.realpath(full))
             keep.append(d)
         dirs[:] = keep
-        found += [os.path.join(root, n) for n in names if n.endswith(".jsonl")]
+        found += [os.path.join(root, n) for n in names if n.endswith(DIR_SUFFIXES)]
     found.sort(key=lambda p: os.path.relpath(p, path).split(os.sep))
     if not found:
-        raise ConvertError(f"--path {path}: no *.jsonl files found (searched recursively)")
+        raise ConvertError(f"--path {path}: no *.jsonl files found, nor *.jsonl.gz, *.jsonl.zst or *.parquet "
+                           "(searched recursively)")
     return found
 
 
@@ -178,6 +226,59 @@ def cut_sample(obj: Any, limit: int = 50) -> Any:
     if isinstance(obj, str) and len(obj) > limit:
         return obj[:limit] + "..."
     return obj
+
+
+def assemble(path: str, positions: Sequence[int], sizes: Sequence[int], spills: Sequence[str | None]) -> int:
+    """Put the pieces in order at the start of data.jsonl; returns the final size. Pieces written into data.jsonl
+    (at ``positions``) move down first, in order, then up, from the last (neither overwrites a piece not yet
+    moved); then the spill files of the pieces written apart (``spills[k]``) are copied into the gaps left."""
+    if not any(spills):
+        return compact(path, positions, sizes)
+    finals = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    with open(path, "r+b") as f:
+        fd = f.fileno()
+        inside = [k for k in range(len(sizes)) if not spills[k]]
+        for k in inside:
+            if finals[k] < positions[k]:
+                _move(fd, fd, positions[k], finals[k], sizes[k], up=False)
+        for k in reversed(inside):
+            if finals[k] > positions[k]:
+                _move(fd, fd, positions[k], finals[k], sizes[k], up=True)
+        for k, spill in enumerate(spills):
+            if spill:
+                src = os.open(spill, os.O_RDONLY)
+                try:
+                    _move(src, fd, 0, finals[k], sizes[k], up=False)
+                finally:
+                    os.close(src)
+                os.unlink(spill)
+        f.truncate(finals[-1])
+    return finals[-1]
+
+
+def _move(src: int, dst: int, a: int, b: int, size: int, up: bool) -> None:
+    """Copy ``size`` bytes from ``src`` at ``a`` to ``dst`` at ``b``, in blocks; from the end when ``up`` (the
+    ranges may overlap within one file)."""
+    step = 1 << 24
+    if src != dst:
+        try:
+            done = 0
+            while done < size:
+                n = os.copy_file_range(src, dst, size - done, a + done, b + done)
+                if n <= 0:
+                    break
+                done += n
+            if done == size:
+                return
+        except (AttributeError, OSError):
+            pass
+    starts = range(0, size, step)
+    for off in (reversed(starts) if up else starts):
+        n = min(step, size - off)
+        block = os.pread(src, n, a + off)
+        if len(block) != n:
+            raise ConvertError(f"internal error: short read moving a piece ({len(block)} of {n} bytes)")
+        os.pwrite(dst, block, b + off)
 
 
 def compact(path: str, positions: Sequence[int], sizes: Sequence[int]) -> int:
@@ -280,24 +381,50 @@ def _missing_final_newline(path: str, size: int) -> bool:
         return f.read(1) != b"\n"
 
 
-def part_positions(files: Sequence[str], sizes: Sequence[int], segments: list[list[Segment]]) -> list[int]:
+def part_positions(files: Sequence[str], sizes: Sequence[int], segments: list[list[Segment]],
+                   spills: Sequence[str | None] = ()) -> list[int]:
     """Where each piece starts writing in data.jsonl: the most its predecessors can write.
 
     A piece writes at most its input bytes plus one newline per file whose last line lacks one; when no
-    line is dropped the pieces tile data.jsonl exactly and need no copying afterwards.
+    line is dropped the pieces tile data.jsonl exactly and need no copying afterwards. A piece with a spill
+    file (``spills[k]``) writes there from 0 and takes no room; a compressed or Parquet piece written into
+    data.jsonl is never followed by another one there (see ``_spills``).
     """
-    no_nl = [_missing_final_newline(f, n) for f, n in zip(files, sizes)]
+    no_nl = [file_kind(f) == PLAIN and _missing_final_newline(f, n) for f, n in zip(files, sizes)]
     positions, pos = [], 0
-    for segs in segments:
+    for k, segs in enumerate(segments):
+        if spills and spills[k]:
+            positions.append(0)
+            continue
         positions.append(pos)
-        pos += sum(s.end - s.start + (no_nl[s.file_idx] and s.end == sizes[s.file_idx]) for s in segs)
+        pos += sum(s.end - s.start + (no_nl[s.file_idx] and s.end == sizes[s.file_idx]) for s in segs
+                   if file_kind(files[s.file_idx]) == PLAIN)
     return positions
 
 
-def _run_parts(files: list[str], sizes: list[int], tmp: str,
-               opts: Options) -> tuple[list[PartResult], list[list[Segment]], list[int]]:
-    pieces = split_segments(files, sizes, opts.piece_count(sum(sizes)))
-    positions = part_positions(files, sizes, pieces)
+def _spills(files: Sequence[str], pieces: list[list[Segment]], tmp: str) -> list[str | None]:
+    """A spill file for each piece whose output size is unknown (compressed or Parquet input) if another piece
+    follows it in data.jsonl; the first piece always writes into data.jsonl (it starts at 0)."""
+    unknown = [any(file_kind(files[s.file_idx]) != PLAIN for s in segs) for segs in pieces]
+    spills: list[str | None] = [None] * len(pieces)
+    if len(pieces) > 1 and (not unknown[0] or not all(unknown)):
+        spills = [os.path.join(tmp, f".spill-{k}") if u else None for k, u in enumerate(unknown)]
+    elif len(pieces) > 1:  # all unknown: the first piece writes into data.jsonl, the others apart
+        spills = [None] + [os.path.join(tmp, f".spill-{k}") for k in range(1, len(pieces))]
+    return spills
+
+
+def _run_parts(files: list[str], sizes: list[int], tmp: str, opts: Options,
+               row_groups: dict[int, list[int]] | None = None,
+               ) -> tuple[list[PartResult], list[list[Segment]], list[int], list[str | None]]:
+    row_groups = row_groups or {}
+    if all(file_kind(f) == PLAIN for f in files):
+        pieces = split_segments(files, sizes, opts.piece_count(sum(sizes)))
+        spills: list[str | None] = [None] * len(pieces)
+    else:
+        pieces = plan_pieces(files, sizes, row_groups, opts)
+        spills = _spills(files, pieces, tmp)
+    positions = part_positions(files, sizes, pieces, spills)
     data_path = os.path.join(tmp, DATA_FILE)
     open(data_path, "wb").close()
     side = os.path.join(tmp, ".worker-")  # + worker number: each worker's line lengths and text index lines
@@ -306,23 +433,24 @@ def _run_parts(files: list[str], sizes: list[int], tmp: str,
     if show:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="convert", file=sys.stderr)
+        total = sum(sum(row_groups[i]) if i in row_groups else n for i, n in enumerate(sizes))
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr)
     try:
         if opts.workers <= 1:
             done = convert_pieces(files, pieces, positions, data_path, side + "0", opts, PieceQueue(len(pieces)),
-                                  bar.update if bar is not None else None)
+                                  bar.update if bar is not None else None, spills=spills)
         else:
-            done = _run_workers(files, pieces, data_path, positions, side, opts, bar)
+            done = _run_workers(files, pieces, data_path, positions, side, opts, bar, spills)
     finally:
         if bar is not None:
             bar.close()
     if len(done) < len(pieces) and not any(r.strict_error for r in done.values()):
         raise ConvertError(f"internal error: {len(pieces) - len(done)} of {len(pieces)} pieces were not converted")
     # Pieces left after a --strict error were never started: they hold no line and no report.
-    return [done.get(k) or PartResult() for k in range(len(pieces))], pieces, positions
+    return [done.get(k) or PartResult() for k in range(len(pieces))], pieces, positions, spills
 
 
-def _run_workers(files, pieces, data_path, positions, side, opts, bar) -> dict[int, PartResult]:
+def _run_workers(files, pieces, data_path, positions, side, opts, bar, spills) -> dict[int, PartResult]:
     """``opts.workers - 1`` forked worker processes and this one (one fork fewer, and this process would
     otherwise only wait) convert the pieces a shared ``PieceQueue`` hands out."""
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -343,13 +471,14 @@ def _run_workers(files, pieces, data_path, positions, side, opts, bar) -> dict[i
     try:
         for w in range(1, opts.workers):
             recv, send = ctx.Pipe(duplex=False)
-            job = (files, pieces, positions, data_path, f"{side}{w}", opts, queue, os.getpid())
+            job = (files, pieces, positions, data_path, f"{side}{w}", opts, queue, os.getpid(), spills)
             proc = ctx.Process(target=worker_entry, args=(send, counter, job), daemon=True)
             proc.start()
             send.close()
             procs.append((proc, recv))
         try:
-            results = convert_pieces(files, pieces, positions, data_path, side + "0", opts, queue, show)
+            results = convert_pieces(files, pieces, positions, data_path, side + "0", opts, queue, show,
+                                     spills=spills)
         except BaseException:
             queue.stop()
             raise
@@ -405,10 +534,17 @@ def convert(path: str, output: str, opts: Options) -> dict:
             opts.tokenizer = resolve_tokenizer(opts.tokenizer)
         except FileNotFoundError as e:
             raise ConvertError(f"--tokenizer {opts.tokenizer}: {e}") from None
-    RecordFormat(opts.json_keys)  # a bad --json-keys fails before anything is read
+    fmt = RecordFormat(opts.json_keys)  # a bad --json-keys fails before anything is read
     check_paths(path, output, name, opts.overwrite)
     files = find_inputs(path)
     sizes = [os.path.getsize(f) for f in files]
+    row_groups = {}  # Parquet inputs: their schema is checked, and their row groups planned, before any is read
+    for i, f in enumerate(files):
+        if file_kind(f) == PARQUET:
+            try:
+                row_groups[i] = parquet_row_groups(f, fmt.input_key, fmt.output_key)
+            except FmError as e:
+                raise ConvertError(str(e)) from None
     output = os.path.abspath(output)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
@@ -417,7 +553,7 @@ def convert(path: str, output: str, opts: Options) -> dict:
     tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         os.mkdir(tmp)
-        meta = _convert_into(files, sizes, tmp, opts)
+        meta = _convert_into(files, sizes, tmp, opts, row_groups)
         _install(tmp, output, opts.fsync)
     except OSError as e:  # a full disk, a lost mount, a permission: one line naming the path and the cause
         shutil.rmtree(tmp, ignore_errors=True)
@@ -457,9 +593,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _convert_into(files: list[str], sizes: list[int], tmp: str, opts: Options) -> dict:
+def _convert_into(files: list[str], sizes: list[int], tmp: str, opts: Options,
+                  row_groups: dict[int, list[int]] | None = None) -> dict:
     t0 = time.perf_counter()
-    results, segments, positions = _run_parts(files, sizes, tmp, opts)
+    results, segments, positions, spills = _run_parts(files, sizes, tmp, opts, row_groups)
     locate = _locate(files, segments, results)
     for p, res in enumerate(results):
         if res.strict_error is not None:
@@ -481,7 +618,7 @@ def _convert_into(files: list[str], sizes: list[int], tmp: str, opts: Options) -
                            f"every line must be a JSON object with a string {fmt.output_key!r}{hint}")
     data_path = os.path.join(tmp, DATA_FILE)
     nbytes = [r.nbytes for r in results]
-    compact(data_path, positions, nbytes)
+    assemble(data_path, positions, nbytes, spills)
     starts = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).tolist()
     write_offsets(tmp, opts.index_name, results, nlines, [s != p for s, p in zip(starts, positions)])
     counter = TokenCounter(opts.language, None) if not opts.tokenizer else None
@@ -565,7 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fm convert",
         description="Convert jsonl files ({\"input\": ..., \"output\": ...} per line, or {\"text\": ...} with "
-                    "--json-keys text) into an index directory: "
+                    "--json-keys text) into an index directory. Also read, streamed (never unpacked to disk): "
+                    "gzip (.jsonl.gz) and zstandard (.jsonl.zst) jsonl, and Parquet (.parquet, e.g. FineWeb: each "
+                    "row becomes one JSON line, --json-keys names the text column). Output: "
                     "data.jsonl (the valid lines), index (text offsets), index.h5 (the same offsets, memory-mappable) "
                     "and meta.json (statistics and the skipped-line report). Bad lines are skipped, counted and "
                     "reported (file:line and reason). The output is written to a temporary directory and renamed "
@@ -575,7 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
                "exit codes: 0 ok, 1 error (bad arguments, refused output, no valid line), 2 --strict found a bad line",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--path", "-p", required=True,
-                   help="a jsonl file, or a directory searched recursively for *.jsonl (read in sorted order)")
+                   help="an input file (.jsonl; .gz/.zst: compressed jsonl; .parquet), or a directory searched "
+                        "recursively for *.jsonl, *.jsonl.gz, *.jsonl.zst and *.parquet (read in sorted order)")
     p.add_argument("--language", "-l", required=True, choices=sorted(ESTIMATE_FACTORS),
                    help="language of the text, for token estimates without --tokenizer "
                         "(zh: 0.7 x characters, en: 1.5 x words, code: 0.3 x characters)")
@@ -588,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the keys of each record's text: one key (e.g. --json-keys text, Megatron's name for the "
                         "option) is trained on whole; two keys INPUT OUTPUT are a prompt (masked: no loss, may be "
                         "missing) and its answer (trained on). Default: input output. Other keys are kept in "
-                        "data.jsonl for transforms; the keys are recorded in meta.json for the loader")
+                        "data.jsonl for transforms; the keys are recorded in meta.json for the loader. For Parquet "
+                        "the keys are column names (the other columns become the other keys)")
     p.add_argument("--tokenizer", metavar="TOKENIZER",
                    help="SentencePiece .model, tokenizer.json or HF tokenizer directory (or 'demo', the shipped one): "
                         "count tokens exactly (input + output tokens per line) instead of estimating them")
