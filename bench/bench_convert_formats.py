@@ -1,6 +1,7 @@
 """Converter throughput on .jsonl.gz, .jsonl.zst and Parquet vs the same text as plain jsonl, in the same run.
 
     python bench/bench_convert_formats.py [--mb 40] [--dir /tmp/fm_bench_convert_formats] [--repeat 5]
+    python bench/bench_convert_formats.py --tokenizer demo --mb 4     # the tokenizing converter
 
 The corpus is bench_convert's random-word English jsonl; the .gz (level 6), .zst (level 3) and Parquet
 (snappy, row groups of 10 000 rows, columns input/output) files hold the same records, so every conversion
@@ -62,9 +63,12 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+TOKENIZER: str | None = None  # --tokenizer: convert with exact token counts (the tokenizing converter)
+
+
 def run_convert(path: str, out: str, workers: int) -> None:
     shutil.rmtree(out, ignore_errors=True)
-    convert(path, out, Options(language="en", workers=workers, progress=False, fsync=False))
+    convert(path, out, Options(language="en", workers=workers, progress=False, fsync=False, tokenizer=TOKENIZER))
 
 
 def compare(name: str, paths: dict[str, str], out: str, workers: int, mb: float, repeat: int) -> dict[str, float]:
@@ -107,7 +111,11 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=40)
     ap.add_argument("--dir", default="/tmp/fm_bench_convert_formats")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--tokenizer", help="convert with --tokenizer (e.g. demo): the same comparison when the converter "
+                                        "tokenizes (use a smaller --mb: tokenizing runs at ~10 MB/s)")
     args = ap.parse_args()
+    global TOKENIZER
+    TOKENIZER = args.tokenizer
     os.makedirs(args.dir, exist_ok=True)
     src = os.path.join(args.dir, f"corpus-{args.mb:g}.jsonl")
     make_corpus(src, args.mb)
