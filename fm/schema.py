@@ -7,7 +7,9 @@ values plus **every** problem it found — unknown keys with the closest valid k
 choices, values out of range — so a config with three mistakes is reported once, with all three.
 
 Types understood: ``bool``, ``int``, ``float``, ``str``, ``Literal[...]``, ``X | None``, ``list[X]``,
-``tuple[X, ...]`` (a JSON list, or a string of items separated by commas, spaces or ``|``), ``dict``, ``Any``.
+``tuple[X, ...]`` (a JSON list, or a string of items separated by commas, spaces or ``|``), ``dict``, ``Any``, and
+``list[C]`` of a dataclass ``C`` (a JSON list of objects, each checked as ``C`` and named ``key[i].field``; on the
+command line a JSON string).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def describe_type(tp: Any) -> str:
     if origin in (list, tuple):
         args = [a for a in get_args(tp) if a is not Ellipsis]
         return f"list of {describe_type(args[0])}" if args else "list"
-    if origin is dict or tp is dict:
+    if origin is dict or tp is dict or dataclasses.is_dataclass(tp):
         return "object"
     return {bool: "bool", int: "int", float: "number", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -174,6 +176,13 @@ def check(cls: type, data: Mapping[str, Any], *, from_cli: bool = False, ignore:
             problems.append(f"unknown key {prefix + name!r}{suggest(name, names)}")
             continue
         f, tp = known[name]
+        item_cls = dataclass_items(tp)
+        if item_cls is not None:
+            items, found = _check_items(item_cls, value, from_cli=from_cli, where=f"{prefix}{name}")
+            problems += found
+            if not found:
+                values[name] = items
+            continue
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
                 problems.append(f"{prefix}{name}: must be a JSON object of its keys, got {value!r}")
@@ -194,6 +203,46 @@ def check(cls: type, data: Mapping[str, Any], *, from_cli: bool = False, ignore:
             continue
         values[name] = v
     return values, problems
+
+
+def dataclass_items(tp: Any) -> type | None:
+    """``C`` when ``tp`` is ``list[C]`` of a dataclass ``C``, else None."""
+    if get_origin(tp) is list:
+        args = get_args(tp)
+        if args and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return None
+
+
+def _check_items(cls: type, value: Any, *, from_cli: bool, where: str) -> tuple[list[Any], list[str]]:
+    """A JSON list of objects as instances of dataclass ``cls``, with every problem of every item (``where[i].key``):
+    unknown keys, wrong types, missing required keys. On the command line the list comes as a JSON string."""
+    if from_cli and isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as e:
+            return [], [f"{where}: must be a JSON list of objects, got {value!r} ({e.msg})"]
+    if not isinstance(value, (list, tuple)):
+        return [], [f"{where}: must be a JSON list of objects, got {value!r}"]
+    required = [n for n, (f, _) in fields_of(cls).items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    items, problems = [], []
+    for i, item in enumerate(value):
+        if isinstance(item, cls):
+            items.append(item)
+            continue
+        if not isinstance(item, Mapping):
+            problems.append(f"{where}[{i}]: must be a JSON object of its keys ({', '.join(fields_of(cls))}), "
+                            f"got {item!r}")
+            continue
+        vals, found = check(cls, item, from_cli=from_cli, prefix=f"{where}[{i}].")
+        found += [f"{where}[{i}]: missing required key {k!r}" for k in required if k not in item]
+        problems += found
+        if not found:
+            items.append(build(cls, vals))
+    return items, problems
 
 
 def build(cls: type, values: Mapping[str, Any]) -> Any:

@@ -26,7 +26,8 @@ KEYS: dict[str, str] = {
     "tensorboard_all_tasks": "run.tensorboard_all_tasks", "log_iters": "run.log_iters",
     "inspect_iters": "run.inspect_iters", "max_skipped_steps": "run.max_skipped_steps",
     "peak_tflops": "run.peak_tflops", "only_run_dataloader": "run.only_run_dataloader",
-    "dataset_config": "data.mixture", "tokenizer_path": "data.tokenizer", "max_length": "data.max_length",
+    "dataset_config": "data.mixture", "data_stages": "data.stages", "tokenizer_path": "data.tokenizer",
+    "max_length": "data.max_length",
     "batch_size": "data.batch_size", "dataloader_num_workers": "data.num_workers",
     "dataloader_prefetch_factor": "data.prefetch_factor", "eos_token": "data.eos_token",
     "config": "model.config", "load_model": "model.init_from",
@@ -191,10 +192,37 @@ def _upstream_value(name: str, value: Any, notes: list[str], where: str, root: t
         return "data/checkpoints"
     if name == "resume_ckpt" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if name == "data_stages":
+        return _upstream_stages(value)
     if isinstance(value, str):  # as on the command line; a bad one raises _Bad with the reason
         f, tp = field_of(root, KEYS[name])
         return coerce(value, tp, from_cli=True, normalise=f.metadata.get("normalise"))
     return value
+
+
+def _upstream_stages(value: Any) -> Any:
+    """``data_stages``: a JSON list (or a JSON string of one, as a shell passes it) of ``{"start_iter": 9000,
+    "dataset_config": "decay.json"}`` → ``data.stages``' ``{"start_iter": 9000, "mixture": "decay.json"}``; a
+    ``start_iter`` given as a string of digits is the number. Anything else goes on as written (its check names it)."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as e:
+            raise _Bad(f"must be a JSON list of {{start_iter, dataset_config}} objects, got {value!r} ({e.msg})") \
+                from None
+    if not isinstance(value, list):
+        return value
+    out = []
+    for item in value:
+        if isinstance(item, Mapping):
+            item = {("mixture" if k == "dataset_config" else k): v for k, v in item.items()}
+            start = item.get("start_iter")
+            if isinstance(start, str) and start.strip().isdigit():
+                item["start_iter"] = int(start)
+        out.append(item)
+    return out
 
 
 def rename_problem(problem: str, written: Mapping[str, str]) -> str:

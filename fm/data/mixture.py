@@ -118,6 +118,31 @@ class MixtureConfig:
         return [d.abs_weight / total for d in self.datasets]
 
 
+def stage_union(configs: Sequence[MixtureConfig], names: Sequence[str] | None = None) -> tuple[list[DatasetSpec],
+                                                                                                list[str]]:
+    """The datasets of a run's data stages, each once (in order of first appearance), and the problems.
+
+    A dataset's identity is its ``task_name`` and its ``path`` (with ``format``), the same identity resuming
+    matches datasets by: a dataset listed in two stages continues where it was. One ``task_name`` naming two
+    different paths is a problem (the task name keys logs, tensorboard and the loader state); ``names`` name the
+    stages in the messages (default ``stage 0``, ``stage 1``, ...)."""
+    names = list(names) if names is not None else [f"stage {k}" for k in range(len(configs))]
+    union: list[DatasetSpec] = []
+    first: dict[str, tuple[int, DatasetSpec]] = {}
+    problems: list[str] = []
+    for k, cfg in enumerate(configs):
+        for spec in cfg.datasets:
+            seen = first.get(spec.task_name)
+            if seen is None:
+                first[spec.task_name] = (k, spec)
+                union.append(spec)
+            elif (seen[1].path, seen[1].format) != (spec.path, spec.format):
+                problems.append(f"task {spec.task_name!r} is {spec.path} ({spec.format}) in {names[k]} but "
+                                f"{seen[1].path} ({seen[1].format}) in {names[seen[0]]}: a task name is one dataset "
+                                "in every stage (rename one of them)")
+    return union, problems
+
+
 # --------------------------------------------------------------------------------------------- transforms
 
 _TRANSFORMS: dict[tuple[str, int, int], Transform] = {}

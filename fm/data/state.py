@@ -4,7 +4,9 @@ A stream's state is a few integers per dataset (:class:`StreamState`), a dataset
 and the statistics of earlier runs (:class:`DatasetState`); :class:`LoaderState` holds them with the settings
 the streams were cut with. ``LoaderState.to_dict()`` is the JSON the trainer saves once (every rank's state
 merged by :func:`merge_states`); :meth:`LoaderState.from_dict` reads it back, and reads version 1 (fm before
-these dataclasses) too. See docs/mixtures.md.
+these dataclasses) too. Version 2 gained ``stage``, ``taken`` and ``grad_accum`` (data stages) as optional keys:
+a state without them is stage 0 with its batch counts unknown (the trainer sets them from its iteration).
+See docs/mixtures.md.
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ class LoaderState:
     datasets: list[DatasetState]
     streams: dict[int, StreamState]  # by global stream index: rank × streams per rank + local index
     next_stream: dict[int, int]  # by rank: the local stream the DataLoader's round robin hands out next
+    stage: int = 0  # the data stage the streams are in (0: data.mixture)
+    taken: dict[int, int] = field(default_factory=dict)  # by rank: batches handed out (grad_accum per step)
+    grad_accum: int = 1  # batches per rank and optimizer step, which turns a stage's start_iter into a count
 
     @property
     def streams_per_rank(self) -> int:
@@ -113,7 +118,9 @@ class LoaderState:
         return {"kind": STATE_KIND, "version": STATE_VERSION, **{k: getattr(self, k) for k in _SETTINGS},
                 "total_streams": self.total_streams, "datasets": [d.to_dict() for d in self.datasets],
                 "streams": {str(v): s.to_dict() for v, s in sorted(self.streams.items())},
-                "next_stream": {str(r): n for r, n in sorted(self.next_stream.items())}}
+                "next_stream": {str(r): n for r, n in sorted(self.next_stream.items())},
+                "stage": self.stage, "taken": {str(r): n for r, n in sorted(self.taken.items())},
+                "grad_accum": self.grad_accum}
 
     @classmethod
     def from_dict(cls, state: dict) -> LoaderState:
@@ -130,7 +137,10 @@ class LoaderState:
             datasets = [DatasetState.from_dict(d) for d in state["datasets"]]
             out = cls(**{k: int(state[k]) for k in _SETTINGS}, datasets=datasets,
                       streams={int(v): StreamState.from_dict(s, len(datasets)) for v, s in state["streams"].items()},
-                      next_stream={int(r): int(n) for r, n in state["next_stream"].items()})
+                      next_stream={int(r): int(n) for r, n in state["next_stream"].items()},
+                      stage=int(state.get("stage", 0)),
+                      taken={int(r): int(n) for r, n in state.get("taken", {}).items()},
+                      grad_accum=int(state.get("grad_accum", 1)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"data loader state (version {version}) is damaged: {type(e).__name__}: {e}") from e
         if "total_streams" in state and int(state["total_streams"]) != out.total_streams:
@@ -161,17 +171,21 @@ def merge_states(states: Sequence[dict]) -> dict:
     parts = [LoaderState.from_dict(s) for s in states]
     base = parts[0]
     for p in parts[1:]:
-        if p.settings() != base.settings() or [d.task for d in p.datasets] != [d.task for d in base.datasets]:
-            raise ValueError("merge_states: the rank states come from differently configured loaders")
+        if p.settings() != base.settings() or [d.task for d in p.datasets] != [d.task for d in base.datasets] or \
+                (p.stage, p.grad_accum) != (base.stage, base.grad_accum):
+            raise ValueError("merge_states: the rank states come from differently configured loaders (or data stages)")
     datasets = [DatasetState(d.task, d.weight, d.allow_repeat, d.lines, d.layers,
                              [sum(p.datasets[i].stats[k] for p in parts) for k in range(len(STAT_KEYS))])
                 for i, d in enumerate(base.datasets)]
     streams: dict[int, StreamState] = {}
     next_stream: dict[int, int] = {}
+    taken: dict[int, int] = {}
     for p in parts:
         streams.update(p.streams)
         next_stream.update(p.next_stream)
+        taken.update(p.taken)
     if len(streams) != base.total_streams or len(next_stream) != base.world_size:
         raise ValueError(f"merge_states: got {len(next_stream)} of {base.world_size} ranks "
                          "(pass the state of every rank, e.g. gathered with all_gather_object)")
-    return LoaderState(*base.settings(), datasets=datasets, streams=streams, next_stream=next_stream).to_dict()
+    return LoaderState(*base.settings(), datasets=datasets, streams=streams, next_stream=next_stream,
+                       stage=base.stage, taken=taken, grad_accum=base.grad_accum).to_dict()

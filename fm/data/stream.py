@@ -123,6 +123,9 @@ def run_stream(plan: Plan, v: int, start: StreamState) -> Iterator[tuple[dict, S
         return cur
 
     mixer = TokenShareMixer(plan.weights, state.mixer_tokens)
+    for d, w in enumerate(plan.weights):
+        if w <= 0:  # not in this data stage: never drawn (its position waits for a stage that has it)
+            mixer.close(d)
     compact = [s.do_compact for s in plan.specs]
     pad = plan.tokenizer.pad_id
 

@@ -77,8 +77,24 @@ class RunConfig:
 
 
 @dataclass
+class DataStage:
+    """One later data stage: from iteration ``start_iter`` on, every micro-batch comes from ``mixture``
+    (docs/mixtures.md, "Data stages")."""
+
+    start_iter: int | Literal["decay"] = key(help="the first iteration of the stage (optimizer steps done), > 0 and < "
+                                             "run.train_iters; `decay`: the first step of the schedule's decay")
+    mixture: str = key(help="mixture config JSON of the stage")
+
+
+@dataclass
 class DataConfig:
-    mixture: str = key("", "mixture config JSON (see docs/mixtures.md); checked before launch")
+    mixture: str = key("", "mixture config JSON (see docs/mixtures.md); checked before launch; with `data.stages` it "
+                       "is stage 0, from iteration 0")
+    stages: list[DataStage] = key(
+        help='later data stages, in increasing order: `[{"start_iter": 9000, "mixture": "decay.json"}]`; '
+        '`"start_iter": "decay"` is the first step of the decay of `warmupstabledrop`/`warmupstableexp`. Datasets '
+        "of both stages continue where they were, new ones start at their beginning (docs/mixtures.md)",
+        default_factory=list)
     tokenizer: str = key("demo", "SentencePiece `.model`, `tokenizer.json` or Hugging Face tokenizer directory, or "
                          "`demo` (the shipped demo tokenizer); copied into every checkpoint. Empty: the tokenizer "
                          "the checkpoint of `checkpoint.resume.source`, else of `model.init_from`, carries")
@@ -218,6 +234,35 @@ class TrainConfig:
     def drop_steps(self) -> int:
         return frac_or_steps(self.schedule.drop_iters, self.run.train_iters)
 
+    def decay_start(self) -> int | None:
+        """The first step of the schedule's decay (``warmupstabledrop``: ``train_iters - drop_steps``;
+        ``warmupstableexp``: ``drop_begin``, or the same when < 0); None for schedules without one."""
+        sch, T = self.schedule, self.run.train_iters
+        if sch.name == "warmupstabledrop" or (sch.name == "warmupstableexp" and sch.drop_begin < 0):
+            return T - self.drop_steps()
+        if sch.name == "warmupstableexp":
+            return sch.drop_begin
+        return None
+
+    def stage_starts(self) -> list[int]:
+        """The first iteration of every data stage: ``[0, data.stages[0].start_iter, ...]`` with ``decay``
+        resolved. ConfigError for ``decay`` under a schedule without a decay start (cross_problems says more)."""
+        starts = [0]
+        for i, st in enumerate(self.data.stages):
+            if st.start_iter == "decay":
+                decay = self.decay_start()
+                if decay is None:
+                    raise ConfigError(f"data.stages[{i}].start_iter: \"decay\" needs a schedule with a decay "
+                                      f"(warmupstabledrop or warmupstableexp), not {self.schedule.name}")
+                starts.append(decay)
+            else:
+                starts.append(int(st.start_iter))
+        return starts
+
+    def stage_mixtures(self) -> list[str]:
+        """The mixture config of every data stage, stage 0 (``data.mixture``) first."""
+        return [self.data.mixture, *(st.mixture for st in self.data.stages)]
+
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("section"))
 
@@ -315,6 +360,7 @@ def cross_problems(cfg: TrainConfig, source: str = "config") -> list[str]:
         problems.append(f"schedule.warmup_iters: {w} steps > run.train_iters {run.train_iters}")
     if sch.name in ("warmupstabledrop", "warmupstableexp") and d < 1:
         problems.append(f"schedule.drop_iters: {sch.name} needs drop_iters >= 1 step, got {sch.drop_iters}")
+    problems += _stage_problems(cfg)
     if not run.name or "/" in run.name:
         problems.append(f"run.name: {run.name!r} must be a non-empty name without '/'")
     ck = cfg.checkpoint
@@ -327,6 +373,37 @@ def cross_problems(cfg: TrainConfig, source: str = "config") -> list[str]:
     if cfg.checkpoint.resume.weights_only and not cfg.checkpoint.resume.source:
         log.warning("%s: checkpoint.resume.weights_only is set but checkpoint.resume.source is empty: training "
                     "starts from scratch", source)
+    return problems
+
+
+def _stage_problems(cfg: TrainConfig) -> list[str]:
+    """``data.stages``: each names a mixture and starts inside the run, after the one before; ``decay`` only under a
+    schedule with a decay start. Every problem at once."""
+    problems: list[str] = []
+    previous, T = 0, cfg.run.train_iters
+    for i, st in enumerate(cfg.data.stages):
+        where = f"data.stages[{i}].start_iter (stage {i + 1})"
+        if not st.mixture:
+            problems.append(f"data.stages[{i}].mixture (stage {i + 1}): is empty: name the stage's mixture config JSON")
+        start = st.start_iter
+        if start == "decay":
+            start = cfg.decay_start()
+            if start is None:
+                problems.append(f'{where}: "decay" needs a schedule with a decay start '
+                                f"(schedule.name warmupstabledrop or warmupstableexp); schedule.name is "
+                                f"{cfg.schedule.name}: give the iteration number instead")
+                continue
+            what = f'"decay" (iteration {start})'
+        else:
+            what = str(start)
+        if start <= 0:
+            problems.append(f"{where}: {what} must be > 0 (data.mixture is the stage from iteration 0)")
+        elif start >= T:
+            problems.append(f"{where}: {what} must be < run.train_iters {T} (the stage would never run)")
+        elif start <= previous:
+            problems.append(f"{where}: {what} is not after the stage before it (iteration {previous}): "
+                            "stages must be listed in increasing order of start_iter")
+        previous = max(previous, start)
     return problems
 
 

@@ -3,7 +3,8 @@
 Only rank 0 writes. Tensorboard tags (upstream names first): ``Loss/train``, ``Loss/train/<task>``,
 ``Optimizer/lr``, ``Optimizer/scale``, ``Optimizer/grad_norm``; ours: ``Optimizer/skipped_steps``,
 ``Throughput/tokens_per_sec``, ``Throughput/tokens_per_sec_per_device``, ``Throughput/mfu``,
-``Throughput/step_time``, ``Memory/<stat>_gib``; validation (:meth:`MetricsWriter.log_validation`):
+``Throughput/step_time``, ``Memory/<stat>_gib``, ``Data/stage`` (runs with ``data.stages``: the data stage of
+the step's batches, 0 = ``data.mixture``); validation (:meth:`MetricsWriter.log_validation`):
 ``Loss/valid``, ``Loss/valid/<task>``, ``Perplexity/valid``, ``Perplexity/valid/<task>``.
 
 The jsonl file has one row per iteration; each validation adds a row ``{"iter", "kind": "valid",
@@ -78,6 +79,8 @@ def format_step_line(s: dict[str, Any]) -> str:
     if mem:
         key = "max_allocated" if "max_allocated" in mem else next(iter(mem))
         parts.append(f"mem {mem[key]:.2f}GiB")
+    if s.get("stage") is not None:
+        parts.append(f"stage {s['stage']}")
     parts.append(f"skipped {s['skipped_steps']}")
     if s.get("skipped"):
         parts.append("SKIPPED(non-finite)")
@@ -156,6 +159,8 @@ class MetricsWriter:
                 add("Throughput/mfu", s["mfu"], step)
             for k, v in (s.get("memory") or {}).items():
                 add(f"Memory/{k}_gib", v, step)
+            if s.get("stage") is not None:
+                add("Data/stage", s["stage"], step)
 
     def log_validation(self, step: int, res: dict[str, Any]) -> None:
         """Console line, ``Loss/valid[/<task>]`` and ``Perplexity/valid[/<task>]`` scalars, a jsonl row."""

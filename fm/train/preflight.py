@@ -59,7 +59,7 @@ def preflight(train_config: str, overrides: list[tuple[str, str]], world_size: i
                         f"is {model.vocab_size}: ids from {model.vocab_size} on have no embedding row; use the "
                         "model's tokenizer or a config with vocab_size >= the tokenizer's")
     vocab = model.vocab_size if model is not None else None
-    _data(cfg.data.mixture, "data.mixture", report, required=True, vocab_size=vocab)
+    _stages(cfg, report, vocab)
     if cfg.eval.mixture:
         _data(cfg.eval.mixture, "eval.mixture", report, required=False, vocab_size=vocab)
     _weights(cfg, report)
@@ -133,22 +133,53 @@ def _tokenizer(cfg: TrainConfig, report: Report) -> Any:
     return tok
 
 
-def _data(spec: str, key: str, report: Report, *, required: bool, vocab_size: int | None = None) -> None:
+def _stages(cfg: TrainConfig, report: Report, vocab_size: int | None) -> None:
+    """``data.mixture`` and every ``data.stages`` mixture, each problem naming its stage; one task name for two
+    different datasets across stages; a fact per stage (``--dry-run``)."""
+    from fm.data.mixture import stage_union
+    from fm.errors import ConfigError
+
+    stages = cfg.data.stages
+    try:
+        starts = cfg.stage_starts()
+    except ConfigError:  # "decay" without a decay: cross_problems said so
+        starts = None
+    names = ["data.mixture (stage 0)", *(f"data.stages[{i}] (stage {i + 1})" for i in range(len(stages)))]
+    mixes = []
+    for k, spec in enumerate(cfg.stage_mixtures()):
+        key = "data.mixture" if k == 0 else f"data.stages[{k - 1}].mixture"
+        label = "data" if k == 0 else f"data stage {k}"
+        if stages:
+            start = "?" if starts is None else starts[k]
+            decay = " (the decay)" if k and stages[k - 1].start_iter == "decay" else ""
+            key += f" (stage {k})" if k else " (stage 0)"
+            prefix = f"from iteration {start}{decay}: "
+        else:
+            prefix = ""
+        mixes.append(_data(spec, key, report, required=k == 0, vocab_size=vocab_size, fact=label, prefix=prefix))
+    if stages and all(m is not None for m in mixes):
+        _, problems = stage_union(mixes, names)
+        report.problems += [f"data.stages: {p}" for p in problems]
+
+
+def _data(spec: str, key: str, report: Report, *, required: bool, vocab_size: int | None = None,
+          fact: str | None = None, prefix: str = "") -> Any:
+    """The mixture config ``spec`` (None when it has problems, which go to the report) and its fact."""
     from fm.data.datasets import open_dataset
     from fm.data.mixture import MixtureConfigError, load_mixture
 
     if not spec:
         if required:
             report.problems.append(f"{key} is empty: name a mixture config JSON (docs/mixtures.md)")
-        return
+        return None
     try:
         mix = load_mixture(spec)
     except FileNotFoundError as e:
         report.problems.append(f"{key}: {e}")
-        return
+        return None
     except MixtureConfigError as e:
         report.problems += [f"{key} {spec}: {p}" for p in e.problems]
-        return
+        return None
     for ds in mix.datasets:  # token ids the model has no embedding for (jsonl: the tokenizer check above)
         if ds.format == "megatron" and vocab_size is not None:
             try:
@@ -156,8 +187,9 @@ def _data(spec: str, key: str, report: Report, *, required: bool, vocab_size: in
             except ValueError as e:
                 report.problems.append(f"{key} {spec}: {e}")
     shares = ", ".join(f"{t} {w:.0%}" for t, w in zip(mix.task_names, mix.weights()))
-    report.facts["data" if key == "data.mixture" else "validation data"] = (
-        f"{spec}: {len(mix.datasets)} dataset(s), token shares {shares}")
+    report.facts[fact or ("data" if key == "data.mixture" else "validation data")] = (
+        f"{prefix}{spec}: {len(mix.datasets)} dataset(s), token shares {shares}")
+    return mix
 
 
 def _weights(cfg: TrainConfig, report: Report) -> None:

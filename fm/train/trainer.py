@@ -27,6 +27,7 @@ injected faults.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -138,6 +139,7 @@ class Trainer:
         self._given_batches = False  # the batches are the caller's (tests, benchmarks), not the loader's
         self._micros: list[dict] = []  # the next step's micro-batches (taken during the previous step)
         self._agreed: Agreement | None = None  # the last agreement: the next step's target count, data left
+        self.stage_starts: list[int] = [0]  # first iteration of each data stage (data.stages)
 
     # ------------------------------------------------------------------ resumable state
     def state_dict(self) -> dict[str, Any]:
@@ -181,10 +183,15 @@ class Trainer:
             if eos is None:
                 raise ValueError(f"data.eos_token {d.eos_token!r} is not a token of {self.tokenizer.path}")
             self.tokenizer.eos_id = eos
+        starts = self.stage_starts = self.cfg.stage_starts()
         self.loader = build_train_loader(
             d.mixture, self.tokenizer, batch_size=d.batch_size, max_length=d.max_length, rank=e.rank,
             world_size=e.world_size, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor,
-            seed=self.cfg.run.seed, vocab_size=self._vocab_size())
+            seed=self.cfg.run.seed, vocab_size=self._vocab_size(),
+            stages=list(zip(starts[1:], [st.mixture for st in d.stages])), grad_accum=self.cfg.run.grad_accum)
+        if e.is_main and d.stages:
+            log.info("data stages: %s", "; ".join(f"stage {k} from iteration {s}: {m}" for k, (s, m) in
+                                                 enumerate(zip(starts, self.cfg.stage_mixtures()))))
         return self.loader
 
     def _vocab_size(self) -> int | None:
@@ -257,6 +264,7 @@ class Trainer:
         ckpt = self.build_checkpointer()
         ckpt.claim()
         ckpt.load(init_from=self.cfg.model.init_from)
+        self.loader.set_step(self.iteration)  # the stage of the next step (a resume may cross or move a boundary)
         for cb in self.callbacks:
             cb.setup(self)
 
@@ -336,6 +344,7 @@ class Trainer:
         """One optimizer step on the micro-batches taken during the previous step; returns its logged stats."""
         e, run = self.engine, self.cfg.run
         t0 = time.perf_counter()
+        stage = bisect.bisect_right(self.stage_starts, self.iteration) - 1  # of this step's batches
         lr = self.scheduler.current_lr()
         total_targets = max(1, self._agreed.next_targets)
         micros = self._micros
@@ -370,6 +379,8 @@ class Trainer:
             "tokens_total": self.state.consumed_tokens, "tokens_per_sec": tps, "step_time": dt,
             "mfu": (tps * self.flops_per_token / (self.peak_flops * e.world_size)) if self.peak_flops else None,
             "memory": e.memory_stats(), "task_loss": task_loss, "world_size": e.world_size,
+            **({"stage": stage, "task_targets": dict(zip(self.loader.task_names, map(int, agreed.task_targets)))}
+               if len(self.stage_starts) > 1 else {}),
         }
 
     def start(self, batches: Iterable[dict] | None = None) -> None:
