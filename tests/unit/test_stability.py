@@ -7,7 +7,6 @@ Single-process: a Trainer on the fsdp engine (a world of one on gloo) stepping o
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import logging
@@ -23,7 +22,7 @@ from fm.train.callbacks import Callback
 from fm.train.config import ConfigError, load_config
 from fm.train.stability import SpikeDetector
 from fm.train.trainer import LossSpikeError, Trainer, run
-from tests.helpers import ROOT, make_run
+from tests.helpers import ROOT, downstream_rows, fm_eval_mc, make_benchmarks, make_run
 
 TINY = str(ROOT / "apps" / "fm9g_2b" / "model_configs" / "tiny.json")
 
@@ -193,40 +192,6 @@ def test_the_spike_statistics_resume_exactly(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ downstream
-QUESTIONS = {"alpha": [("Q1 first?", "A"), ("Q2 second", "B"), ("Q3 third", "C")],
-             "beta": [("Q4 fourth", "D"), ("Q5 fifth", "B"), ("Q6 sixth", "A")]}
-
-
-def _csv(path: Path, rows: list[list[str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows(rows)
-
-
-def make_benchmarks(root: Path) -> tuple[Path, Path]:
-    """Tiny C-Eval (val, header) and MMLU (test, no header) directories in their official layouts."""
-    for subject, qs in QUESTIONS.items():
-        opts = lambda q: [f"{q[:2]} option {x}" for x in "ABCD"]  # noqa: E731
-        _csv(root / "ceval" / "val" / f"{subject}_val.csv", [["id", "question", "A", "B", "C", "D", "answer"]]
-             + [[str(i), q, *opts(q), a] for i, (q, a) in enumerate(qs)])
-        _csv(root / "mmlu" / "data" / "test" / f"{subject}_test.csv", [[q, *opts(q), a] for q, a in qs])
-    return root / "ceval", root / "mmlu"
-
-
-def downstream_rows(rd: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (rd / "train_stats.jsonl").read_text().splitlines() if x.strip()]
-    return [r for r in rows if r.get("kind") == "downstream"]
-
-
-def fm_eval(checkpoint: Path, ceval: Path, mmlu: Path, limit: int) -> dict:
-    from fm.eval.__main__ import build_parser
-    from fm.eval.__main__ import run as eval_run
-
-    args = build_parser().parse_args(["--checkpoint", str(checkpoint), "--ceval-dir", str(ceval), "--mmlu-dir",
-                                      str(mmlu), "--limit", str(limit), "--device", "cpu", "--batch-size", "3"])
-    return eval_run(args)["tasks"]
-
-
 def test_downstream_eval_logs_what_fm_eval_scores(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -239,10 +204,10 @@ def test_downstream_eval_logs_what_fm_eval_scores(tmp_path):
     rows = downstream_rows(rd)
     assert [r["iter"] for r in rows] == [2, 4]
     for row in rows:
-        ref = fm_eval(rd / str(row["iter"]), ceval, mmlu, limit=2)
+        ref = fm_eval_mc(rd / str(row["iter"]), ceval, mmlu, limit=2)
         for task in ("ceval", "mmlu"):
             got = row["downstream"][task]
-            assert got["total"] == ref[task]["total"] == 4  # 2 subjects x the first 2 questions
+            assert got["total"] == ref[task]["total"] == 5  # the first 2 questions of 3 subjects, one of 1
             assert (got["correct"], got["accuracy"], got["macro_accuracy"]) == (
                 ref[task]["correct"], ref[task]["micro_accuracy"], ref[task]["macro_accuracy"])
     acc = EventAccumulator(str(tmp_path / "tb" / "run"))
