@@ -39,7 +39,7 @@ class PreparedTask:
 def load(*, ceval_dir: str = "", cmmlu_dir: str = "", mmlu_dir: str = "", limit: int | None = None, shots: int = 0,
          subjects: str = "") -> dict[str, tuple[tasks.MCTask, list[tasks.MCSubject]]]:
     """The benchmarks given, as ``fm eval`` loads them (C-Eval's ``val`` split; ``subjects`` comma-separated)."""
-    wanted = [s for s in subjects.split(",") if s.strip()] if subjects else None
+    wanted = [s.strip() for s in subjects.split(",") if s.strip()] or None
     out = {}
     for name, path in (("ceval", ceval_dir), ("mmlu", mmlu_dir), ("cmmlu", cmmlu_dir)):  # fm eval's order
         if path:

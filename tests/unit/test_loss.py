@@ -234,3 +234,18 @@ def test_model_z_loss_equals_the_logits_path(tied):
     torch.testing.assert_close(z, ref[1].detach(), rtol=1e-5, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_an_adapted_head_takes_the_z_loss_through_the_full_logits():
+    # a head an adapter replaced (PEFT LoRA: no longer an nn.Linear) computes the loss on the full logits: z too
+    torch.manual_seed(0)
+    model = build_model(load_model_config({**TINY_MODEL, "tie_lm_head": False}), device="cpu")
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    ids = torch.randint(0, 8000, (1, 10))
+    targets = torch.randint(0, 8000, (1, 10))
+    targets[0, :3] = -100
+    with torch.no_grad():
+        ce, z = model(ids, targets=targets, loss_chunk=4, z_loss=0.5)
+        logits = model(ids).flatten(0, 1)
+    torch.testing.assert_close(z, _z_ref(logits, targets.reshape(-1), 0.5), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ce, F.cross_entropy(logits.float(), targets.reshape(-1), reduction="none"))

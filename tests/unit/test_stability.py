@@ -221,3 +221,19 @@ def test_downstream_eval_logs_what_fm_eval_scores(tmp_path):
 def test_downstream_interval_needs_a_benchmark_directory():
     with pytest.raises(ConfigError, match="eval.downstream_interval: 5 needs eval.ceval_dir"):
         load_config(None, {"eval": {"downstream_interval": 5}})
+
+
+def test_preflight_reads_the_downstream_benchmarks(tmp_path):
+    from fm.train.preflight import preflight
+
+    ceval, mmlu = make_benchmarks(tmp_path / "bench")
+    path = make_run(tmp_path, repeat=True)
+    ok = preflight(str(path), [("eval.downstream_interval", "5"), ("eval.ceval_dir", str(ceval)),
+                               ("eval.mmlu_dir", str(mmlu)), ("eval.downstream_limit", "2")])
+    assert not ok.problems, ok.problems
+    assert ok.facts["downstream evaluation"] == ("every 5 steps: ceval 5 questions of 3 subjects, "
+                                                 "mmlu 5 questions of 3 subjects")
+    bad = preflight(str(path), [("eval.downstream_interval", "5"), ("eval.ceval_dir", str(tmp_path / "nowhere")),
+                                ("eval.mmlu_dir", str(mmlu)), ("eval.downstream_subjects", "alpha, nope")])
+    assert len(bad.problems) == 2 and bad.problems[0].startswith("eval.ceval_dir: ")
+    assert bad.problems[1].startswith("eval.mmlu_dir: ") and "nope" in bad.problems[1]
