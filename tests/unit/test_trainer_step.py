@@ -101,9 +101,11 @@ def _start(tr: Trainer) -> None:
     tr.start(itertools.cycle(_batches()))  # the loop's own path: the next step's batches come during a step
 
 
-def test_step_runs_on_a_stand_in_device(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"stability": {"spike_zscore": 3, "spike_window": 2, "skip_spikes": True},
+                                      "optim": {"z_loss": 1e-4}}], ids=["plain", "spikes-and-z-loss"])
+def test_step_runs_on_a_stand_in_device(tmp_path, extra):
     engine = MetaEngine()
-    tr = _trainer(tmp_path, engine)
+    tr = _trainer(tmp_path, engine, **extra)
     tr.metrics = MetricsWriter(enabled=True, tensorboard_dir=tmp_path / "tb", jsonl_path=tmp_path / "s.jsonl")
     copies = []
 
