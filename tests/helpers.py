@@ -3,6 +3,7 @@ launches and their outputs, and a hostile pickle. Test modules import from here,
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -99,6 +100,45 @@ def make_launch_run(tmp: Path, **train) -> Path:
     return _write_run(tmp, mixture, cfg, train)
 
 
+# ------------------------------------------------------------------------------------------ benchmarks
+BENCH_QUESTIONS = {"alpha": [("Q1 first?", "A"), ("Q2 second", "B"), ("Q3 third", "C")],
+                   "beta": [("Q4 fourth", "D"), ("Q5 fifth", "B"), ("Q6 sixth", "A")], "gamma": [("Q7 seventh", "C")]}
+
+
+def _csv(path: Path, rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def make_benchmarks(root: Path) -> tuple[Path, Path]:
+    """Tiny C-Eval (val, header) and MMLU (test, no header) directories in their official layouts (``fm eval``'s
+    formats); returns ``(ceval dir, mmlu dir)``."""
+    for subject, qs in BENCH_QUESTIONS.items():
+        opts = lambda q: [f"{q[:2]} option {x}" for x in "ABCD"]  # noqa: E731
+        _csv(root / "ceval" / "val" / f"{subject}_val.csv", [["id", "question", "A", "B", "C", "D", "answer"]]
+             + [[str(i), q, *opts(q), a] for i, (q, a) in enumerate(qs)])
+        _csv(root / "mmlu" / "data" / "test" / f"{subject}_test.csv", [[q, *opts(q), a] for q, a in qs])
+    return root / "ceval", root / "mmlu"
+
+
+def downstream_rows(rd: Path) -> list[dict]:
+    """The in-loop downstream evaluations a run logged (``train_stats.jsonl`` rows of kind ``downstream``)."""
+    rows = [json.loads(x) for x in (rd / "train_stats.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in rows if r.get("kind") == "downstream"]
+
+
+def fm_eval_mc(checkpoint: Path, ceval: Path, mmlu: Path, limit: int) -> dict:
+    """``fm eval``'s results (``tasks``) on a checkpoint for the benchmarks of :func:`make_benchmarks`, the first
+    ``limit`` questions of each subject, on the CPU."""
+    from fm.eval.__main__ import build_parser
+    from fm.eval.__main__ import run as eval_run
+
+    args = build_parser().parse_args(["--checkpoint", str(checkpoint), "--ceval-dir", str(ceval), "--mmlu-dir",
+                                      str(mmlu), "--limit", str(limit), "--device", "cpu", "--batch-size", "3"])
+    return eval_run(args)["tasks"]
+
+
 # ------------------------------------------------------------------------------------------ running
 def clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without topology or slurm variables, with the venv's torchrun on PATH."""
@@ -140,7 +180,9 @@ def launch(config: Path, nproc: int = 2, env: dict | None = None, args: tuple = 
 
 def stats(run_dir: Path) -> dict[int, dict]:
     rows = [json.loads(x) for x in (run_dir / "train_stats.jsonl").read_text().splitlines() if x.strip()]
-    return {r["iter"]: r for r in rows}  # a resumed run appends again: the last row per iteration wins
+    # a resumed run appends again: the last row per iteration wins; validation and downstream rows ("kind") are not
+    # the step's
+    return {r["iter"]: r for r in rows if "kind" not in r}
 
 
 def complete_steps(run: Path) -> list[int]:

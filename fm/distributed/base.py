@@ -161,6 +161,14 @@ class Engine(abc.ABC):
         pass over the logits. Local to this rank; no host sync.
         """
 
+    def z_loss(self, logits: torch.Tensor, targets: torch.Tensor, coef: float) -> torch.Tensor:
+        """Per-token z-loss ``coef * logsumexp(logits)^2`` ``[B*S]`` in fp32, 0 where the target is -100: what the
+        trainer adds to :meth:`loss` with ``optim.z_loss`` on the full-logits path (``engine.loss_chunk`` 0). Carries
+        the graph; local to this rank."""
+        from fm.nn.loss import z_loss_terms
+
+        return z_loss_terms(logits, targets, coef)
+
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate (applies the loss scale when fp16 is used). Gradients accumulate and are summed over ranks."""

@@ -7,13 +7,15 @@ A family (dragonfly, spark) subclasses :class:`DecoderLM` with its layer and nor
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fm.nn.attention import positions_from_cu_seqlens, prepare_attention, select_kernel
 from fm.nn.kv_cache import KVCache
-from fm.nn.loss import IGNORE_INDEX, linear_cross_entropy
+from fm.nn.loss import IGNORE_INDEX, linear_cross_entropy, z_loss_terms
 from fm.nn.rotary import RotaryEmbedding
 from fm.nn.utils import init_linear
 
@@ -46,8 +48,9 @@ class DecoderLM(nn.Module):
     ``model(input_ids [B,S], position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None) -> logits [B,S,V]``;
     with ``targets [B,S]`` it returns the per-token cross-entropy ``[B*S]`` (fp32, 0 where the target is -100)
     instead, the head and the loss computed ``loss_chunk`` tokens at a time (:func:`fm.nn.loss.linear_cross_entropy`),
-    so the full-vocabulary logits never exist. (In ``forward``, so that an engine that gathers parameters around
-    forward, FSDP2's root, has the head's weight at hand.)
+    so the full-vocabulary logits never exist; with ``z_loss`` too (a coefficient) it returns ``(cross-entropy,
+    z-loss)``, both ``[B*S]`` (PaLM's ``z_loss * logsumexp(logits)^2`` per token). (In ``forward``, so that an
+    engine that gathers parameters around forward, FSDP2's root, has the head's weight at hand.)
     Built on the meta device and materialised (``to_empty`` + ``init_weights``) unless ``device``
     names a real device, in which case that is done here. Logits are in the model dtype.
     Subclasses set ``layer_cls`` (called ``layer_cls(config, index, dtype)``) and ``norm_cls``, and may
@@ -136,7 +139,8 @@ class DecoderLM(nn.Module):
         kv_cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
         loss_chunk: int = 1024,
-    ) -> torch.Tensor:
+        z_loss: float | None = None,
+    ) -> Any:
         hidden_states = self.embed(input_ids)
         dropout_p = getattr(self.config, "dropout_p", 0.0) if self.training else 0.0
         args, position_ids = _attention_args(
@@ -150,9 +154,13 @@ class DecoderLM(nn.Module):
         if targets is None:
             return self.project(hidden_states)
         if self._adapted_head():
-            return F.cross_entropy(self.project(hidden_states).flatten(0, 1).float(), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="none")
-        return linear_cross_entropy(self.head_input(hidden_states), self.head_weight(), targets, loss_chunk)
+            logits = self.project(hidden_states)
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                 reduction="none")
+            return ce if z_loss is None else (ce, z_loss_terms(logits, targets, z_loss))
+        if z_loss is None:
+            return linear_cross_entropy(self.head_input(hidden_states), self.head_weight(), targets, loss_chunk)
+        return linear_cross_entropy(self.head_input(hidden_states), self.head_weight(), targets, loss_chunk, z_loss)
 
 
 

@@ -12,7 +12,8 @@ A callback overrides what it needs; the trainer calls every callback at each poi
     close(trainer)                      release files (after every callback's train_end)
 
 The built-in ones: :class:`MetricsLogger` (console, tensorboard, jsonl), :class:`Validation` (the validation loss
-every ``eval.interval`` steps), :class:`InspectTable` (parameter statistics every ``run.inspect_iters``),
+every ``eval.interval`` steps), :class:`DownstreamEval` (C-Eval/CMMLU/MMLU accuracy every ``eval.downstream_interval``
+steps), :class:`InspectTable` (parameter statistics every ``run.inspect_iters``),
 :class:`LossCurve` (``loss_curve.png`` at the end). Pass your own to :func:`fm.train.trainer.run`
 (``callbacks=[...]``): the test suite injects its faults this way.
 """
@@ -151,6 +152,61 @@ class Validation(Callback):
             self.run(trainer)  # end of training (data ran out, or resumed at train_iters): the final weights
 
 
+class DownstreamEval(Callback):
+    """Multiple-choice accuracy on a fixed subset of C-Eval/CMMLU/MMLU (``eval.ceval_dir``/``cmmlu_dir``/
+    ``mmlu_dir``, the first ``eval.downstream_limit`` questions of each subject) every ``eval.downstream_interval``
+    steps and once more at the end of training (as :class:`Validation`), scored as ``fm eval`` scores it
+    (:mod:`fm.eval.downstream`); ``Eval/<task>/accuracy`` in tensorboard. Collective: each rank scores a share."""
+
+    def __init__(self) -> None:
+        self.prepared: list = []
+        self.last = -1
+
+    def setup(self, trainer: Trainer) -> None:
+        """Read the files and build the prompts once, with the trainer's tokenizer, at ``fm eval``'s max length for
+        a checkpoint of this run (the model config's ``max_length``, at least ``data.max_length``)."""
+        from fm.eval import downstream
+        from fm.models.config import config_to_dict
+
+        cfg, e = trainer.cfg, trainer.engine
+        ev = cfg.eval
+        if not ev.downstream_interval:
+            return
+        loaded = downstream.load(ceval_dir=ev.ceval_dir, cmmlu_dir=ev.cmmlu_dir, mmlu_dir=ev.mmlu_dir,
+                                 limit=ev.downstream_limit, shots=ev.downstream_shots, subjects=ev.downstream_subjects)
+        # what fm eval reads from a checkpoint of this run: the declared max_length, at least the rows trained on
+        declared = config_to_dict(trainer.model_config).get("max_length")
+        max_length = max(int(declared), cfg.data.max_length) if declared is not None else 4096
+        self.prepared = downstream.prepare(trainer.tokenizer, loaded, max_length)
+        if e.is_main:
+            log.info("downstream evaluation: %s, every %d steps", ", ".join(
+                f"{t.name} ({len(t.prompts)} questions, {len(t.subjects)} subjects)" for t in self.prepared),
+                ev.downstream_interval)
+
+    def run(self, trainer: Trainer) -> dict[str, Any]:
+        """Score now and log it. Collective."""
+        from fm.eval import downstream
+
+        e = trainer.engine
+        t0 = time.perf_counter()
+        res: dict[str, Any] = downstream.score(
+            trainer.model, self.prepared, rank=e.rank, world_size=e.world_size, all_reduce=e.all_reduce,
+            device=e.device, batch_size=trainer.cfg.eval.downstream_batch_size, pad_id=trainer.tokenizer.pad_id)
+        res["time"] = time.perf_counter() - t0
+        self.last = trainer.iteration
+        trainer.metrics.log_downstream(trainer.iteration, res)
+        return res
+
+    def step_end(self, trainer: Trainer, stats: dict[str, Any]) -> None:
+        every, it = trainer.cfg.eval.downstream_interval, trainer.iteration
+        if self.prepared and not trainer.stopping and (it % every == 0 or it == trainer.cfg.run.train_iters):
+            self.run(trainer)
+
+    def train_end(self, trainer: Trainer, end: TrainEnd) -> None:
+        if end.ok and not end.stopped and self.prepared and self.last != trainer.iteration:
+            self.run(trainer)
+
+
 class InspectTable(Callback):
     """Parameter and gradient statistics every ``run.inspect_iters`` steps, reduced over the ranks (a sharded
     parameter's statistics are its whole tensor's), printed by rank 0. Collective."""
@@ -182,4 +238,4 @@ class LossCurve(Callback):
 
 def default_callbacks() -> list[Callback]:
     """What every run has, in the order the loop calls them (the step line before the validation line)."""
-    return [MetricsLogger(), Validation(), InspectTable(), LossCurve()]
+    return [MetricsLogger(), Validation(), DownstreamEval(), InspectTable(), LossCurve()]

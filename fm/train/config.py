@@ -120,6 +120,24 @@ class OptimConfig:
     weight_decay: float = key(0.1, "AdamW decoupled weight decay, on every parameter as upstream", min=0)
     eps: float = key(1e-8, "AdamW epsilon", gt=0)
     clip_grad: float = key(1.0, "max global gradient norm; <= 0 measures without clipping")
+    z_loss: float = key(0.0, "z-loss coefficient (PaLM): `z_loss * logsumexp(logits)^2` per target token added to "
+                        "the loss, averaged like the cross-entropy; logged as `Loss/z_loss` (`Loss/train` stays the "
+                        "cross-entropy); 0 = off, PaLM used 1e-4", min=0)
+
+
+@dataclass
+class StabilityConfig:
+    """Early warnings of instability (:mod:`fm.train.stability`; docs/training.md)."""
+
+    spike_zscore: float = key(0.0, "a step whose loss exceeds the mean of the last `spike_window` good losses by more "
+                              "than this many standard deviations is a loss spike (logged, `Stability/spikes`); "
+                              "0 = off", min=0)
+    spike_window: int = key(50, "good (finite, non-spike) steps the running mean and deviation are over; no "
+                            "detection until the window is full", min=2)
+    skip_spikes: bool = key(False, "skip a spike's update everywhere (gradients dropped, schedule not advanced), as a "
+                            "non-finite step is")
+    max_consecutive_spikes: int = key(0, "this many consecutive spikes stop training with an error naming the last "
+                                      "good checkpoint; 0 = never", min=0)
 
 
 @dataclass
@@ -188,6 +206,16 @@ class EvalConfig:
     iters: int = key(10, "batches per process in the fixed validation set (built once at start-up)", min=1)
     interval: int = key(0, "validation loss every N iterations and once more at the end of training; 0 = off; "
                         "> 0 needs `eval.mixture`", min=0)
+    downstream_interval: int = key(0, "C-Eval/CMMLU/MMLU accuracy (`Eval/<task>/accuracy`) on a fixed subset every N "
+                                   "iterations and at the end of training; 0 = off; > 0 needs a `*_dir`", min=0)
+    downstream_limit: int = key(10, "the first N questions of every subject (as `fm eval --limit N`)", min=1)
+    downstream_subjects: str = key("", "comma-separated subjects to score (as `fm eval --subjects`); empty = all")
+    downstream_shots: int = key(0, "few-shot examples per question, the first K of each subject's dev split (as "
+                                "`fm eval --shots`)", min=0)
+    downstream_batch_size: int = key(8, "prompts per forward", min=1)
+    ceval_dir: str = key("", "C-Eval directory (`dev/ val/ test/`, `fm eval --ceval-dir`); scored on `val`")
+    cmmlu_dir: str = key("", "CMMLU directory (`dev/ test/`, `fm eval --cmmlu-dir`); scored on `test`")
+    mmlu_dir: str = key("", "MMLU `data/` directory (`dev/ test/`, `fm eval --mmlu-dir`); scored on `test`")
 
 
 @dataclass
@@ -211,10 +239,11 @@ class TrainConfig:
     data: DataConfig = section(DataConfig, "the training data")
     model: ModelSection = section(ModelSection, "the model and its initial weights")
     optim: OptimConfig = section(OptimConfig, "AdamW")
+    stability: StabilityConfig = section(StabilityConfig, "loss-spike detection")
     schedule: ScheduleConfig = section(ScheduleConfig, "learning-rate schedule")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "saving and resuming")
     engine: EngineConfig = section(EngineConfig, "parallelism, precision and memory")
-    eval: EvalConfig = section(EvalConfig, "validation during training")
+    eval: EvalConfig = section(EvalConfig, "validation and downstream evaluation during training")
     lora: LoraSection = section(LoraSection, "LoRA fine-tuning")
     # not user keys: what translating upstream's keys had to say (no-op keys the user set), logged by rank 0
     notes: tuple[str, ...] = field(default=(), repr=False, compare=False)
@@ -349,6 +378,9 @@ def cross_problems(cfg: TrainConfig, source: str = "config") -> list[str]:
                         "eval.mixture or eval.interval 0")
     if ev.mixture and ev.interval == 0:
         log.warning("%s: eval.mixture is set but eval.interval is 0: no validation (set eval.interval > 0)", source)
+    if ev.downstream_interval > 0 and not (ev.ceval_dir or ev.cmmlu_dir or ev.mmlu_dir):
+        problems.append(f"eval.downstream_interval: {ev.downstream_interval} needs eval.ceval_dir, eval.cmmlu_dir "
+                        "or eval.mmlu_dir; set one or eval.downstream_interval 0")
     if not 0 < sch.drop_rate <= 1 and sch.name == "warmupstableexp":
         problems.append(f"schedule.drop_rate: must be in (0, 1], got {sch.drop_rate}")
     if not 0 <= lora.dropout < 1:

@@ -4,8 +4,11 @@ Only rank 0 writes. Tensorboard tags (upstream names first): ``Loss/train``, ``L
 ``Optimizer/lr``, ``Optimizer/scale``, ``Optimizer/grad_norm``; ours: ``Optimizer/skipped_steps``,
 ``Throughput/tokens_per_sec``, ``Throughput/tokens_per_sec_per_device``, ``Throughput/mfu``,
 ``Throughput/step_time``, ``Memory/<stat>_gib``, ``Data/stage`` (runs with ``data.stages``: the data stage of
-the step's batches, 0 = ``data.mixture``); validation (:meth:`MetricsWriter.log_validation`):
-``Loss/valid``, ``Loss/valid/<task>``, ``Perplexity/valid``, ``Perplexity/valid/<task>``.
+the step's batches, 0 = ``data.mixture``), ``Loss/z_loss`` (``optim.z_loss``), ``Stability/spikes`` (loss spikes
+so far) and ``Stability/loss_z`` (the step's z-score, once the window is full; ``stability.*``); validation
+(:meth:`MetricsWriter.log_validation`):
+``Loss/valid``, ``Loss/valid/<task>``, ``Perplexity/valid``, ``Perplexity/valid/<task>``; downstream
+(:meth:`MetricsWriter.log_downstream`): ``Eval/<task>/accuracy`` (micro) and ``Eval/<task>/macro_accuracy``.
 
 The jsonl file has one row per iteration; each validation adds a row ``{"iter", "kind": "valid",
 "valid_loss", "valid_ppl", "valid_tokens", "valid_task_loss", "valid_task_ppl"}`` after that
@@ -79,11 +82,15 @@ def format_step_line(s: dict[str, Any]) -> str:
     if mem:
         key = "max_allocated" if "max_allocated" in mem else next(iter(mem))
         parts.append(f"mem {mem[key]:.2f}GiB")
+    if s.get("z_loss") is not None:
+        parts.insert(2, f"z_loss {s['z_loss']:.4g}")
     if s.get("stage") is not None:
         parts.append(f"stage {s['stage']}")
     parts.append(f"skipped {s['skipped_steps']}")
+    if s.get("spike"):
+        parts.append(f"SPIKE(z {s['loss_z']:.1f})")
     if s.get("skipped"):
-        parts.append("SKIPPED(non-finite)")
+        parts.append(f"SKIPPED({s.get('skip_reason') or 'non-finite'})")
     tasks = s.get("task_loss") or {}
     if tasks:
         parts.append("tasks " + " ".join(f"{k}={v:.4f}" for k, v in tasks.items()))
@@ -100,6 +107,10 @@ def format_valid_line(step: int, res: dict[str, Any]) -> str:
     if per:
         parts.append("tasks " + " ".join(f"{k}={v['loss']:.4f} (ppl {v['ppl']:.3f})" for k, v in per.items()))
     return " | ".join(parts) + " |"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 class MetricsWriter:
@@ -133,7 +144,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         step = int(s["iter"])
-        if step % self.log_iters == 0 or s.get("skipped"):
+        if step % self.log_iters == 0 or s.get("skipped") or s.get("spike"):
             log.info(format_step_line(s))
         if self.jsonl is not None:
             row = {k: v for k, v in s.items() if k != "train_iters"}
@@ -152,6 +163,12 @@ class MetricsWriter:
             if math.isfinite(s["grad_norm"]):
                 add("Optimizer/grad_norm", s["grad_norm"], step)
             add("Optimizer/skipped_steps", s["skipped_steps"], step)
+            if s.get("z_loss") is not None and math.isfinite(s["z_loss"]):
+                add("Loss/z_loss", s["z_loss"], step)
+            if "spikes" in s:
+                add("Stability/spikes", s["spikes"], step)
+            if s.get("loss_z") is not None and math.isfinite(s["loss_z"]):
+                add("Stability/loss_z", s["loss_z"], step)
             add("Throughput/tokens_per_sec", s["tokens_per_sec"], step)
             add("Throughput/tokens_per_sec_per_device", s["tokens_per_sec"] / max(1, s.get("world_size", 1)), step)
             add("Throughput/step_time", s["step_time"], step)
@@ -180,6 +197,30 @@ class MetricsWriter:
             for task, v in per.items():
                 self.tb.add_scalar(f"Loss/valid/{task}", v["loss"], step)
                 self.tb.add_scalar(f"Perplexity/valid/{task}", v["ppl"], step)
+            self.tb.flush()
+
+    def log_downstream(self, step: int, res: dict[str, Any]) -> None:
+        """In-loop downstream accuracy (``res``: task → :func:`fm.eval.scoring.summarize_mc`'s dict, plus ``time``):
+        a console line, ``Eval/<task>/accuracy`` and ``Eval/<task>/macro_accuracy``, a jsonl row ``{"iter", "kind":
+        "downstream", "downstream": {task: {"accuracy", "macro_accuracy", "correct", "total"}}}``."""
+        if not self.enabled:
+            return
+        tasks = {k: v for k, v in res.items() if isinstance(v, dict)}
+        log.info("| downstream at iter %6d | %s | time %.3fs |", step, " | ".join(
+            f"{name} {_pct(r['micro_accuracy'])} ({r['correct']}/{r['total']}, macro {_pct(r['macro_accuracy'])})"
+            for name, r in tasks.items()), res.get("time", 0.0))
+        if self.jsonl is not None:
+            row = {"iter": step, "kind": "downstream", "wall_time": time.time(),
+                   "downstream": {k: {"accuracy": r["micro_accuracy"], "macro_accuracy": r["macro_accuracy"],
+                                      "correct": r["correct"], "total": r["total"]} for k, r in tasks.items()}}
+            self.jsonl.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.jsonl.flush()
+        if self.tb is not None:
+            for name, r in tasks.items():
+                if r["micro_accuracy"] is not None:
+                    self.tb.add_scalar(f"Eval/{name}/accuracy", r["micro_accuracy"], step)
+                if r["macro_accuracy"] is not None:
+                    self.tb.add_scalar(f"Eval/{name}/macro_accuracy", r["macro_accuracy"], step)
             self.tb.flush()
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
@@ -268,11 +309,12 @@ def read_stats(jsonl_path: str | os.PathLike) -> list[dict[str, Any]]:
             if line:
                 rows.append(json.loads(line))
     # A resumed run appends again from the resume step: keep the last value per iteration. A validation
-    # row ("kind": "valid") is merged into its iteration's row instead of replacing it.
+    # row ("kind": "valid") or a downstream row ("kind": "downstream") is merged into its iteration's row instead of
+    # replacing it.
     by_iter: dict[int, dict[str, Any]] = {}
     for r in rows:
         it = int(r["iter"])
-        if r.get("kind") == "valid":
+        if r.get("kind") in ("valid", "downstream"):
             by_iter.setdefault(it, {"iter": it}).update({k: v for k, v in r.items() if k != "kind"})
         else:
             by_iter[it] = r

@@ -62,6 +62,7 @@ def preflight(train_config: str, overrides: list[tuple[str, str]], world_size: i
     _stages(cfg, report, vocab)
     if cfg.eval.mixture:
         _data(cfg.eval.mixture, "eval.mixture", report, required=False, vocab_size=vocab)
+    _downstream(cfg, report)
     _weights(cfg, report)
     _outputs(cfg, report)
     if cfg.engine.name == "bmtrain" and importlib.util.find_spec("bmtrain") is None:
@@ -190,6 +191,29 @@ def _data(spec: str, key: str, report: Report, *, required: bool, vocab_size: in
     report.facts[fact or ("data" if key == "data.mixture" else "validation data")] = (
         f"{prefix}{spec}: {len(mix.datasets)} dataset(s), token shares {shares}")
     return mix
+
+
+def _downstream(cfg: TrainConfig, report: Report) -> None:
+    """The benchmark files of the in-loop downstream evaluation (``eval.downstream_*``), read as the workers will."""
+    ev = cfg.eval
+    if not ev.downstream_interval:
+        return
+    from fm.eval.tasks import EvalDataError, load_mc
+
+    wanted = [s.strip() for s in ev.downstream_subjects.split(",") if s.strip()] or None
+    found = []
+    for name, key, path in (("ceval", "eval.ceval_dir", ev.ceval_dir), ("mmlu", "eval.mmlu_dir", ev.mmlu_dir),
+                            ("cmmlu", "eval.cmmlu_dir", ev.cmmlu_dir)):
+        if not path:
+            continue
+        try:
+            _, subjects = load_mc(name, path, shots=ev.downstream_shots, subjects=wanted, limit=ev.downstream_limit)
+        except EvalDataError as e:
+            report.problems.append(f"{key}: {e}")
+            continue
+        found.append(f"{name} {sum(len(s.questions) for s in subjects)} questions of {len(subjects)} subjects")
+    if found:
+        report.facts["downstream evaluation"] = f"every {ev.downstream_interval} steps: {', '.join(found)}"
 
 
 def _weights(cfg: TrainConfig, report: Report) -> None:

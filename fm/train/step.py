@@ -4,8 +4,9 @@ A step runs its micro-batches forward and backward, keeping every sum it reports
 (:class:`StepSums`), clips the gradients on the device, and then makes ONE all-reduce and ONE copy to
 the host (:func:`agree`). That copy tells every rank the same :class:`Agreement`: the loss, whether
 any rank's loss was not finite, the gradient norm, per-task losses and token counts, whether any
-rank got a stop signal, and, for the next step, its global number of target tokens and whether
-every rank still has data. The trainer decides from it whether to apply or skip the update.
+rank got a stop signal, the z-loss sum (``optim.z_loss``), and, for the next step, its global number of
+target tokens and whether every rank still has data. The trainer decides from it whether to apply or skip
+the update (a non-finite step, or a loss spike: :mod:`fm.train.stability`), the same on every rank.
 
 Host numbers (token counts, ``cu_seqlens``, ``max_seqlen``) come from the loader and stay on the host:
 nothing here reads a device tensor except :func:`to_host`.
@@ -49,18 +50,24 @@ class StepSums:
     nonfinite: torch.Tensor  # 1 once a micro-batch's loss was inf or nan
     task_loss: torch.Tensor  # [T] per-task sums of the per-token losses
     task_targets: torch.Tensor  # [T] per-task target token counts
+    z_loss: torch.Tensor  # sum of the per-token z-loss terms (``optim.z_loss``; 0 when off)
 
     @classmethod
     def zeros(cls, num_tasks: int, device: torch.device) -> StepSums:
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(z(), z(), z(num_tasks), z(num_tasks))
+        return cls(z(), z(), z(num_tasks), z(num_tasks), z())
 
-    def add(self, per_token: torch.Tensor, targets: torch.Tensor, task_ids: torch.Tensor) -> None:
+    def add(self, per_token: torch.Tensor, targets: torch.Tensor, task_ids: torch.Tensor,
+            z_loss: torch.Tensor | None = None) -> None:
         """One micro-batch: ``per_token`` losses ``[N]`` (0 where the target is ignored), ``targets`` and
-        ``task_ids`` ``[B, S]`` on the device."""
+        ``task_ids`` ``[B, S]`` on the device; ``z_loss`` the per-token z-loss terms ``[N]`` when on."""
         tok = per_token.detach().double()
         loss = tok.sum()
         finite = torch.isfinite(loss)
+        if z_loss is not None:
+            zsum = z_loss.detach().double().sum()
+            finite = finite & torch.isfinite(zsum)
+            self.z_loss += torch.where(finite, zsum, torch.zeros_like(zsum))
         # a non-finite micro-batch adds nothing: the all-reduce must not turn the other ranks' sums into nan
         self.loss += torch.where(finite, loss, torch.zeros_like(loss))
         self.nonfinite = torch.maximum(self.nonfinite, (~finite).double())
@@ -83,6 +90,7 @@ class Agreement:
     next_missing: bool  # some rank has no (complete) next step: its data ended
     task_loss_sum: tuple[float, ...]
     task_targets: tuple[int, ...]
+    z_loss_sum: float = 0.0  # sum of the z-loss terms over every rank's target tokens
 
 
 def agree(engine: Any, sums: StepSums, grad_norm: torch.Tensor, *, stop: bool, tokens: int, next_targets: int,
@@ -92,15 +100,15 @@ def agree(engine: Any, sums: StepSums, grad_norm: torch.Tensor, *, stop: bool, t
     num_tasks = sums.task_loss.numel()
     local = torch.tensor([float(stop), float(tokens), float(next_targets), float(next_missing)], dtype=torch.float64)
     vec = torch.cat([sums.loss.view(1), sums.nonfinite.view(1), sums.task_loss, sums.task_targets,
-                     local.to(sums.loss.device, non_blocking=True)])
+                     local.to(sums.loss.device, non_blocking=True), sums.z_loss.view(1)])
     vec = engine.all_reduce(vec, "sum")
     got = host(torch.cat([vec, grad_norm.detach().double().view(1).to(vec.device)]))
     loss, bad = got[0], got[1]
     task_loss, task_targets = got[2:2 + num_tasks], got[2 + num_tasks:2 + 2 * num_tasks]
-    stop_, tok, nxt, missing, norm = got[2 + 2 * num_tasks:]
+    stop_, tok, nxt, missing, zsum, norm = got[2 + 2 * num_tasks:]
     return Agreement(loss_sum=loss, nonfinite_loss=bad > 0, grad_norm=norm, stop=stop_ > 0, tokens=round(tok),
                      next_targets=round(nxt), next_missing=missing > 0, task_loss_sum=tuple(task_loss),
-                     task_targets=tuple(round(c) for c in task_targets))
+                     task_targets=tuple(round(c) for c in task_targets), z_loss_sum=zsum)
 
 
 def host_counts(micros: Sequence[dict[str, Any]]) -> tuple[int, int]:

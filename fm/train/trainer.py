@@ -18,7 +18,10 @@ Through that agreement every rank learns the same things: the loss, whether any 
 loss (or the grad norm is non-finite), whether any rank got a stop signal (SIGTERM/SIGUSR1), the
 per-task losses, and the next step's global target count and whether every rank still has data. A
 non-finite step is skipped everywhere (gradients dropped, schedule not advanced); ``run.max_skipped_steps``
-consecutive ones stop training with an error after saving the last good state.
+consecutive ones stop training with an error after saving the last good state. A loss spike (``stability.*``,
+:mod:`fm.train.stability`) is decided from the same agreed loss, so on every rank alike without another
+collective: logged, optionally skipped like a non-finite step, and ``stability.max_consecutive_spikes`` in a row
+stop training with an error naming the last good checkpoint.
 
 Saving and resuming belong to :class:`fm.checkpoint.checkpointer.Checkpointer`; metrics, validation, the
 parameter table and the loss curve are callbacks (:mod:`fm.train.callbacks`), and so are the test suite's
@@ -49,17 +52,24 @@ from fm.train.guard import watch_launcher
 from fm.train.metrics import MetricsWriter, count_non_embedding_params, flops_per_token, guess_peak_tflops
 from fm.train.optim import mup_param_groups
 from fm.train.schedules import build_scheduler
+from fm.train.stability import SpikeCheck, SpikeDetector
 from fm.train.step import Agreement, StepSums, agree, host_counts, micro_to_device, to_host
 
 log = logging.getLogger("fm.train")
 
-EXIT_OK, EXIT_NONFINITE = 0, 3
+EXIT_OK, EXIT_NONFINITE, EXIT_SPIKES = 0, 3, 4
 
 
 class NonFiniteError(FmError, RuntimeError):
     """Too many consecutive non-finite steps; the last good state was checkpointed."""
 
     exit_code = EXIT_NONFINITE
+
+
+class LossSpikeError(FmError, RuntimeError):
+    """``stability.max_consecutive_spikes`` consecutive loss spikes; the message names the last good checkpoint."""
+
+    exit_code = EXIT_SPIKES
 
 
 def _dtype(cfg: EngineConfig, device: torch.device) -> torch.dtype:
@@ -125,6 +135,8 @@ class Trainer:
         self.validation = next(c for c in self.callbacks if isinstance(c, Validation))
         self.state = TrainerState()
         self.skipped_consecutive = 0
+        self.spikes = SpikeDetector(cfg.stability.spike_zscore, cfg.stability.spike_window)
+        self.good_checkpoint: str | None = None  # the newest checkpoint saved before any unskipped spike
         self.to_host = to_host  # the step's one device-to-host copy (tests with a stand-in device replace it)
         self._stop_signal = 0
         self.stopping = False  # the ranks agreed on a stop signal at the last step
@@ -143,12 +155,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ resumable state
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self.state)
+        """The counters and the loss-spike statistics (``stability``: the window of recent good losses, exactly)."""
+        return {**asdict(self.state), "stability": self.spikes.state_dict()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.state = TrainerState(iteration=int(d["iteration"]), skipped_total=int(d.get("skipped_total", 0)),
                                   consumed_tokens=int(d.get("consumed_tokens", 0)),
                                   task_tokens={k: int(v) for k, v in d.get("task_tokens", {}).items()})
+        self.spikes.load_state_dict(d.get("stability", {}))  # older checkpoints: an empty window, no spikes
 
     @property
     def iteration(self) -> int:
@@ -263,8 +277,10 @@ class Trainer:
         self.build_loader()
         ckpt = self.build_checkpointer()
         ckpt.claim()
-        ckpt.load(init_from=self.cfg.model.init_from)
+        loaded = ckpt.load(init_from=self.cfg.model.init_from)
         self.loader.set_step(self.iteration)  # the stage of the next step (a resume may cross or move a boundary)
+        if loaded is not None and (not self.spikes.consecutive or self.cfg.stability.skip_spikes):
+            self.good_checkpoint = str(loaded)
         for cb in self.callbacks:
             cb.setup(self)
 
@@ -273,7 +289,11 @@ class Trainer:
         """Collective: the callbacks' ``before_save``, then the checkpointer writes the step."""
         for cb in self.callbacks:
             cb.before_save(self)
-        return self.checkpointer.save(self.iteration, reason)
+        path = self.checkpointer.save(self.iteration, reason)
+        # weights after an applied spike are suspect; skipped spikes never changed them
+        if not self.spikes.consecutive or self.cfg.stability.skip_spikes:
+            self.good_checkpoint = str(path)
+        return path
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
@@ -301,44 +321,66 @@ class Trainer:
         sums = StepSums.zeros(len(self.loader.task_names), e.device)
         for m in micros:
             d = micro_to_device(m, e.device)
-            per_token = self._per_token_loss(d, m)
+            per_token, z = self._per_token_loss(d, m)
             for cb in self.callbacks:
                 per_token = cb.micro_batch(self, m, per_token)
-            e.backward(per_token.sum() / total_targets)
-            sums.add(per_token, d["targets"], d["task_ids"])
-            del per_token
+            e.backward((per_token.sum() if z is None else per_token.sum() + z.sum()) / total_targets)
+            sums.add(per_token, d["targets"], d["task_ids"], z)
+            del per_token, z
         return sums
 
-    def _per_token_loss(self, d: dict, m: dict) -> torch.Tensor:
-        """The micro-batch's per-token losses ``[B*S]``: the head and loss in chunks inside the model's forward
-        (``engine.loss_chunk``), or the full logits through the engine's loss (``loss_chunk`` 0)."""
+    def _per_token_loss(self, d: dict, m: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The micro-batch's per-token cross-entropy ``[B*S]`` and, with ``optim.z_loss``, its per-token z-loss terms
+        (else None): the head and loss in chunks inside the model's forward (``engine.loss_chunk``), or the full
+        logits through the engine's loss (``loss_chunk`` 0)."""
         kw = dict(position_ids=d["position_ids"], cu_seqlens=m["cu_seqlens"], max_seqlen=m["max_seqlen"])
-        chunk = self.cfg.engine.loss_chunk
+        chunk, coef = self.cfg.engine.loss_chunk, self.cfg.optim.z_loss
         if chunk:
-            return self.model(d["inputs"], targets=d["targets"], loss_chunk=chunk, **kw)
-        return self.engine.loss(self.model(d["inputs"], **kw), d["targets"])
+            if coef:
+                return self.model(d["inputs"], targets=d["targets"], loss_chunk=chunk, z_loss=coef, **kw)
+            return self.model(d["inputs"], targets=d["targets"], loss_chunk=chunk, **kw), None
+        logits = self.model(d["inputs"], **kw)
+        return (self.engine.loss(logits, d["targets"]),
+                self.engine.z_loss(logits, d["targets"], coef) if coef else None)
 
-    def update(self, agreed: Agreement) -> bool:
-        """Apply the step, or skip it everywhere (non-finite loss or gradient norm on any rank). True when taken.
+    def update(self, agreed: Agreement, spike: bool = False) -> bool:
+        """Apply the step, or skip it everywhere (non-finite loss or gradient norm on any rank; a loss spike with
+        ``stability.skip_spikes``). True when taken.
 
         Under dynamic loss scaling (fp16) non-finite gradients with finite losses are an overflow: the engine
         skips the update itself and lowers the scale; that is no failure and not counted towards
-        ``run.max_skipped_steps``."""
+        ``run.max_skipped_steps``. A skipped spike is counted in ``skipped_total``, not towards
+        ``run.max_skipped_steps`` (``stability.max_consecutive_spikes`` counts spikes)."""
         e = self.engine
         overflow = not math.isfinite(agreed.grad_norm)
-        taken = not (agreed.nonfinite_loss or overflow)
+        bad = agreed.nonfinite_loss or overflow
+        taken = not (bad or (spike and self.cfg.stability.skip_spikes))
         if taken:
             e.optimizer_step()
             self.scheduler.step()
             self.skipped_consecutive = 0
         else:
             self.state.skipped_total += 1
-            if overflow and not agreed.nonfinite_loss and e.scales_loss:
+            if not bad:  # a skipped spike: finite, so it ends a run of non-finite steps
+                self.skipped_consecutive = 0
+            elif overflow and not agreed.nonfinite_loss and e.scales_loss:
                 e.optimizer_step()
             else:
                 self.skipped_consecutive += 1
         e.zero_grad()
         return taken
+
+    def _log_spike(self, check: SpikeCheck, loss: float, agreed: Agreement) -> None:
+        """Rank 0's warning: the step, its loss and z-score, the window's statistics and the step's tasks (target
+        tokens and loss of each, from the agreement)."""
+        if not self.engine.is_main:
+            return
+        tasks = ", ".join(f"{name} ({count} targets, loss {lsum / count:.4f})" for name, lsum, count in
+                          zip(self.loader.task_names, agreed.task_loss_sum, agreed.task_targets) if count > 0)
+        log.warning("loss spike at iteration %d: loss %.4f, z-score %.2f (mean %.4f, std %.4f of the last %d good "
+                    "steps); %s; tasks in the batch: %s", self.iteration + 1, loss, check.z, check.mean, check.std,
+                    len(self.spikes.losses), "update skipped" if self.cfg.stability.skip_spikes else "update applied",
+                    tasks or "-")
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step on the micro-batches taken during the previous step; returns its logged stats."""
@@ -358,9 +400,14 @@ class Trainer:
         agreed = agree(e, sums, grad_norm, stop=bool(self._stop_signal), tokens=host_counts(micros)[1],
                        next_targets=next_targets, next_missing=not self._micros and not last, host=self.to_host)
         self._agreed = agreed
+        loss = agreed.loss_sum / total_targets if not agreed.nonfinite_loss else float("nan")
+        check = self.spikes.check(loss)  # from the agreed loss: the same decision on every rank
+        if check.spike:
+            self._log_spike(check, loss, agreed)
         for cb in self.callbacks:
             cb.pre_update(self)
-        taken = self.update(agreed)
+        taken = self.update(agreed, spike=check.spike)
+        self.spikes.observe(loss, check.spike)
         self.state.iteration += 1
         self.state.consumed_tokens += agreed.tokens
         task_loss = {}
@@ -373,8 +420,12 @@ class Trainer:
         tps = agreed.tokens / dt if dt > 0 else 0.0
         return {
             "iter": self.iteration, "train_iters": run.train_iters,
-            "loss": agreed.loss_sum / total_targets if not agreed.nonfinite_loss else float("nan"),
-            "lr": lr, "grad_norm": agreed.grad_norm, "loss_scale": e.loss_scale, "skipped": not taken,
+            "loss": loss, "lr": lr, "grad_norm": agreed.grad_norm, "loss_scale": e.loss_scale, "skipped": not taken,
+            "skip_reason": None if taken else ("spike" if check.spike and not agreed.nonfinite_loss
+                                               and math.isfinite(agreed.grad_norm) else "non-finite"),
+            "z_loss": agreed.z_loss_sum / total_targets if self.cfg.optim.z_loss and not agreed.nonfinite_loss
+            else None,
+            "loss_z": check.z, "spike": check.spike, "spikes": self.spikes.total,
             "skipped_steps": self.state.skipped_total, "tokens": agreed.tokens, "target_tokens": total_targets,
             "tokens_total": self.state.consumed_tokens, "tokens_per_sec": tps, "step_time": dt,
             "mfu": (tps * self.flops_per_token / (self.peak_flops * e.world_size)) if self.peak_flops else None,
@@ -429,6 +480,13 @@ class Trainer:
                 self.save_checkpoint("non-finite")
                 code = EXIT_NONFINITE
                 break
+            max_spikes = self.cfg.stability.max_consecutive_spikes
+            if max_spikes and self.spikes.consecutive >= max_spikes:
+                code = EXIT_SPIKES
+                if self.cfg.stability.skip_spikes:  # the spikes never changed the weights: they are the good ones
+                    self.save_checkpoint("loss spikes")
+                log.error("%s", self._spike_stop_message())
+                break
             if self.stopping:
                 log.info("stop signal received: saving at iteration %d and exiting", self.iteration)
                 self.save_checkpoint("signal")
@@ -439,7 +497,19 @@ class Trainer:
         if code == EXIT_NONFINITE:
             raise NonFiniteError(f"{self.skipped_consecutive} consecutive non-finite steps; checkpoint of the last "
                                  f"good weights at {run.dir() / str(self.iteration)}")
+        if code == EXIT_SPIKES:
+            raise LossSpikeError(self._spike_stop_message())
         return code
+
+    def _spike_stop_message(self) -> str:
+        st = self.cfg.stability
+        where = (f"the last good checkpoint is {self.good_checkpoint}" if self.good_checkpoint else
+                 "no good checkpoint was saved before the spikes")
+        how = ("the spikes were skipped, so the weights saved now are the last good ones" if st.skip_spikes else
+               "the spikes' updates were applied (stability.skip_spikes false), so nothing was saved now")
+        return (f"{self.spikes.consecutive} consecutive loss spikes at iteration {self.iteration} "
+                f"(stability.max_consecutive_spikes={st.max_consecutive_spikes}, spike_zscore={st.spike_zscore}): "
+                f"stopping; {how}; {where}")
 
     def _finish_training(self, code: int, data_ended: bool) -> None:
         e = self.engine

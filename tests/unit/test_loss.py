@@ -156,3 +156,96 @@ def test_bf16_on_cuda_equals_the_full_logits():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.grad, ref_gh, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(w.grad, ref_gw, rtol=2e-2, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ z-loss
+def _z_ref(logits, t, coef):
+    """PaLM's z-loss written out: ``coef * log(sum(exp(logits)))^2`` per target token, 0 where ignored."""
+    lse = logits.float().exp().sum(-1).log()
+    return torch.where(t != -100, coef * lse * lse, torch.zeros_like(lse))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 37, 1000])
+def test_chunked_z_loss_and_its_gradient_equal_the_formula(chunk):
+    h, w, t, weights = _case()
+    zw = torch.rand(h.shape[0], generator=torch.Generator().manual_seed(1))  # the z terms' own upstream gradient
+    coef = 0.3  # large, so a wrong gradient term shows
+    logits = F.linear(h, w)
+    ref_ce, ref_z = _full(h, w, t), _z_ref(logits, t, coef)
+    ((ref_ce * weights).sum() + (ref_z * zw).sum()).backward()
+    ref_gh, ref_gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ce, z = linear_cross_entropy(h, w, t, chunk, coef)
+    ((ce * weights).sum() + (z * zw).sum()).backward()
+    assert torch.equal(z[t == -100], torch.zeros(4)) and z.dtype == torch.float32
+    torch.testing.assert_close(ce, ref_ce, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z, ref_z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, ref_gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, ref_gw, rtol=1e-5, atol=1e-6)
+
+
+def test_z_loss_zero_gives_the_plain_loss_and_gradient():
+    h, w, t, weights = _case()
+    (linear_cross_entropy(h, w, t, 8) * weights).sum().backward()
+    plain = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ce, z = linear_cross_entropy(h, w, t, 8, 0.0)
+    ((ce * weights).sum() + z.sum()).backward()
+    assert not z.any() and torch.equal(h.grad, plain[0]) and torch.equal(w.grad, plain[1])
+    with pytest.raises(ValueError, match="z_loss must be >= 0"):
+        linear_cross_entropy(h, w, t, 8, -1.0)
+
+
+def test_full_logits_z_loss_and_its_gradient_equal_the_formula():
+    # the engines' path (loss_chunk 0): Engine.z_loss on the full logits, here the fsdp engine's
+    from fm.distributed.fsdp import FSDPEngine
+
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(2, 9, 50, generator=g) * 3).requires_grad_()
+    t = torch.randint(0, 50, (2, 9), generator=g)
+    t[0, :3] = -100
+    weights = torch.rand(18, generator=g)
+    (_z_ref(logits.reshape(-1, 50), t.reshape(-1), 0.3) * weights).sum().backward()
+    ref = logits.grad.clone()
+    logits.grad = None
+    got = FSDPEngine().z_loss(logits, t, 0.3)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, _z_ref(logits.reshape(-1, 50), t.reshape(-1), 0.3).detach(), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(logits.grad, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_z_loss_equals_the_logits_path(tied):
+    torch.manual_seed(0)
+    model = build_model(load_model_config({**TINY_MODEL, "tie_lm_head": tied}), device="cpu")
+    ids = torch.randint(0, 8000, (2, 12))
+    targets = torch.randint(0, 8000, (2, 12))
+    targets[1, :4] = -100
+    logits = model(ids)
+    ref = (F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), reduction="none"),
+           _z_ref(logits.flatten(0, 1), targets.reshape(-1), 1e-2))
+    (ref[0].sum() + ref[1].sum()).backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ce, z = model(ids, targets=targets, loss_chunk=7, z_loss=1e-2)
+    (ce.sum() + z.sum()).backward()
+    torch.testing.assert_close(ce, ref[0].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z, ref[1].detach(), rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_an_adapted_head_takes_the_z_loss_through_the_full_logits():
+    # a head an adapter replaced (PEFT LoRA: no longer an nn.Linear) computes the loss on the full logits: z too
+    torch.manual_seed(0)
+    model = build_model(load_model_config({**TINY_MODEL, "tie_lm_head": False}), device="cpu")
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    ids = torch.randint(0, 8000, (1, 10))
+    targets = torch.randint(0, 8000, (1, 10))
+    targets[0, :3] = -100
+    with torch.no_grad():
+        ce, z = model(ids, targets=targets, loss_chunk=4, z_loss=0.5)
+        logits = model(ids).flatten(0, 1)
+    torch.testing.assert_close(z, _z_ref(logits, targets.reshape(-1), 0.5), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ce, F.cross_entropy(logits.float(), targets.reshape(-1), reduction="none"))

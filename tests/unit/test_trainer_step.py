@@ -101,9 +101,11 @@ def _start(tr: Trainer) -> None:
     tr.start(itertools.cycle(_batches()))  # the loop's own path: the next step's batches come during a step
 
 
-def test_step_runs_on_a_stand_in_device(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"stability": {"spike_zscore": 3, "spike_window": 2, "skip_spikes": True},
+                                      "optim": {"z_loss": 1e-4}}], ids=["plain", "spikes-and-z-loss"])
+def test_step_runs_on_a_stand_in_device(tmp_path, extra):
     engine = MetaEngine()
-    tr = _trainer(tmp_path, engine)
+    tr = _trainer(tmp_path, engine, **extra)
     tr.metrics = MetricsWriter(enabled=True, tensorboard_dir=tmp_path / "tb", jsonl_path=tmp_path / "s.jsonl")
     copies = []
 
@@ -143,13 +145,16 @@ class CountSyncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_one_host_sync_per_optimizer_step(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"stability": {"spike_zscore": 0.5, "spike_window": 2, "skip_spikes": True},
+                                      "optim": {"z_loss": 1e-4}}], ids=["plain", "spikes-and-z-loss"])
+def test_one_host_sync_per_optimizer_step(tmp_path, extra):
+    # loss-spike detection and its skipping decide from the step's one agreement; the z-loss rides in it
     from fm.distributed import build_engine
 
     engine = build_engine("fsdp", seed=0)
     engine.init()
     try:
-        tr = _trainer(tmp_path, engine)
+        tr = _trainer(tmp_path, engine, **extra)
         tr.metrics = MetricsWriter(enabled=True, tensorboard_dir=tmp_path / "tb", jsonl_path=tmp_path / "s.jsonl")
         _start(tr)
         tr.metrics.log_step(tr.train_step())  # warm-up
@@ -244,9 +249,12 @@ def test_trainer_state_round_trip():
     tr = Trainer(load_config(None, {}))
     tr.load_state_dict({"iteration": 7, "consumed_tokens": 900, "task_tokens": {"a": 5}, "skipped_total": 1,
                         "optimizer_steps": 6, "world_size": 2, "reason": "end", "time": 0.0})  # a .log_ckpt
-    assert tr.state_dict() == {"iteration": 7, "skipped_total": 1, "consumed_tokens": 900, "task_tokens": {"a": 5}}
+    empty = {"losses": [], "total": 0, "consecutive": 0}  # no loss-spike statistics in that .log_ckpt
+    assert tr.state_dict() == {"iteration": 7, "skipped_total": 1, "consumed_tokens": 900, "task_tokens": {"a": 5},
+                               "stability": empty}
     tr.load_state_dict({"iteration": 3})  # older checkpoints carry fewer counters
-    assert tr.state_dict() == {"iteration": 3, "skipped_total": 0, "consumed_tokens": 0, "task_tokens": {}}
+    assert tr.state_dict() == {"iteration": 3, "skipped_total": 0, "consumed_tokens": 0, "task_tokens": {},
+                               "stability": empty}
 
 
 def test_the_product_reads_no_test_switch():
