@@ -29,6 +29,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,31 +119,76 @@ def tokenizer_files(src: str | os.PathLike) -> list[tuple[Path, str]]:
     return [(f, HF_JSON if f.name not in HF_FILES else f.name) for f in hf_tokenizer_files(path)]
 
 
-def copy_tokenizer_files(src: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
-    """Copy the files of the tokenizer ``src`` (anything :func:`resolve_tokenizer` accepts) into the directory
-    ``dst_dir``, which is replaced as a whole (written beside it, then renamed: readers never see half of it).
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """The files of a tokenizer read into memory (a few MB): what a training run writes into every checkpoint, read
+    once at its start (:func:`read_tokenizer_files`), so that a save never reads the tokenizer's source again (with
+    ``data.tokenizer`` empty the source is the resume checkpoint, which ``keep_last_n`` may delete meanwhile).
+
+    ``kind``: ``"sentencepiece"`` (one file, ``tokenizer.model``) or ``"hf"``; ``files``: ``(name in a copy,
+    contents)``; ``source``: the path they were read from."""
+
+    kind: str
+    files: tuple[tuple[str, bytes], ...]
+    source: str
+
+    @property
+    def checkpoint_name(self) -> str:
+        """Its name in a checkpoint step directory: ``tokenizer.model`` or ``tokenizer`` (a directory)."""
+        return "tokenizer" if self.kind == "hf" else "tokenizer.model"
+
+    def write_into(self, directory: str | os.PathLike) -> list[str]:
+        """Write the files into ``directory`` (created), each atomically and fsynced, then fsync the directory.
+        Returns the names written."""
+        from fm.io import atomic_write_bytes, fsync_dir
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files:
+            atomic_write_bytes(data, d / name)
+        fsync_dir(d)
+        return [name for name, _ in self.files]
+
+
+def read_tokenizer_files(src: str | os.PathLike | TokenizerFiles) -> TokenizerFiles:
+    """The files of the tokenizer ``src`` (anything :func:`resolve_tokenizer` accepts; a :class:`TokenizerFiles` is
+    returned as it is) read into memory, named as :func:`tokenizer_files` names them."""
+    if isinstance(src, TokenizerFiles):
+        return src
+    path = resolve_tokenizer(src)
+    return TokenizerFiles(tokenizer_kind(path), tuple((name, f.read_bytes()) for f, name in tokenizer_files(path)),
+                          path)
+
+
+def copy_tokenizer_files(src: str | os.PathLike | TokenizerFiles, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy the files of the tokenizer ``src`` (anything :func:`resolve_tokenizer` accepts, or a
+    :class:`TokenizerFiles`) into the directory ``dst_dir``, which is replaced as a whole (written beside it, every
+    file and the directory fsynced, then renamed: readers never see half of it, a crash leaves the old one or the
+    new one).
 
     A Hugging Face tokenizer: its :data:`HF_FILES` that exist (a JSON file of another name is copied as
     ``tokenizer.json``); a SentencePiece model: ``tokenizer.model``. Returns the names written."""
-    pairs = tokenizer_files(src)
+    from fm.io import fsync_dir
+
+    snap = read_tokenizer_files(src)
     dst = Path(dst_dir)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".tmp-{dst.name}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        for f, name in pairs:
-            shutil.copyfile(f, tmp / name)
+        names = snap.write_into(tmp)
         old = None
         if dst.exists():
             old = dst.parent / f".tmp-old-{dst.name}-{secrets.token_hex(4)}"
             os.replace(dst, old)
         os.replace(tmp, dst)
+        fsync_dir(dst.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return [name for _, name in pairs]
+    return names
 
 
 # ----------------------------------------------------------------------------------------------- the interface
