@@ -46,7 +46,7 @@ from fm.export.llama import (
 from fm.io import atomic_dir, atomic_write
 from fm.models.config import resolve_dtype
 from fm.models.dragonfly import DragonflyConfig
-from fm.tokenizer import copy_tokenizer_files, load_tokenizer, tokenizer_files
+from fm.tokenizer import load_tokenizer, tokenizer_files
 
 log = logging.getLogger("fm.export.hf")
 
@@ -135,16 +135,13 @@ def _hf_special_ids(tok_dir: Path) -> tuple[int | None, int | None, int | None]:
 
 
 def _import_tokenizer(hf_dir: Path, output: Path) -> Path | None:
-    """``<stem>.tokenizer/`` (a copy of the Hugging Face tokenizer files) or ``<stem>.tokenizer.model``."""
-    if (hf_dir / "tokenizer.json").is_file():
-        dest = output.with_name(output.stem + ".tokenizer")
-        copy_tokenizer_files(hf_dir, dest)
-        return dest
-    if (hf_dir / "tokenizer.model").is_file():
-        dest = output.with_name(output.stem + ".tokenizer.model")
-        data = (hf_dir / "tokenizer.model").read_bytes()
-        atomic_write(dest, lambda f: f.write(data))
-        return dest
+    """``<stem>.tokenizer/`` (a copy of the Hugging Face tokenizer files, ``generation_config.json`` among them: its
+    ``eos_token_id`` stop fm generate) or ``<stem>.tokenizer.model``; a tokenizer of the other kind left there from
+    an earlier import is removed."""
+    from fm.checkpoint.open import write_tokenizer_beside
+
+    if (hf_dir / "tokenizer.json").is_file() or (hf_dir / "tokenizer.model").is_file():
+        return write_tokenizer_beside(output, hf_dir)
     return None
 
 

@@ -130,3 +130,32 @@ def test_tokenizer_files_written_are_fsynced(tmp_path, monkeypatch):
     assert sum(Path(p).parent.name.startswith(".tmp-beside.tokenizer") for p in seen) == 2  # the files
     assert any(Path(p).name.startswith(".tmp-beside.tokenizer") for p in seen)  # their directory
     assert str(tmp_path) in seen  # the rename into place
+
+
+def test_write_tokenizer_beside_removes_the_other_kind(tmp_path):
+    from fm.checkpoint.open import open_checkpoint, tokenizer_beside, write_tokenizer_beside
+    from fm.tokenizer import resolve_tokenizer
+    from tests.unit.test_checkpoint_open import _run_dir
+
+    run, _, _ = _run_dir(tmp_path, resolve_tokenizer("demo"))
+    pt = tmp_path / "m.pt"
+    pt.write_bytes((run / "5" / "fm9g_live_checkpoint-5.pt").read_bytes())
+    (tmp_path / "m.json").write_text((run / "5" / "model_config.json").read_text())
+    write_tokenizer_beside(pt, "demo")
+    hf_dir = build_hf_tokenizer(tmp_path / "tok")
+    assert write_tokenizer_beside(pt, hf_dir) == tokenizer_beside(pt, "hf")
+    assert not tokenizer_beside(pt).exists()  # the stale .tokenizer.model would be found first
+    assert open_checkpoint(pt).tokenizer == tokenizer_beside(pt, "hf")
+    write_tokenizer_beside(pt, "demo")
+    assert not tokenizer_beside(pt, "hf").exists() and open_checkpoint(pt).tokenizer == tokenizer_beside(pt)
+
+
+def test_hf_directory_with_tokenizer_model_and_json_opens_as_hf(tmp_path):
+    from fm.checkpoint.open import _tokenizer_in
+    from fm.tokenizer import resolve_tokenizer, tokenizer_kind
+
+    hf_dir = build_hf_tokenizer(tmp_path / "hf")
+    (hf_dir / "tokenizer.model").write_bytes(Path(resolve_tokenizer("demo")).read_bytes())  # Mistral, Llama-2
+    ck = SimpleNamespace(path=hf_dir, base=None)
+    assert _tokenizer_in(ck) == hf_dir == Path(resolve_tokenizer(hf_dir))
+    assert tokenizer_kind(_tokenizer_in(ck)) == "hf"
