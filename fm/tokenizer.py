@@ -13,6 +13,10 @@ Both backends offer the same attributes and methods (:class:`Tokenizer`): ``path
 the embedding needs: the highest id + 1, added tokens included), ``bos_id`` / ``unk_id`` (None when the tokenizer
 has none: Qwen's have no BOS), ``eos_id``, ``pad_id`` (the EOS when there is no pad token), ``encode`` /
 ``encode_batch`` / ``encode_batch_arrays`` (raw text: no special tokens added; the packer adds BOS/EOS itself),
+``add_bos`` (whether the tokenizer itself puts its BOS before text, as transformers' ``tokenizer(text)`` does:
+SentencePiece always; a Hugging Face tokenizer when its post-processor adds it — Llama-3, Llama-2 — and not
+GPT-2/NeoX style ``bos = eos = <|endoftext|>`` nor Qwen; plain text gets a BOS iff ``add_bos``, a chat template's
+text only the BOS the template writes),
 ``decode``, ``piece_to_id`` (None when absent), ``id_to_piece``, ``is_byte``, ``chat_template`` (a Jinja string or
 None), ``apply_chat_template`` and ``save``.
 
@@ -198,6 +202,7 @@ class Tokenizer:
 
     kind: str = ""
     path: str
+    add_bos: bool = False
     bos_id: int | None
     eos_id: int | None
     pad_id: int | None
@@ -274,9 +279,10 @@ class Tokenizer:
         return ids
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of raw text (no special tokens added); ``bos``/``eos``: add them (BOS only if there is one)."""
+        """Token ids of raw text (no special tokens added); ``bos``: add the BOS as the tokenizer itself adds it to
+        text (only when :attr:`add_bos`); ``eos``: add the EOS."""
         ids = self._encode(text) if self._special_re is None else self._encode_with_specials(text)
-        head = [self.bos_id] if bos and self.bos_id is not None else []
+        head = [self.bos_id] if bos and self.add_bos else []
         return head + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -348,6 +354,7 @@ class SentencePieceTokenizer(Tokenizer):
             known(self.sp.unk_id())
         pad = self.sp.pad_id()
         self.pad_id = pad if pad >= 0 else self.eos_id
+        self.add_bos = self.bos_id is not None  # SentencePiece models are trained for text that starts with BOS
         self.chat_template = None
         self._setup_specials(extra_special_tokens)
 
@@ -464,6 +471,10 @@ class HFTokenizer(Tokenizer):
             ids[name] = self.tk.token_to_id(token) if token is not None else None
         self.bos_id, self.eos_id, self.unk_id = ids["bos"], ids["eos"], ids["unk"]
         self.pad_id = ids["pad"] if ids["pad"] is not None else self.eos_id
+        # A BOS only where the tokenizer's own post-processor adds one to text, as transformers does (Llama-3,
+        # Llama-2/MiniCPM: yes; GPT-2/NeoX with bos = eos = <|endoftext|>, Qwen: no)
+        self.add_bos = self.bos_id is not None and self.tk.encode("a", add_special_tokens=True).ids[:1] == \
+            [self.bos_id]
         self.chat_template = self._chat_template(config, names)
         vocab = self.tk.get_vocab(with_added_tokens=True)
         self._vocab_size = max(max(vocab.values(), default=-1) + 1, self.tk.get_vocab_size(with_added_tokens=True))
