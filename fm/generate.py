@@ -476,7 +476,8 @@ def _run(args: Any, model: torch.nn.Module, tok: Any, records: list[dict[str, An
     from fm.io import atomic_write
 
     fmt = resolve_format(args.template, tok.chat_template)
-    stops = [tok.eos_id] if tok.eos_id is not None else []
+    # the EOS, and the eos_token_id of a Hugging Face model directory's generation_config.json
+    stops = list(getattr(tok, "stop_ids", None) or ([tok.eos_id] if tok.eos_id is not None else []))
     for piece in args.stop + (["<end>"] if fmt == "spark" else []):
         tid = tok.piece_to_id(piece)
         if tid is None:

@@ -22,7 +22,8 @@ None), ``apply_chat_template`` and ``save``.
 
 How a checkpoint carries a tokenizer (:mod:`fm.checkpoint.layout`): a SentencePiece model as the file
 ``tokenizer.model``, a Hugging Face tokenizer as the directory ``tokenizer/`` holding copies of its files
-(:data:`HF_FILES`, those present; :func:`copy_tokenizer_files`).
+(:data:`HF_FILES`, those present; :func:`copy_tokenizer_files`), the model directory's ``generation_config.json``
+among them: its ``eos_token_id`` stop ``fm generate`` too (:attr:`Tokenizer.stop_ids`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ DEFAULT_TOKENIZER = SHIPPED_TOKENIZERS["demo"]  # package data: the demo Sentenc
 KINDS = ("sentencepiece", "hf")
 HF_JSON = "tokenizer.json"
 HF_CONFIG = "tokenizer_config.json"
-# The files of a Hugging Face tokenizer that fm reads and copies (checkpoints, fm export), those present.
-HF_FILES = (HF_JSON, HF_CONFIG, "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+GENERATION_CONFIG = "generation_config.json"  # a model directory's: its eos_token_id (int or list) stop generation
+# The files of a Hugging Face tokenizer that fm reads and copies (checkpoints, fm import), those present.
+HF_FILES = (HF_JSON, HF_CONFIG, "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", GENERATION_CONFIG)
 ACCEPTED = ("a SentencePiece .model file, a tokenizer.json file, a Hugging Face tokenizer directory (tokenizer.json + "
             "tokenizer_config.json), or 'demo' for the shipped demo tokenizer")
 
@@ -318,6 +320,16 @@ class Tokenizer:
                     pass
         return out
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a generation: the EOS, and (a Hugging Face tokenizer) the ``eos_token_id`` of the
+        ``generation_config.json`` beside it (Llama-3 instruct: ``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>``)."""
+        out = [self.eos_id] if self.eos_id is not None else []
+        for tid in getattr(self, "generation_eos_ids", ()):
+            if tid not in out:
+                out.append(tid)
+        return tuple(out)
+
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
                             **kwargs: Any) -> str:
         """The text of a conversation rendered with :attr:`chat_template` (as transformers renders it; no
@@ -476,6 +488,7 @@ class HFTokenizer(Tokenizer):
         self.add_bos = self.bos_id is not None and self.tk.encode("a", add_special_tokens=True).ids[:1] == \
             [self.bos_id]
         self.chat_template = self._chat_template(config, names)
+        self.generation_eos_ids = self._generation_eos(names.get(GENERATION_CONFIG))
         vocab = self.tk.get_vocab(with_added_tokens=True)
         self._vocab_size = max(max(vocab.values(), default=-1) + 1, self.tk.get_vocab_size(with_added_tokens=True))
         self._setup_specials(extra_special_tokens, native=set(self.added_tokens))
@@ -498,6 +511,18 @@ class HFTokenizer(Tokenizer):
             if got != int(sid):
                 raise TokenizerError(f"{where}: added token {content!r} has id {sid} there but would get id {got} in "
                                      f"{HF_JSON}; put it into {HF_JSON}'s added_tokens")
+
+    @staticmethod
+    def _generation_eos(path: Path | None) -> tuple[int, ...]:
+        """``eos_token_id`` of a ``generation_config.json`` (an int or a list; none: ``()``)."""
+        if path is None:
+            return ()
+        cfg = _read_json(path)
+        eos = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+        ids = [] if eos is None else [eos] if not isinstance(eos, list) else eos
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise TokenizerError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        return tuple(ids)
 
     def _model_unk(self) -> str | None:
         try:

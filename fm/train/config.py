@@ -326,7 +326,7 @@ def tokenizer_source(cfg: TrainConfig) -> tuple[str, str]:
     ConfigError when it is empty and no such checkpoint carries one. The preflight and the trainer both use this."""
     if cfg.data.tokenizer:
         return cfg.data.tokenizer, "data.tokenizer"
-    from fm.checkpoint.layout import resolve_checkpoint
+    from fm.checkpoint.layout import CheckpointError, resolve_checkpoint
     from fm.checkpoint.open import open_checkpoint
 
     tried = []
@@ -337,15 +337,20 @@ def tokenizer_source(cfg: TrainConfig) -> tuple[str, str]:
         except (OSError, ValueError):
             resume = None
         if resume is not None:
-            tok = open_checkpoint(resume).tokenizer
+            try:
+                tok = open_checkpoint(resume).tokenizer
+            except (OSError, ValueError, CheckpointError) as e:
+                raise ConfigError(f"data.tokenizer is empty and checkpoint.resume.source {spec!r} ({resume}) cannot "
+                                  f"be opened: {e}") from None
             if tok is not None:
                 return str(tok), f"checkpoint.resume.source {resume}"
             tried.append(f"checkpoint.resume.source {resume}")
     if cfg.model.init_from:
         try:
             tok = open_checkpoint(cfg.model.init_from).tokenizer
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"data.tokenizer is empty and model.init_from cannot be opened: {e}") from None
+        except (OSError, ValueError, CheckpointError) as e:
+            raise ConfigError(f"data.tokenizer is empty and model.init_from {cfg.model.init_from!r} cannot be "
+                              f"opened: {e}") from None
         if tok is not None:
             return str(tok), f"model.init_from {cfg.model.init_from}"
         tried.append(f"model.init_from {cfg.model.init_from}")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from fm.checkpoint.layout import find_latest, list_checkpoints
@@ -159,3 +160,89 @@ def test_hf_directory_with_tokenizer_model_and_json_opens_as_hf(tmp_path):
     ck = SimpleNamespace(path=hf_dir, base=None)
     assert _tokenizer_in(ck) == hf_dir == Path(resolve_tokenizer(hf_dir))
     assert tokenizer_kind(_tokenizer_in(ck)) == "hf"
+
+
+# ------------------------------------------------------------------------------------ stop ids, tokenizer_source
+def test_generation_config_eos_ids_stop_generate_and_travel_with_import(tmp_path, monkeypatch, capsys):
+    from fm import generate as gen
+    from fm.export.hf import _import_tokenizer
+    from tests.unit.test_generate import DRAGONFLY
+
+    hf_dir = build_hf_tokenizer(tmp_path / "model")
+    tok = load_tokenizer(hf_dir)
+    extra = [tok.piece_to_id("<|endoftext|>"), tok.eos_id]
+    (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": extra}))
+    assert load_tokenizer(hf_dir).stop_ids == (tok.eos_id, extra[0])
+    (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": extra[0]}))  # an int
+    assert load_tokenizer(hf_dir).stop_ids == (tok.eos_id, extra[0])
+    # fm import takes it along: an imported .pt keeps its stop tokens
+    dest = _import_tokenizer(hf_dir, tmp_path / "imported.pt")
+    assert (dest / "generation_config.json").is_file() and load_tokenizer(dest).stop_ids == (tok.eos_id, extra[0])
+    seen = []
+    real = gen.generate
+
+    def spy(model, prompts, **kw):
+        seen.append(kw["config"].stop_token_ids)
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    (tmp_path / "m.json").write_text(json.dumps({**DRAGONFLY, "vocab_size": 600}))
+    assert gen.main(["--config", str(tmp_path / "m.json"), "--tokenizer", str(dest), "--max-new-tokens", "2",
+                     "--device", "cpu", "--prompt", "hi"]) == 0
+    assert seen == [(tok.eos_id, extra[0])]
+    capsys.readouterr()
+    (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    from fm.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match="generation_config.json: eos_token_id must be"):
+        load_tokenizer(hf_dir)
+
+
+def test_tokenizer_source_from_the_resume_checkpoint_and_its_errors(tmp_path):
+    from fm.train.config import ConfigError, tokenizer_source
+
+    hf_dir = build_hf_tokenizer(tmp_path / "tok")
+    first = _trainer(tmp_path, str(hf_dir), "")
+    first.checkpointer.save(3)
+    first.checkpointer.wait()
+    mix = first.cfg.data.mixture
+
+    def cfg(**over):
+        return load_config(None, {"config": TINY, "save": str(tmp_path / "ckpt"), "model_unique": "run",
+                                  "dataset_config": mix, "tokenizer_path": "", **over})
+
+    run = first.cfg.run.dir()
+    spec, where = tokenizer_source(cfg(resume_ckpt="latest"))
+    assert spec == str(run / "3" / "tokenizer") and where == f"checkpoint.resume.source {run / '3'}"
+    junk = tmp_path / "junk"  # a directory of no checkpoint form: CheckpointFormError
+    junk.mkdir()
+    with pytest.raises(ConfigError, match=r"data.tokenizer is empty and checkpoint.resume.source '.*junk' "
+                                          r"\(.*\) cannot be opened: .*not a checkpoint"):
+        tokenizer_source(cfg(resume_ckpt=str(junk)))
+    with pytest.raises(ConfigError, match=r"model.init_from '.*junk' cannot be opened: .*not a checkpoint"):
+        tokenizer_source(cfg(resume_ckpt="", load_model=str(junk)))
+
+
+# ------------------------------------------------------------------------------------ tokenizer_config branches
+def test_special_tokens_map_and_added_token_id_mismatch(tmp_path):
+    from fm.tokenizer import TokenizerError
+
+    d = build_hf_tokenizer(tmp_path / "tok")
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        config.pop(k)
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<|endoftext|>"},
+                                                           "pad_token": "<|im_start|>"}))
+    tok = load_tokenizer(d)
+    assert (tok.eos_id, tok.pad_id, tok.bos_id) == (tok.piece_to_id("<|endoftext|>"), tok.piece_to_id("<|im_start|>"),
+                                                     None)
+    n = tok.vocab_size
+    config["added_tokens_decoder"][str(n + 5)] = {"content": "<|new|>", "special": True}  # would land on id n
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=rf"added token '<\|new\|>' has id {n + 5} there but would get id {n}"):
+        load_tokenizer(d)
+    config["added_tokens_decoder"] = {str(n): {"content": "<|new|>", "special": True}}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(d)
+    assert tok.piece_to_id("<|new|>") == n and tok.vocab_size == n + 1 and tok.encode("a<|new|>")[-1] == n
