@@ -294,15 +294,18 @@ class Tokenizer:
         return [self._encode_with_specials(t) for t in texts]
 
     def encode_batch_arrays(self, texts: Sequence[str], threads: int = 1) -> list[np.ndarray]:
-        """:meth:`encode_batch` as int32 arrays (the training loader's hot path)."""
+        """:meth:`encode_batch` as int32 arrays (the training loader's hot path). ``threads``: 1 (the loader: its
+        processes are the parallelism) encodes in the calling thread; more lets the backend use its threads."""
         return [np.asarray(ids, dtype=np.int32) for ids in self.encode_batch(texts)]
 
-    def encode_split(self, texts: Sequence[str], splits: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def encode_split(self, texts: Sequence[str], splits: Sequence[int], threads: int = 1) -> list[tuple[np.ndarray,
+                                                                                                      np.ndarray]]:
         """Each text encoded whole and cut where character ``splits[i]`` falls: ``(ids before, ids from there)``
-        (a token that straddles the cut goes before it). Backends without offsets encode the two parts apart."""
+        (a token that straddles the cut goes before it). Backends without offsets encode the two parts apart.
+        ``threads`` as in :meth:`encode_batch_arrays`."""
         out = []
         for text, k in zip(texts, splits):
-            a, b = self.encode_batch_arrays([text[:k], text[k:]])
+            a, b = self.encode_batch_arrays([text[:k], text[k:]], threads)
             out.append((a, b))
         return out
 
@@ -423,6 +426,13 @@ _GUESS = {
     "unk": ("<unk>", "[UNK]"),
 }
 _BYTE_RE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def rayon_off() -> bool:
+    """Whether ``TOKENIZERS_PARALLELISM`` turns the ``tokenizers`` library's thread pool off in this process (read
+    as the library reads it, at every batch call)."""
+    value = os.environ.get("TOKENIZERS_PARALLELISM")
+    return value is not None and value.lower() in ("", "off", "false", "f", "no", "n", "0")
 
 
 def _token_text(value: Any) -> str | None:
@@ -568,18 +578,31 @@ class HFTokenizer(Tokenizer):
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._batch(texts, add_special_tokens=False)]
 
+    def _encodings(self, texts: Sequence[str], threads: int, offsets: bool = False) -> list:
+        """The ``tokenizers`` encodings of ``texts``. ``threads`` 1: none of the library's threads — one batch call
+        where its parallelism is off (``TOKENIZERS_PARALLELISM=false``: what fm's loader workers set), else one
+        call per text (a batch call would run on the library's pool of every core, in each loader process).
+        ``threads`` > 1: one batch call on the library's pool (its size: ``RAYON_NUM_THREADS``, else every
+        core)."""
+        if threads == 1 and not rayon_off():
+            encode = self.tk.encode
+            return [encode(t, add_special_tokens=False) for t in texts]
+        batch = self.tk.encode_batch if offsets else self._batch
+        return batch(list(texts), add_special_tokens=False)
+
     def encode_batch_arrays(self, texts: Sequence[str], threads: int = 1) -> list[np.ndarray]:
-        """One ``encode_batch`` call (the library's own threads; ``threads`` is SentencePiece's knob)."""
+        """Int32 arrays of ``texts``; ``threads``: see :meth:`_encodings` (1: the calling thread only)."""
         if self._special_re is not None:
             return [np.asarray(self._encode_with_specials(t), dtype=np.int32) for t in texts]
         asarray, i32 = np.asarray, np.int32
-        return [asarray(e.ids, dtype=i32) for e in self._batch(list(texts), add_special_tokens=False)]
+        return [asarray(e.ids, dtype=i32) for e in self._encodings(texts, threads)]
 
-    def encode_split(self, texts: Sequence[str], splits: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def encode_split(self, texts: Sequence[str], splits: Sequence[int], threads: int = 1) -> list[tuple[np.ndarray,
+                                                                                                      np.ndarray]]:
         if self._special_re is not None:
-            return super().encode_split(texts, splits)
+            return super().encode_split(texts, splits, threads)
         out = []
-        for enc, k in zip(self.tk.encode_batch(list(texts), add_special_tokens=False), splits):
+        for enc, k in zip(self._encodings(texts, threads, offsets=True), splits):
             ids = np.asarray(enc.ids, dtype=np.int32)
             starts = np.fromiter((s for s, _ in enc.offsets), dtype=np.int64, count=len(enc.offsets))
             cut = int(np.count_nonzero(starts < k))

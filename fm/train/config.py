@@ -80,8 +80,9 @@ class RunConfig:
 class DataConfig:
     mixture: str = key("", "mixture config JSON (see docs/mixtures.md); checked before launch")
     tokenizer: str = key("demo", "SentencePiece `.model`, `tokenizer.json` or Hugging Face tokenizer directory, or "
-                         "`demo` (the shipped demo tokenizer); copied into every checkpoint. Empty: the tokenizer "
-                         "the checkpoint of `checkpoint.resume.source`, else of `model.init_from`, carries")
+                         "`demo` (the shipped demo tokenizer); copied into every checkpoint (its files as read at "
+                         "the start). Empty: the tokenizer the checkpoint of `checkpoint.resume.source`, else of "
+                         "`model.init_from`, carries")
     max_length: int = key(4096, "tokens per packed row", min=1)
     batch_size: int = key(1, "rows (packed sequences) per micro-batch per process", min=1)
     num_workers: int = key(0, "loader worker processes per rank", min=0)

@@ -179,3 +179,52 @@ def test_render_jinja_as_transformers_tools_documents_and_none_keys(dirs, tmp_pa
     assert render_jinja(MISTRAL_LIKE, msgs, tools=tools) == auto.apply_chat_template(msgs, tools=tools,
                                                                                      tokenize=False)
     assert render_jinja("{{ x is none }}|{{ y is defined }}", msgs, x=None) == "True|False"  # None kept as None
+
+
+# ------------------------------------------------------------------------------------------- threads
+class _Counting:
+    """A tokenizers.Tokenizer stand-in that counts batch calls (the library's thread pool) and forwards the rest."""
+
+    def __init__(self, tk):
+        self.tk, self.batches = tk, 0
+
+    def encode_batch(self, *a, **kw):
+        self.batches += 1
+        return self.tk.encode_batch(*a, **kw)
+
+    def encode_batch_fast(self, *a, **kw):
+        self.batches += 1
+        return self.tk.encode_batch_fast(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tk, name)
+
+
+def test_one_thread_never_uses_the_librarys_pool(dirs, monkeypatch):
+    tok = load_tokenizer(dirs["qwen"])
+    texts = [TEXT, "two words", "中文 and more", ""]
+    want = [tok.tk.encode(t, add_special_tokens=False).ids for t in texts]
+    spy = _Counting(tok.tk)
+    tok.tk, tok._batch = spy, spy.encode_batch_fast
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    assert [a.tolist() for a in tok.encode_batch_arrays(texts)] == want  # threads=1: one text at a time
+    assert [a.tolist() + b.tolist() for a, b in tok.encode_split(texts, [3] * 4)] == want
+    assert spy.batches == 0
+    assert [a.tolist() for a in tok.encode_batch_arrays(texts, threads=4)] == want and spy.batches == 1
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # the pool is off: one batch call, in this thread
+    assert [a.tolist() for a in tok.encode_batch_arrays(texts)] == want and spy.batches == 2
+
+
+def test_loader_workers_turn_the_librarys_pool_off(dirs, tmp_path, monkeypatch):
+    from fm.data.loader import build_train_loader
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    script = tmp_path / "env.py"
+    script.write_text("import os\n\ndef transform(data, num_sample, r):\n"
+                      "    return {'input': '', 'output': os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}\n")
+    cfg = make_mixture(tmp_path, {"t": ([{"x": 1}], {"allow_repeat": False, "transforms": str(script)})})
+    tok = load_tokenizer(dirs["qwen"])
+    for workers, seen in ((1, "false"), (0, "unset")):  # in-process: the process's setting is left alone
+        (tokens, _), = [s for b in build_train_loader(cfg, tok, batch_size=1, max_length=16, seed=0,
+                                                      num_workers=workers) for s in _rows(b)]
+        assert tok.decode(tokens) == seen
