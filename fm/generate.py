@@ -292,8 +292,9 @@ def generate(model: torch.nn.Module, prompts: Any, *, tokenizer: Any = None,
              add_bos: bool = True, **options: Any) -> list[list[int]]:
     """Generate continuations for a batch of prompts.
 
-    ``prompts``: a string, a list of strings (encoded with ``tokenizer``, BOS added unless
-    ``add_bos=False``), a list of token ids, or a list of token-id lists (taken as they are).
+    ``prompts``: a string, a list of strings (encoded with ``tokenizer``; a BOS added where the tokenizer puts one
+    before text, its ``add_bos``, unless ``add_bos=False``), a list of token ids, or a list of token-id lists (taken
+    as they are).
     ``config`` and/or keyword ``options`` (fields of :class:`GenerationConfig`) set decoding.
     Returns the new tokens of every prompt, without the prompt and without the stop token.
     With ``tokenizer`` and ``stream``, ``stream(row, token_id, text)`` receives text as it forms.
