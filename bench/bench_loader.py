@@ -8,7 +8,9 @@
   reading, JSON, transform, permutation and packing together cost ≤ 25% over tokenization).
 * Hugging Face tokenizer: the same with a byte-level BPE ``tokenizer.json`` of the demo tokenizer's vocabulary
   size (8,000, trained on the demo corpus in the run: tests/support/hf_fixtures.py) against the ``tokenizers``
-  library's own ``encode_batch`` on the same lines, in calls as large as the loader's (target ≥ 0.8).
+  library's own ``encode_batch`` on the same lines, in calls as large as the loader's (target ≥ 0.8), under each
+  parallelism setting: ``TOKENIZERS_PARALLELISM=false`` (what the loader's worker processes set) and unset (the
+  library's batch calls use its thread pool; the in-process loader encodes one text per call).
 * memory: RSS of a fresh process that produces the same number of rows from a dataset of size S and of 8·S
   (should not grow with S: offsets are memory-mapped, the line order is a Feistel permutation, O(1) memory).
 """
@@ -128,21 +130,49 @@ def hf_encode_only(cfg: str, enc, seconds: float = 3.0) -> float:
     return tokens / (time.process_time() - start)
 
 
+class parallelism:  # noqa: N801 - a context manager, like open()
+    """``TOKENIZERS_PARALLELISM`` set to ``value`` (None: unset) inside the block (the library reads it at every
+    batch call; this benchmark runs one Python thread)."""
+
+    def __init__(self, value: str | None):
+        self.value = value
+
+    def __enter__(self) -> None:
+        self.old = os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        if self.value is not None:
+            os.environ["TOKENIZERS_PARALLELISM"] = self.value
+
+    def __exit__(self, *exc) -> None:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        if self.old is not None:
+            os.environ["TOKENIZERS_PARALLELISM"] = self.old
+
+
+HF_SETTINGS = (
+    ("false", "pool off (TOKENIZERS_PARALLELISM=false, what loader workers set): batch calls in one thread"),
+    (None, "variable unset: the library's batch calls use its pool; the loader (threads=1) encodes one text per call"),
+)
+
+
 def hf_section(tmp: str, cfg: str, args: argparse.Namespace) -> None:
     tok = hf_tokenizer(tmp, cfg)
-    runs = []
-    for _ in range(5):  # interleaved, as above; the median by the ratio to encode_batch
-        runs.append((hf_encode_only(cfg, tok.tk.encode_batch, seconds=1.0),
-                     hf_encode_only(cfg, tok.tk.encode_batch_fast, seconds=1.0),
-                     loader_speed(cfg, tok, args.rows, args.batch_size, args.max_length)))
-    runs.sort(key=lambda r: r[2] / r[0])
-    batch, fast, one = runs[len(runs) // 2]
-    r1, r2 = sorted(r[2] / r[0] for r in runs), sorted(r[2] / r[1] for r in runs)
-    print(f"HF tokenizers encode_batch alone : {batch:>12,.0f} tokens/s (tokenizer.json, {tok.vocab_size:,} tokens)")
-    print(f"HF tokenizers encode_batch_fast  : {fast:>12,.0f} tokens/s (no offsets)")
-    print(f"loader with it, one stream       : {one:>12,.0f} packed tokens/s = {one / batch:.2f} x encode_batch "
-          f"(range {r1[0]:.2f}-{r1[-1]:.2f}), {one / fast:.2f} x encode_batch_fast (range {r2[0]:.2f}-{r2[-1]:.2f}); "
-          "median of 5 interleaved runs")
+    print(f"HF tokenizer.json, {tok.vocab_size:,} tokens; CPU time of all threads; median of 5 interleaved runs")
+    for value, label in HF_SETTINGS:
+        runs = []
+        with parallelism(value):
+            for _ in range(5):  # interleaved, as above; the median by the ratio to encode_batch
+                runs.append((hf_encode_only(cfg, tok.tk.encode_batch, seconds=1.0),
+                             hf_encode_only(cfg, tok.tk.encode_batch_fast, seconds=1.0),
+                             loader_speed(cfg, tok, args.rows, args.batch_size, args.max_length)))
+        runs.sort(key=lambda r: r[2] / r[0])
+        batch, fast, one = runs[len(runs) // 2]
+        r1, r2 = sorted(r[2] / r[0] for r in runs), sorted(r[2] / r[1] for r in runs)
+        print(f"  {label}")
+        print(f"    encode_batch alone      : {batch:>12,.0f} tokens/s")
+        print(f"    encode_batch_fast alone : {fast:>12,.0f} tokens/s (no offsets)")
+        print(f"    loader, one stream      : {one:>12,.0f} packed tokens/s = {one / batch:.2f} x encode_batch "
+              f"(range {r1[0]:.2f}-{r1[-1]:.2f}), {one / fast:.2f} x encode_batch_fast "
+              f"(range {r2[0]:.2f}-{r2[-1]:.2f})")
 
 
 def child_rss(cfg: str, rows: int, batch_size: int, max_length: int) -> None:

@@ -133,11 +133,29 @@ def _compile(template: str):
     return compiled
 
 
+# Chat templates that put today's date into the prompt (Llama-3.2/3.3: ``strftime_now("%d %b %Y")``) render the
+# same text every day for training (exact resume, the same sample on every epoch): the date transformers' Llama
+# templates fall back to when strftime_now is not defined. fm generate renders with the real date.
+TRAINING_DATE = (2024, 7, 26)  # "26 Jul 2024"
+
+
+def training_strftime_now(fmt: str) -> str:
+    """``strftime_now`` for training renders: :data:`TRAINING_DATE` (noon), whatever the day."""
+    from datetime import datetime
+
+    return datetime(*TRAINING_DATE, 12, 0, 0).strftime(fmt)
+
+
 def render_jinja(template: str, messages: Sequence[Mapping[str, object]], *, add_generation_prompt: bool = False,
                  **variables: object) -> str:
-    """A conversation rendered with the Jinja chat ``template`` (``variables``: ``bos_token``, ``eos_token``, ...),
-    as transformers' ``apply_chat_template(..., tokenize=False)`` renders it: keys whose value is None are dropped
-    from the messages first. A template that calls ``raise_exception`` raises ValueError with its message."""
+    """A conversation rendered with the Jinja chat ``template``, as transformers'
+    ``apply_chat_template(..., tokenize=False)`` renders it: keys whose value is None are dropped from the messages
+    (transformers does: templates test ``is defined``), ``tools`` and ``documents`` are None unless ``variables``
+    give them (``{% if tools is not none %}`` is then false, as in transformers: an undefined variable would make it
+    true), then ``variables`` as given (``bos_token``, ``eos_token``, ...; a variable whose value is None is passed
+    as None, not dropped). ``strftime_now`` in ``variables``
+    replaces the real clock (:func:`training_strftime_now`). A template that calls ``raise_exception`` raises
+    ValueError with its message."""
     import jinja2
 
     msgs = []
@@ -145,7 +163,8 @@ def render_jinja(template: str, messages: Sequence[Mapping[str, object]], *, add
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise ValueError(f"message {i}: expected {{'role': str, 'content': ...}}, got {m!r}")
         msgs.append({k: v for k, v in m.items() if v is not None})
+    context = {"tools": None, "documents": None, **variables}
     try:
-        return _compile(template).render(messages=msgs, add_generation_prompt=add_generation_prompt, **variables)
+        return _compile(template).render(messages=msgs, add_generation_prompt=add_generation_prompt, **context)
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat template: {e}") from e

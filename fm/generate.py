@@ -292,8 +292,9 @@ def generate(model: torch.nn.Module, prompts: Any, *, tokenizer: Any = None,
              add_bos: bool = True, **options: Any) -> list[list[int]]:
     """Generate continuations for a batch of prompts.
 
-    ``prompts``: a string, a list of strings (encoded with ``tokenizer``, BOS added unless
-    ``add_bos=False``), a list of token ids, or a list of token-id lists (taken as they are).
+    ``prompts``: a string, a list of strings (encoded with ``tokenizer``; a BOS added where the tokenizer puts one
+    before text, its ``add_bos``, unless ``add_bos=False``), a list of token ids, or a list of token-id lists (taken
+    as they are).
     ``config`` and/or keyword ``options`` (fields of :class:`GenerationConfig`) set decoding.
     Returns the new tokens of every prompt, without the prompt and without the stop token.
     With ``tokenizer`` and ``stream``, ``stream(row, token_id, text)`` receives text as it forms.
@@ -476,7 +477,8 @@ def _run(args: Any, model: torch.nn.Module, tok: Any, records: list[dict[str, An
     from fm.io import atomic_write
 
     fmt = resolve_format(args.template, tok.chat_template)
-    stops = [tok.eos_id] if tok.eos_id is not None else []
+    # the EOS, and the eos_token_id of a Hugging Face model directory's generation_config.json
+    stops = list(getattr(tok, "stop_ids", None) or ([tok.eos_id] if tok.eos_id is not None else []))
     for piece in args.stop + (["<end>"] if fmt == "spark" else []):
         tid = tok.piece_to_id(piece)
         if tid is None:

@@ -137,6 +137,21 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory (its entries: files renamed or created in it survive a crash); errors are ignored (some
+    filesystems refuse to open or fsync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch
 

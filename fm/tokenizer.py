@@ -13,12 +13,17 @@ Both backends offer the same attributes and methods (:class:`Tokenizer`): ``path
 the embedding needs: the highest id + 1, added tokens included), ``bos_id`` / ``unk_id`` (None when the tokenizer
 has none: Qwen's have no BOS), ``eos_id``, ``pad_id`` (the EOS when there is no pad token), ``encode`` /
 ``encode_batch`` / ``encode_batch_arrays`` (raw text: no special tokens added; the packer adds BOS/EOS itself),
+``add_bos`` (whether the tokenizer itself puts its BOS before text, as transformers' ``tokenizer(text)`` does:
+SentencePiece always; a Hugging Face tokenizer when its post-processor adds it — Llama-3, Llama-2 — and not
+GPT-2/NeoX style ``bos = eos = <|endoftext|>`` nor Qwen; plain text gets a BOS iff ``add_bos``, a chat template's
+text only the BOS the template writes),
 ``decode``, ``piece_to_id`` (None when absent), ``id_to_piece``, ``is_byte``, ``chat_template`` (a Jinja string or
 None), ``apply_chat_template`` and ``save``.
 
 How a checkpoint carries a tokenizer (:mod:`fm.checkpoint.layout`): a SentencePiece model as the file
 ``tokenizer.model``, a Hugging Face tokenizer as the directory ``tokenizer/`` holding copies of its files
-(:data:`HF_FILES`, those present; :func:`copy_tokenizer_files`).
+(:data:`HF_FILES`, those present; :func:`copy_tokenizer_files`), the model directory's ``generation_config.json``
+among them: its ``eos_token_id`` stop ``fm generate`` too (:attr:`Tokenizer.stop_ids`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +47,9 @@ DEFAULT_TOKENIZER = SHIPPED_TOKENIZERS["demo"]  # package data: the demo Sentenc
 KINDS = ("sentencepiece", "hf")
 HF_JSON = "tokenizer.json"
 HF_CONFIG = "tokenizer_config.json"
-# The files of a Hugging Face tokenizer that fm reads and copies (checkpoints, fm export), those present.
-HF_FILES = (HF_JSON, HF_CONFIG, "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+GENERATION_CONFIG = "generation_config.json"  # a model directory's: its eos_token_id (int or list) stop generation
+# The files of a Hugging Face tokenizer that fm reads and copies (checkpoints, fm import), those present.
+HF_FILES = (HF_JSON, HF_CONFIG, "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", GENERATION_CONFIG)
 ACCEPTED = ("a SentencePiece .model file, a tokenizer.json file, a Hugging Face tokenizer directory (tokenizer.json + "
             "tokenizer_config.json), or 'demo' for the shipped demo tokenizer")
 
@@ -118,31 +125,76 @@ def tokenizer_files(src: str | os.PathLike) -> list[tuple[Path, str]]:
     return [(f, HF_JSON if f.name not in HF_FILES else f.name) for f in hf_tokenizer_files(path)]
 
 
-def copy_tokenizer_files(src: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
-    """Copy the files of the tokenizer ``src`` (anything :func:`resolve_tokenizer` accepts) into the directory
-    ``dst_dir``, which is replaced as a whole (written beside it, then renamed: readers never see half of it).
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """The files of a tokenizer read into memory (a few MB): what a training run writes into every checkpoint, read
+    once at its start (:func:`read_tokenizer_files`), so that a save never reads the tokenizer's source again (with
+    ``data.tokenizer`` empty the source is the resume checkpoint, which ``keep_last_n`` may delete meanwhile).
+
+    ``kind``: ``"sentencepiece"`` (one file, ``tokenizer.model``) or ``"hf"``; ``files``: ``(name in a copy,
+    contents)``; ``source``: the path they were read from."""
+
+    kind: str
+    files: tuple[tuple[str, bytes], ...]
+    source: str
+
+    @property
+    def checkpoint_name(self) -> str:
+        """Its name in a checkpoint step directory: ``tokenizer.model`` or ``tokenizer`` (a directory)."""
+        return "tokenizer" if self.kind == "hf" else "tokenizer.model"
+
+    def write_into(self, directory: str | os.PathLike) -> list[str]:
+        """Write the files into ``directory`` (created), each atomically and fsynced, then fsync the directory.
+        Returns the names written."""
+        from fm.io import atomic_write_bytes, fsync_dir
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files:
+            atomic_write_bytes(data, d / name)
+        fsync_dir(d)
+        return [name for name, _ in self.files]
+
+
+def read_tokenizer_files(src: str | os.PathLike | TokenizerFiles) -> TokenizerFiles:
+    """The files of the tokenizer ``src`` (anything :func:`resolve_tokenizer` accepts; a :class:`TokenizerFiles` is
+    returned as it is) read into memory, named as :func:`tokenizer_files` names them."""
+    if isinstance(src, TokenizerFiles):
+        return src
+    path = resolve_tokenizer(src)
+    return TokenizerFiles(tokenizer_kind(path), tuple((name, f.read_bytes()) for f, name in tokenizer_files(path)),
+                          path)
+
+
+def copy_tokenizer_files(src: str | os.PathLike | TokenizerFiles, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy the files of the tokenizer ``src`` (anything :func:`resolve_tokenizer` accepts, or a
+    :class:`TokenizerFiles`) into the directory ``dst_dir``, which is replaced as a whole (written beside it, every
+    file and the directory fsynced, then renamed: readers never see half of it, a crash leaves the old one or the
+    new one).
 
     A Hugging Face tokenizer: its :data:`HF_FILES` that exist (a JSON file of another name is copied as
     ``tokenizer.json``); a SentencePiece model: ``tokenizer.model``. Returns the names written."""
-    pairs = tokenizer_files(src)
+    from fm.io import fsync_dir
+
+    snap = read_tokenizer_files(src)
     dst = Path(dst_dir)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".tmp-{dst.name}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        for f, name in pairs:
-            shutil.copyfile(f, tmp / name)
+        names = snap.write_into(tmp)
         old = None
         if dst.exists():
             old = dst.parent / f".tmp-old-{dst.name}-{secrets.token_hex(4)}"
             os.replace(dst, old)
         os.replace(tmp, dst)
+        fsync_dir(dst.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return [name for _, name in pairs]
+    return names
 
 
 # ----------------------------------------------------------------------------------------------- the interface
@@ -152,6 +204,7 @@ class Tokenizer:
 
     kind: str = ""
     path: str
+    add_bos: bool = False
     bos_id: int | None
     eos_id: int | None
     pad_id: int | None
@@ -228,9 +281,10 @@ class Tokenizer:
         return ids
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of raw text (no special tokens added); ``bos``/``eos``: add them (BOS only if there is one)."""
+        """Token ids of raw text (no special tokens added); ``bos``: add the BOS as the tokenizer itself adds it to
+        text (only when :attr:`add_bos`); ``eos``: add the EOS."""
         ids = self._encode(text) if self._special_re is None else self._encode_with_specials(text)
-        head = [self.bos_id] if bos and self.bos_id is not None else []
+        head = [self.bos_id] if bos and self.add_bos else []
         return head + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -240,15 +294,18 @@ class Tokenizer:
         return [self._encode_with_specials(t) for t in texts]
 
     def encode_batch_arrays(self, texts: Sequence[str], threads: int = 1) -> list[np.ndarray]:
-        """:meth:`encode_batch` as int32 arrays (the training loader's hot path)."""
+        """:meth:`encode_batch` as int32 arrays (the training loader's hot path). ``threads``: 1 (the loader: its
+        processes are the parallelism) encodes in the calling thread; more lets the backend use its threads."""
         return [np.asarray(ids, dtype=np.int32) for ids in self.encode_batch(texts)]
 
-    def encode_split(self, texts: Sequence[str], splits: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def encode_split(self, texts: Sequence[str], splits: Sequence[int], threads: int = 1) -> list[tuple[np.ndarray,
+                                                                                                      np.ndarray]]:
         """Each text encoded whole and cut where character ``splits[i]`` falls: ``(ids before, ids from there)``
-        (a token that straddles the cut goes before it). Backends without offsets encode the two parts apart."""
+        (a token that straddles the cut goes before it). Backends without offsets encode the two parts apart.
+        ``threads`` as in :meth:`encode_batch_arrays`."""
         out = []
         for text, k in zip(texts, splits):
-            a, b = self.encode_batch_arrays([text[:k], text[k:]])
+            a, b = self.encode_batch_arrays([text[:k], text[k:]], threads)
             out.append((a, b))
         return out
 
@@ -265,6 +322,16 @@ class Tokenizer:
                 except IndexError:
                     pass
         return out
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a generation: the EOS, and (a Hugging Face tokenizer) the ``eos_token_id`` of the
+        ``generation_config.json`` beside it (Llama-3 instruct: ``<|end_of_text|>``, ``<|eom_id|>``, ``<|eot_id|>``)."""
+        out = [self.eos_id] if self.eos_id is not None else []
+        for tid in getattr(self, "generation_eos_ids", ()):
+            if tid not in out:
+                out.append(tid)
+        return tuple(out)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
                             **kwargs: Any) -> str:
@@ -302,6 +369,7 @@ class SentencePieceTokenizer(Tokenizer):
             known(self.sp.unk_id())
         pad = self.sp.pad_id()
         self.pad_id = pad if pad >= 0 else self.eos_id
+        self.add_bos = self.bos_id is not None  # SentencePiece models are trained for text that starts with BOS
         self.chat_template = None
         self._setup_specials(extra_special_tokens)
 
@@ -358,6 +426,13 @@ _GUESS = {
     "unk": ("<unk>", "[UNK]"),
 }
 _BYTE_RE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def rayon_off() -> bool:
+    """Whether ``TOKENIZERS_PARALLELISM`` turns the ``tokenizers`` library's thread pool off in this process (read
+    as the library reads it, at every batch call)."""
+    value = os.environ.get("TOKENIZERS_PARALLELISM")
+    return value is not None and value.lower() in ("", "off", "false", "f", "no", "n", "0")
 
 
 def _token_text(value: Any) -> str | None:
@@ -418,7 +493,12 @@ class HFTokenizer(Tokenizer):
             ids[name] = self.tk.token_to_id(token) if token is not None else None
         self.bos_id, self.eos_id, self.unk_id = ids["bos"], ids["eos"], ids["unk"]
         self.pad_id = ids["pad"] if ids["pad"] is not None else self.eos_id
+        # A BOS only where the tokenizer's own post-processor adds one to text, as transformers does (Llama-3,
+        # Llama-2/MiniCPM: yes; GPT-2/NeoX with bos = eos = <|endoftext|>, Qwen: no)
+        self.add_bos = self.bos_id is not None and self.tk.encode("a", add_special_tokens=True).ids[:1] == \
+            [self.bos_id]
         self.chat_template = self._chat_template(config, names)
+        self.generation_eos_ids = self._generation_eos(names.get(GENERATION_CONFIG))
         vocab = self.tk.get_vocab(with_added_tokens=True)
         self._vocab_size = max(max(vocab.values(), default=-1) + 1, self.tk.get_vocab_size(with_added_tokens=True))
         self._setup_specials(extra_special_tokens, native=set(self.added_tokens))
@@ -441,6 +521,18 @@ class HFTokenizer(Tokenizer):
             if got != int(sid):
                 raise TokenizerError(f"{where}: added token {content!r} has id {sid} there but would get id {got} in "
                                      f"{HF_JSON}; put it into {HF_JSON}'s added_tokens")
+
+    @staticmethod
+    def _generation_eos(path: Path | None) -> tuple[int, ...]:
+        """``eos_token_id`` of a ``generation_config.json`` (an int or a list; none: ``()``)."""
+        if path is None:
+            return ()
+        cfg = _read_json(path)
+        eos = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+        ids = [] if eos is None else [eos] if not isinstance(eos, list) else eos
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise TokenizerError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        return tuple(ids)
 
     def _model_unk(self) -> str | None:
         try:
@@ -486,18 +578,31 @@ class HFTokenizer(Tokenizer):
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._batch(texts, add_special_tokens=False)]
 
+    def _encodings(self, texts: Sequence[str], threads: int, offsets: bool = False) -> list:
+        """The ``tokenizers`` encodings of ``texts``. ``threads`` 1: none of the library's threads — one batch call
+        where its parallelism is off (``TOKENIZERS_PARALLELISM=false``: what fm's loader workers set), else one
+        call per text (a batch call would run on the library's pool of every core, in each loader process).
+        ``threads`` > 1: one batch call on the library's pool (its size: ``RAYON_NUM_THREADS``, else every
+        core)."""
+        if threads == 1 and not rayon_off():
+            encode = self.tk.encode
+            return [encode(t, add_special_tokens=False) for t in texts]
+        batch = self.tk.encode_batch if offsets else self._batch
+        return batch(list(texts), add_special_tokens=False)
+
     def encode_batch_arrays(self, texts: Sequence[str], threads: int = 1) -> list[np.ndarray]:
-        """One ``encode_batch`` call (the library's own threads; ``threads`` is SentencePiece's knob)."""
+        """Int32 arrays of ``texts``; ``threads``: see :meth:`_encodings` (1: the calling thread only)."""
         if self._special_re is not None:
             return [np.asarray(self._encode_with_specials(t), dtype=np.int32) for t in texts]
         asarray, i32 = np.asarray, np.int32
-        return [asarray(e.ids, dtype=i32) for e in self._batch(list(texts), add_special_tokens=False)]
+        return [asarray(e.ids, dtype=i32) for e in self._encodings(texts, threads)]
 
-    def encode_split(self, texts: Sequence[str], splits: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def encode_split(self, texts: Sequence[str], splits: Sequence[int], threads: int = 1) -> list[tuple[np.ndarray,
+                                                                                                      np.ndarray]]:
         if self._special_re is not None:
-            return super().encode_split(texts, splits)
+            return super().encode_split(texts, splits, threads)
         out = []
-        for enc, k in zip(self.tk.encode_batch(list(texts), add_special_tokens=False), splits):
+        for enc, k in zip(self._encodings(texts, threads, offsets=True), splits):
             ids = np.asarray(enc.ids, dtype=np.int32)
             starts = np.fromiter((s for s, _ in enc.offsets), dtype=np.int64, count=len(enc.offsets))
             cut = int(np.count_nonzero(starts < k))

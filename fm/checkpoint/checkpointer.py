@@ -31,6 +31,7 @@ from fm.checkpoint.layout import CheckpointError
 
 if TYPE_CHECKING:
     from fm.distributed.base import Engine
+    from fm.tokenizer import TokenizerFiles
     from fm.train.config import CheckpointConfig, ResumeSpec
 
 log = logging.getLogger("fm.train")
@@ -45,11 +46,13 @@ class Stateful(Protocol):
 @dataclass
 class CheckpointMeta:
     """What every checkpoint carries besides the states: the resolved train config (fm's form), the model config
-    and the tokenizer file, so that a step directory is self-describing wherever it is copied."""
+    and the tokenizer, so that a step directory is self-describing wherever it is copied. ``tokenizer_path``: the
+    tokenizer's files as the run read them at its start (:class:`fm.tokenizer.TokenizerFiles`: every save writes
+    those bytes; the source may be a step directory that keep_last_n deletes), or a path read at each save."""
 
     train_config: dict[str, Any]
     model_config: dict[str, Any]
-    tokenizer_path: str | Path
+    tokenizer_path: str | Path | TokenizerFiles
 
 
 class Checkpointer:

@@ -51,10 +51,11 @@ from fm.checkpoint.layout import (
     CheckpointError,
     list_checkpoints,
 )
-from fm.io import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from fm.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, fsync_dir
 
 if TYPE_CHECKING:
     from fm.distributed.base import Engine
+    from fm.tokenizer import TokenizerFiles
 
 log = logging.getLogger(__name__)
 
@@ -88,32 +89,24 @@ def json_part(relpath: str, obj: Any) -> Part:
 
 
 def copy_part(relpath: str, src: str | Path) -> Part:
-    """Copy of a file that does not change during training (e.g. the tokenizer)."""
-    src = Path(src)
-
-    def write(d: Path) -> list[str]:
-        (d / relpath).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, d / relpath)
-        return [relpath]
-
-    return write
+    """Copy of a file, read now (later changes to it, or its removal, do not reach the checkpoint); fsynced."""
+    return bytes_part(relpath, Path(src).read_bytes())
 
 
-def tokenizer_part(src: str | Path) -> Part:
+def tokenizer_part(src: str | Path | TokenizerFiles) -> Part:
     """Copy of the tokenizer: a SentencePiece model as ``tokenizer.model``, a Hugging Face tokenizer (``tokenizer.json``
-    or its directory) as the directory ``tokenizer/`` holding its files (:func:`fm.tokenizer.tokenizer_files`)."""
-    from fm.tokenizer import resolve_tokenizer, tokenizer_files, tokenizer_kind
+    or its directory) as the directory ``tokenizer/`` holding its files (:func:`fm.tokenizer.tokenizer_files`), each
+    file fsynced, and the directory. ``src``: a path (read now), or the :class:`~fm.tokenizer.TokenizerFiles` a run
+    read at its start (a trainer's saves never read the tokenizer's source again)."""
+    from fm.tokenizer import read_tokenizer_files
 
-    path = resolve_tokenizer(src)
-    if tokenizer_kind(path) != "hf":
-        return copy_part(TOKENIZER_FILE, path)
-    files = tokenizer_files(path)
+    snap = read_tokenizer_files(src)
 
     def write(d: Path) -> list[str]:
-        (d / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
-        for f, name in files:
-            shutil.copyfile(f, d / TOKENIZER_DIR / name)
-        return [f"{TOKENIZER_DIR}/{name}" for _, name in files]
+        if snap.kind != "hf":
+            atomic_write_bytes(snap.files[0][1], d / TOKENIZER_FILE)
+            return [TOKENIZER_FILE]
+        return [f"{TOKENIZER_DIR}/{name}" for name in snap.write_into(d / TOKENIZER_DIR)]
 
     return write
 
@@ -208,7 +201,7 @@ def standard_parts(
     dataset_state: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
     model_config: dict[str, Any] | None = None,
-    tokenizer_path: str | Path | None = None,
+    tokenizer_path: str | Path | TokenizerFiles | None = None,
     scheduler_state: Any = None,
     save_optimizer: bool = True,
     model: Part | None = None,
@@ -446,14 +439,4 @@ def verify_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> l
     return problems
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir

@@ -20,8 +20,9 @@ Its model config is ``model_config=`` when given (a JSON file or a shipped name)
 one under ``model_config``/``model``, or is the train config whose ``config`` key names it. Its tokenizer is
 ``tokenizer=`` when given, else the one in it (every checkpoint we write has one): a SentencePiece
 ``tokenizer.model`` or a Hugging Face tokenizer directory ``tokenizer/``; a lone ``.pt``: ``<stem>.tokenizer.model``
-or ``<stem>.tokenizer/`` beside it, else what its directory holds; a Hugging Face export: its ``tokenizer.model``,
-else its own ``tokenizer.json``. :attr:`Checkpoint.tokenizer` is the file or the directory.
+or ``<stem>.tokenizer/`` beside it, else what its directory holds; a Hugging Face export: the directory itself when
+it has a ``tokenizer.json`` (even beside a ``tokenizer.model``: Mistral, Llama-2), else its ``tokenizer.model``.
+:attr:`Checkpoint.tokenizer` is the file or the directory.
 Nothing here runs code from the files (:func:`fm.io.load_torch`).
 """
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,17 +259,21 @@ def tokenizer_beside(weights: str | Path, kind: str = "sentencepiece") -> Path:
 
 def write_tokenizer_beside(weights: str | Path, tokenizer: str | Path) -> Path:
     """Copy ``tokenizer`` (a SentencePiece model, or a Hugging Face tokenizer file or directory) beside the lone
-    ``.pt`` ``weights`` (:func:`tokenizer_beside`), atomically. Returns where it went."""
+    ``.pt`` ``weights`` (:func:`tokenizer_beside`), atomically, and remove a tokenizer of the other kind left there
+    (``<stem>.tokenizer.model`` is looked for first: a stale one would win). Returns where it went."""
     from fm.io import atomic_write_bytes
     from fm.tokenizer import copy_tokenizer_files, resolve_tokenizer, tokenizer_kind
 
     path = resolve_tokenizer(tokenizer)
     if tokenizer_kind(path) == "hf":
-        dst = tokenizer_beside(weights, "hf")
+        dst, other = tokenizer_beside(weights, "hf"), tokenizer_beside(weights)
         copy_tokenizer_files(path, dst)
+        other.unlink(missing_ok=True)
     else:
-        dst = tokenizer_beside(weights)
+        dst, other = tokenizer_beside(weights), tokenizer_beside(weights, "hf")
         atomic_write_bytes(Path(path).read_bytes(), dst)
+        if other.is_dir():
+            shutil.rmtree(other)
     return dst
 
 
@@ -285,11 +291,13 @@ def _tokenizer_in(ck: Checkpoint) -> Path | None:
     if ck.base is not None:
         homes.append(ck.base.path if ck.base.path.is_dir() else ck.base.path.parent)
     for home in homes:
-        if (home / TOKENIZER_FILE).is_file():
+        if (home / TOKENIZER_FILE).is_file() and not _hf_tokenizer_dir(home):
             return home / TOKENIZER_FILE
         if _hf_tokenizer_dir(home / TOKENIZER_DIR):
             return home / TOKENIZER_DIR
-        if _hf_tokenizer_dir(home):  # a Hugging Face export (or import source) ships its tokenizer as it is
+        # a Hugging Face export (or import source) ships its tokenizer as it is: its tokenizer.json wins over a
+        # tokenizer.model beside it (Mistral, Llama-2), as resolve_tokenizer(directory) decides
+        if _hf_tokenizer_dir(home):
             return home
     return None
 

@@ -60,6 +60,11 @@ class _MixtureIterable(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
+        if info is not None:
+            # A worker process tokenizes in its own thread (threads=1): the tokenizers library's thread pool of
+            # every core, in each worker, would oversubscribe the machine; off, its batch calls run in the caller
+            # (set before this process's first encode: the library reads it at every call)
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
         wid = 0 if info is None else info.id
         if wid >= len(self.assignment):
             return

@@ -1,8 +1,11 @@
 """Tokenized records → training samples → packed rows (upstream FM9G semantics).
 
 A record ``{"input": I, "output": O}`` becomes ``src = [BOS] + I + O`` and ``tgt = [-100]*len(I) + O + [EOS]``:
-``tgt[t]`` is the label of position t (already shifted), −100 where the next token is still input. A tokenizer
-without BOS (``bos_id`` None): ``src = I + O``, ``tgt = [-100]*(len(I) - 1) + O + [EOS]``. A row of
+``tgt[t]`` is the label of position t (already shifted), −100 where the next token is still input. No BOS
+(``bos_id`` None: a tokenizer that adds none to text, ``add_bos`` False, e.g. GPT-2's or Qwen's; or a chat-template
+sample, whose ids are the template's, a BOS only where it writes one): ``src = I + O``,
+``tgt = [-100]*(len(I) - 1) + O + [EOS]``. The BOS is decided per sample (:class:`fm.data.sources.Source` gives it
+per dataset). A row of
 ``max_length`` tokens holds whole samples back to back; attention never crosses a sample boundary
 (``cu_seqlens``), and ``position_ids`` restart at 0 for every sample and for the padding tail.
 """
@@ -44,7 +47,7 @@ def sample_pieces(input_ids: Sequence[int], output_ids: Sequence[int], bos_id: i
     A sample longer than ``max_length`` is cut to its head (``head``), cut into ``max_length`` chunks that each
     become a sample (``segment``), or dropped (``drop``).
 
-    ``bos_id`` None (a tokenizer without BOS, e.g. Qwen's): no BOS; ``src = input + output``, and the last input
+    ``bos_id`` None (no BOS for this sample: see the module docstring): ``src = input + output``, and the last input
     token is trained to predict the first output token (``n_masked = len(input) - 1``). A record with neither
     input nor output then has no token: it yields ``[EOS]`` → EOS.
     """

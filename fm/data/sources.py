@@ -3,8 +3,9 @@
 * :func:`fm.data.datasets.open_dataset` opens a dataset of either format.
 * :class:`Source` turns line numbers of one dataset into ``(input ids, output ids)``: a jsonl record through the
   dataset's transform, its ``json_keys``, or (``messages_key``) a conversation rendered with the tokenizer's chat
-  template; a Megatron document as it is stored, without the BOS/EOS the
-  packer adds (so a document made with ``--append-eod`` ends in exactly one EOS, like one made without).
+  template (its ids exactly: the packer adds no BOS to them, :attr:`Source.bos_id`); a Megatron document as it is
+  stored, without the BOS/EOS the packer adds (so a document made with ``--append-eod`` ends in exactly one EOS,
+  like one made without).
 * :func:`check_vocabulary` refuses token ids the model has no embedding for, naming the file and the id.
 """
 
@@ -63,6 +64,12 @@ def check_vocabulary(spec: DatasetSpec, ds: Dataset, tokenizer, vocab_size: int 
                          "vocab_size >= the tokenizer's")
 
 
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS before text (fm.tokenizer's ``add_bos``; another tokenizer: it has one)."""
+    add = getattr(tokenizer, "add_bos", None)
+    return tokenizer.bos_id is not None if add is None else bool(add and tokenizer.bos_id is not None)
+
+
 class _LazyRandom:
     """The ``r`` a transform gets: a ``random.Random`` seeded on first use (seeding per line would cost more
     than most transforms).
@@ -101,6 +108,11 @@ class Source:
                              "Hugging Face tokenizer whose tokenizer_config.json carries one)")
         self.in_key, self.out_key = (None, "") if self.megatron or self.messages_key else \
             json_keys(spec.json_keys, self.ds)
+        # The BOS the packer puts before each sample: the tokenizer's own (add_bos: SentencePiece, or a Hugging Face
+        # tokenizer whose post-processor adds it) for text; none for a conversation, whose ids are exactly the chat
+        # template's (a BOS only where the template writes one), as transformers' apply_chat_template and vLLM make
+        # them. A function of the dataset alone: the same on resume.
+        self.bos_id = tokenizer.bos_id if self.messages_key is None and _adds_bos(tokenizer) else None
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -161,8 +173,13 @@ class Source:
     def _conversations(self, lines: np.ndarray) -> list[tuple[Any, Any]]:
         """Records holding a conversation under ``messages_key``: input = the chat template of all but the last
         message with the generation prompt, output = the rest of the template of the whole conversation. The
-        whole text is encoded at once (special-token strings the template writes become their ids) and cut where
-        the input ends; a BOS the template writes is left to the packer."""
+        whole text is encoded at once (special-token strings the template writes become their ids, a BOS the
+        template writes included: the packer adds none to these) and cut where the input ends. The output is cut
+        just before its last EOS when it holds one: the packer's final EOS label takes its place (ChatML with EOS
+        ``<|im_end|>``: the answer trains ``…<|im_end|>``, the template's trailing newline is dropped). Rendered
+        with ``strftime_now`` fixed at :data:`fm.chat.TRAINING_DATE` (the same text every day: exact resume)."""
+        from fm.chat import training_strftime_now
+
         tok, key = self.tokenizer, self.messages_key
         texts, cuts = [], []
         for line, record in zip(lines.tolist(), self._records(lines)):
@@ -175,8 +192,9 @@ class Source:
                 raise ValueError(f"{where}: the last message must be the assistant's (the answer trained on), got "
                                  f"role {msgs[-1].get('role')!r}")
             try:
-                prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True)
-                full = tok.apply_chat_template(msgs)
+                prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True,
+                                                 strftime_now=training_strftime_now)
+                full = tok.apply_chat_template(msgs, strftime_now=training_strftime_now)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
             if not full.startswith(prompt):
@@ -186,10 +204,11 @@ class Source:
             texts.append(full)
             cuts.append(len(prompt))
         out = []
-        bos = tok.bos_id
+        eos = tok.eos_id
         for in_ids, out_ids in tok.encode_split(texts, cuts):
-            if bos is not None and len(in_ids) and in_ids[0] == bos:
-                in_ids = in_ids[1:]  # the packer adds the BOS
+            at = np.flatnonzero(np.asarray(out_ids) == eos) if eos is not None else ()
+            if len(at):
+                out_ids = out_ids[:int(at[-1])]  # the packer's EOS label replaces the template's last EOS
             out.append((in_ids, out_ids))
         return out
 
@@ -216,7 +235,7 @@ class Source:
                                  f"vocabulary [0, {self.vocab_limit}) (task {self.spec.task_name!r}): the data was "
                                  "tokenized with another tokenizer; tokenize it again with the model's")
             tok = self.tokenizer
-            a = int(tok.bos_id is not None and ids[0] == tok.bos_id)
+            a = int(self.bos_id is not None and ids[0] == self.bos_id)  # the packer adds it again
             b = len(ids) - int(ids[-1] == tok.eos_id)
             ids = ids[a:max(a, b)]
         return ids

@@ -62,7 +62,7 @@ class Cursor:
             return
         lines, epochs, roots = self.order.lines(top)
         tok = self.source.tokenizer
-        bos, eos, max_length, rule = tok.bos_id, tok.eos_id, self.max_length, self.source.spec.oversize_rule
+        bos, eos, max_length, rule = self.source.bos_id, tok.eos_id, self.max_length, self.source.spec.oversize_rule
         append = self.buffer.append
         for line, (in_ids, out_ids) in zip(lines.tolist(), self.source.tokenize(lines, epochs, roots)):
             append((line, *sample_pieces(in_ids, out_ids, bos, eos, max_length, rule)))

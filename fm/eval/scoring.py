@@ -257,14 +257,15 @@ def evaluate_gsm8k(model: torch.nn.Module, tokenizer: Any, examples: list[GenExa
 
 
 def sample_tokens(tokenizer: Any, record: dict, where: str) -> tuple[list[int], list[int]]:
-    """Upstream's rule: ``[BOS] + input + output`` with labels on the output tokens and EOS (a tokenizer without
-    BOS: ``input + output``, the last input token labelled with the first output token, as the packer does)."""
+    """Upstream's rule: ``[BOS] + input + output`` with labels on the output tokens and EOS (a tokenizer that adds
+    no BOS to text, ``add_bos`` False: ``input + output``, the last input token labelled with the first output
+    token, as the packer does)."""
     inp, out = record.get("input", ""), record.get("output", record.get("text"))
     if not isinstance(inp, str) or not isinstance(out, str):
         raise ValueError(f"{where}: expected string keys 'input' and 'output' (or 'text'), got keys {sorted(record)}")
     inp_ids = tokenizer.encode(inp) if inp else []
     out_ids = tokenizer.encode(out)
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and getattr(tokenizer, "add_bos", True) else []
     src = bos + inp_ids + out_ids
     tgt = [IGNORE_INDEX] * len(inp_ids) + out_ids + [tokenizer.eos_id]
     return src, tgt[1 - len(bos):]

@@ -46,7 +46,7 @@ from fm.export.llama import (
 from fm.io import atomic_dir, atomic_write
 from fm.models.config import resolve_dtype
 from fm.models.dragonfly import DragonflyConfig
-from fm.tokenizer import copy_tokenizer_files, load_tokenizer, tokenizer_files
+from fm.tokenizer import GENERATION_CONFIG, load_tokenizer, tokenizer_files
 
 log = logging.getLogger("fm.export.hf")
 
@@ -77,6 +77,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
     tok = tok_dir or ck.tokenizer
     hf_tok = tok if tok is not None and Path(tok).is_dir() else None
     bos, eos, pad = _hf_special_ids(hf_tok) if hf_tok else special_ids(tok)
+    stop = list(load_tokenizer(hf_tok).stop_ids) if hf_tok else []  # a generation_config.json taken along
     target_dtype = dtype if isinstance(dtype, torch.dtype) else _parse_dtype(dtype)
     out_dtype = target_dtype or cfg.torch_dtype
     hf_cfg = hf_config_from_dragonfly(cfg, out_dtype, bos, eos, pad)  # refuses what the family cannot hold
@@ -85,7 +86,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
                                o_bias=bool(hf_cfg.get("attention_bias")))
     out_dtype = next(iter(hf_state.values())).dtype
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = str(out_dtype).removeprefix("torch.")
-    gen_cfg = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
+    gen_cfg = {"bos_token_id": bos, "eos_token_id": stop if len(stop) > 1 else eos, "pad_token_id": pad,
+               "do_sample": False}
     output = Path(output)
     with atomic_dir(output, overwrite) as tmp:
         files = save_safetensors_sharded(hf_state, tmp, parse_size(max_shard_size))
@@ -93,7 +95,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
         (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
         if hf_tok is not None:  # shipped as it is
             for f, name in tokenizer_files(hf_tok):
-                shutil.copyfile(f, tmp / name)
+                if name != GENERATION_CONFIG:  # the export writes its own (its stop ids above)
+                    shutil.copyfile(f, tmp / name)
         elif tok is not None:
             write_tokenizer_files(tok, tmp, chat_format=None if chat_template == "none" else chat_template)
         else:
@@ -135,16 +138,13 @@ def _hf_special_ids(tok_dir: Path) -> tuple[int | None, int | None, int | None]:
 
 
 def _import_tokenizer(hf_dir: Path, output: Path) -> Path | None:
-    """``<stem>.tokenizer/`` (a copy of the Hugging Face tokenizer files) or ``<stem>.tokenizer.model``."""
-    if (hf_dir / "tokenizer.json").is_file():
-        dest = output.with_name(output.stem + ".tokenizer")
-        copy_tokenizer_files(hf_dir, dest)
-        return dest
-    if (hf_dir / "tokenizer.model").is_file():
-        dest = output.with_name(output.stem + ".tokenizer.model")
-        data = (hf_dir / "tokenizer.model").read_bytes()
-        atomic_write(dest, lambda f: f.write(data))
-        return dest
+    """``<stem>.tokenizer/`` (a copy of the Hugging Face tokenizer files, ``generation_config.json`` among them: its
+    ``eos_token_id`` stop fm generate) or ``<stem>.tokenizer.model``; a tokenizer of the other kind left there from
+    an earlier import is removed."""
+    from fm.checkpoint.open import write_tokenizer_beside
+
+    if (hf_dir / "tokenizer.json").is_file() or (hf_dir / "tokenizer.model").is_file():
+        return write_tokenizer_beside(output, hf_dir)
     return None
 
 

@@ -96,8 +96,9 @@ class DataConfig:
         "of both stages continue where they were, new ones start at their beginning (docs/mixtures.md)",
         default_factory=list)
     tokenizer: str = key("demo", "SentencePiece `.model`, `tokenizer.json` or Hugging Face tokenizer directory, or "
-                         "`demo` (the shipped demo tokenizer); copied into every checkpoint. Empty: the tokenizer "
-                         "the checkpoint of `checkpoint.resume.source`, else of `model.init_from`, carries")
+                         "`demo` (the shipped demo tokenizer); copied into every checkpoint (its files as read at "
+                         "the start). Empty: the tokenizer the checkpoint of `checkpoint.resume.source`, else of "
+                         "`model.init_from`, carries")
     max_length: int = key(4096, "tokens per packed row", min=1)
     batch_size: int = key(1, "rows (packed sequences) per micro-batch per process", min=1)
     num_workers: int = key(0, "loader worker processes per rank", min=0)
@@ -445,7 +446,7 @@ def tokenizer_source(cfg: TrainConfig) -> tuple[str, str]:
     ConfigError when it is empty and no such checkpoint carries one. The preflight and the trainer both use this."""
     if cfg.data.tokenizer:
         return cfg.data.tokenizer, "data.tokenizer"
-    from fm.checkpoint.layout import resolve_checkpoint
+    from fm.checkpoint.layout import CheckpointError, resolve_checkpoint
     from fm.checkpoint.open import open_checkpoint
 
     tried = []
@@ -456,15 +457,20 @@ def tokenizer_source(cfg: TrainConfig) -> tuple[str, str]:
         except (OSError, ValueError):
             resume = None
         if resume is not None:
-            tok = open_checkpoint(resume).tokenizer
+            try:
+                tok = open_checkpoint(resume).tokenizer
+            except (OSError, ValueError, CheckpointError) as e:
+                raise ConfigError(f"data.tokenizer is empty and checkpoint.resume.source {spec!r} ({resume}) cannot "
+                                  f"be opened: {e}") from None
             if tok is not None:
                 return str(tok), f"checkpoint.resume.source {resume}"
             tried.append(f"checkpoint.resume.source {resume}")
     if cfg.model.init_from:
         try:
             tok = open_checkpoint(cfg.model.init_from).tokenizer
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"data.tokenizer is empty and model.init_from cannot be opened: {e}") from None
+        except (OSError, ValueError, CheckpointError) as e:
+            raise ConfigError(f"data.tokenizer is empty and model.init_from {cfg.model.init_from!r} cannot be "
+                              f"opened: {e}") from None
         if tok is not None:
             return str(tok), f"model.init_from {cfg.model.init_from}"
         tried.append(f"model.init_from {cfg.model.init_from}")

@@ -145,6 +145,7 @@ class Trainer:
         self.model = None
         self.loader = None
         self.tokenizer = None
+        self.tokenizer_files = None  # the tokenizer's files as read at the start (fm.tokenizer.TokenizerFiles)
         self.metrics: MetricsWriter | None = None  # set by the MetricsLogger callback
         self.stats_path = cfg.run.dir() / "train_stats.jsonl"
         self._batches: Any = None  # the iterator the steps take their micro-batches from
@@ -184,12 +185,15 @@ class Trainer:
 
     def build_loader(self):
         from fm.data.loader import build_train_loader
-        from fm.tokenizer import load_tokenizer
+        from fm.tokenizer import load_tokenizer, read_tokenizer_files
         from fm.train.config import tokenizer_source
 
         d, e = self.cfg.data, self.engine
         spec, where = tokenizer_source(self.cfg)
         self.tokenizer = load_tokenizer(spec)
+        # its files, read once: every checkpoint carries these bytes (the source may be a step directory that
+        # keep_last_n deletes later: data.tokenizer "" on resume)
+        self.tokenizer_files = read_tokenizer_files(self.tokenizer.path)
         if e.is_main and where != "data.tokenizer":
             log.info("data.tokenizer is empty: using the tokenizer of %s (%s)", where, self.tokenizer.path)
         if d.eos_token:  # e.g. Spark's "<end>", Qwen's "<|im_end|>": the token every sample ends with (trained on)
@@ -260,7 +264,7 @@ class Trainer:
         """The resumable parts, registered once; the checkpointer saves and resumes them."""
         meta = CheckpointMeta(train_config=self.cfg.to_dict(),
                               model_config=checkpoint_model_config(self.model_config, self.cfg.data.max_length),
-                              tokenizer_path=self.tokenizer.path)
+                              tokenizer_path=self.tokenizer_files or self.tokenizer.path)
         self.checkpointer = Checkpointer(
             self.cfg.checkpoint, self.cfg.run.dir(), self.engine,
             states={"trainer": self, "scheduler": self.scheduler, "loader": LoaderPosition(self)},

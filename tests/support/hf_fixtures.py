@@ -11,6 +11,14 @@ arguments give the same files. Only ``tokenizers`` is needed (transformers can l
     from tests.support.hf_fixtures import build_hf_tokenizer
     tok_dir = build_hf_tokenizer(tmp_path / "tok")          # -> tmp_path / "tok" (a directory)
     tok_dir = build_hf_tokenizer(tmp_path / "tok", vocab_size=8000, texts=my_lines)
+
+``style`` picks the BOS convention (what fm's ``add_bos`` follows, as transformers does):
+
+* ``"qwen"`` (default): no BOS at all;
+* ``"llama3"``: BOS ``<|begin_of_text|>`` added by the post-processor (``TemplateProcessing``), EOS ``<|eot_id|>``, a
+  Llama-3.2-style template that writes ``{{ bos_token }}`` and today's date (``strftime_now``) in the system header
+  (:data:`LLAMA3`);
+* ``"gpt2"``: ``bos_token = eos_token = <|endoftext|>`` and no post-processor (nothing added to text), no template.
 """
 
 from __future__ import annotations
@@ -33,6 +41,28 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+BEGIN, END_TEXT, HEADER_START, HEADER_END, EOT = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                                  "<|end_header_id|>", "<|eot_id|>")
+LLAMA3_SPECIALS = (BEGIN, END_TEXT, HEADER_START, HEADER_END, EOT)
+
+# Llama-3.2's template, shortened (no tools): the BOS, a system header with today's date, the turns.
+LLAMA3 = (
+    "{{- bos_token }}"
+    "{%- if strftime_now is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+    "{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\n' }}"
+    "{{- 'Today Date: ' + date_string + '\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{- message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
 SAMPLE_TEXT = [
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.",
     "Training a language model needs data, a tokenizer, a model and an optimizer.",
@@ -45,24 +75,31 @@ SAMPLE_TEXT = [
 ]
 
 
-def build_hf_tokenizer(directory: str | Path, vocab_size: int = 600, texts: Iterable[str] | None = None) -> Path:
-    """Write a Qwen-style HF tokenizer directory at ``directory`` (created) and return it.
+def build_hf_tokenizer(directory: str | Path, vocab_size: int = 600, texts: Iterable[str] | None = None,
+                       style: str = "qwen") -> Path:
+    """Write an HF tokenizer directory at ``directory`` (created) and return it.
 
     ``vocab_size``: the BPE's target size (the added tokens included; the corpus must be large enough to reach it);
-    ``texts``: the training text (default: :data:`SAMPLE_TEXT` repeated, a few KB of English and Chinese)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    ``texts``: the training text (default: :data:`SAMPLE_TEXT` repeated, a few KB of English and Chinese);
+    ``style``: ``qwen``, ``llama3`` or ``gpt2`` (the module docstring)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+    specials = {"qwen": SPECIALS, "llama3": LLAMA3_SPECIALS, "gpt2": (ENDOFTEXT,)}[style]
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(texts) if texts is not None else SAMPLE_TEXT * 20, trainer=trainer)
+    if style == "llama3":
+        bos = tok.token_to_id(BEGIN)
+        tok.post_processor = processors.TemplateProcessing(single=f"{BEGIN} $A", pair=f"{BEGIN} $A {BEGIN} $B:1",
+                                                           special_tokens=[(BEGIN, bos)])
     tok.save(str(out / "tokenizer.json"))
     added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": True} for t in SPECIALS}
+                                       "single_word": False, "special": True} for t in specials}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -75,6 +112,12 @@ def build_hf_tokenizer(directory: str | Path, vocab_size: int = 600, texts: Iter
         "model_max_length": 32768,
         "clean_up_tokenization_spaces": False,
     }
+    if style == "llama3":
+        config.update(bos_token=BEGIN, eos_token=EOT, pad_token=None, additional_special_tokens=[],
+                      chat_template=LLAMA3)
+    elif style == "gpt2":
+        config.update(bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, pad_token=None, additional_special_tokens=[])
+        del config["chat_template"]
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
     return out

@@ -100,10 +100,13 @@ def test_hf_export_folder_generates_like_the_checkpoint(tmp_path, tokenizer_path
     run, model, cfg = _run_dir(tmp_path, tokenizer_path)
     assert export_main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "hf")]) == 0  # config + tok
     ck = open_checkpoint(tmp_path / "hf")
-    assert ck.kind == "hf" and ck.tokenizer == tmp_path / "hf" / "tokenizer.model"
+    assert ck.kind == "hf" and ck.tokenizer == tmp_path / "hf"  # its tokenizer.json (beside tokenizer.model)
     assert config_to_dict(ck.model_config) == config_to_dict(cfg)
     want = _generate(capsys, "--checkpoint", str(run))
-    assert _generate(capsys, "--checkpoint", str(tmp_path / "hf")) == want
+    # the export's tokenizer.json carries fm9g's chat_template (auto would apply it): the plain prompt, BOS added
+    assert _generate(capsys, "--checkpoint", str(tmp_path / "hf"), "--template", "none") == want
+    assert _generate(capsys, "--checkpoint", str(tmp_path / "hf"), "--tokenizer",
+                     str(tmp_path / "hf" / "tokenizer.model")) == want
     # export from the adapter folder: the merged model
     adir, peft_model = _adapter(tmp_path, model, run / "5")
     assert export_main(["export", "--checkpoint", str(adir), "--output", str(tmp_path / "hf_lora")]) == 0

@@ -139,7 +139,9 @@ def test_hf_directory_opens_as_a_checkpoint_as_imported(family):
 def test_tokenizer_taken_along(family):
     _, tmp, *_ = family
     tok = tmp / "m.tokenizer"
-    assert sorted(p.name for p in tok.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    # generation_config.json too: its eos_token_id stop fm generate on the imported .pt
+    assert sorted(p.name for p in tok.iterdir()) == ["generation_config.json", "tokenizer.json",
+                                                     "tokenizer_config.json"]
     for p in tok.iterdir():
         assert p.read_bytes() == (tmp / "hf" / p.name).read_bytes()
 

@@ -388,13 +388,15 @@ def test_state_round_trips_and_refuses_unknown_versions(mix, tokenizer):
         loader(mix, tokenizer).load_state_dict({"kind": "something else"})
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer(tmp_path_factory):
-    """A Hugging Face tokenizer without BOS, with a ChatML template (tests.support.hf_fixtures)."""
+@pytest.fixture(scope="module", params=["qwen", "llama3"])
+def hf_tokenizer(tmp_path_factory, request):
+    """A Hugging Face tokenizer (tests.support.hf_fixtures): without BOS, with a ChatML template; or Llama-3 style,
+    whose post-processor adds a BOS to text (the packer adds it to plain samples, never to conversations) and whose
+    template writes its own BOS and the date."""
     from fm.tokenizer import load_tokenizer
     from tests.support.hf_fixtures import build_hf_tokenizer
 
-    return load_tokenizer(build_hf_tokenizer(tmp_path_factory.mktemp("hf") / "tok"))
+    return load_tokenizer(build_hf_tokenizer(tmp_path_factory.mktemp("hf") / "tok", style=request.param))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -409,12 +411,22 @@ def test_exact_continuation_with_an_hf_tokenizer(tmp_path, hf_tokenizer, workers
               {"allow_repeat": False, "abs_weight": 0.5}),
         "c": (chats, {"allow_repeat": False, "messages_key": "messages"}),
     })
-    ref = list(loader(cfg, hf_tokenizer, num_workers=workers, max_length=96))
+    ml = 192 if hf_tokenizer.add_bos else 96  # Llama-3's template writes a long system header
+    ref = list(loader(cfg, hf_tokenizer, num_workers=workers, max_length=ml))
+    if hf_tokenizer.add_bos:  # a BOS starts each sample (but a segment's later chunks), never two of them
+        firsts = 0
+        for b in ref:
+            flat, cu = b["inputs"].reshape(-1).tolist(), b["cu_seqlens"].tolist()
+            for a, e in zip(cu[:-1], cu[1:]):
+                bos = [i for i in range(a, e) if flat[i] == hf_tokenizer.bos_id]
+                assert bos in ([], [a])
+                firsts += bool(bos)
+        assert firsts >= 30 + 20 + 25
     assert set(lines_used(ref, ("a", "b", "c"))) == {(t, i) for t, n in (("a", 30), ("b", 20), ("c", 25))
                                                      for i in range(n)}
     for k in (1, 5):
-        first = loader(cfg, hf_tokenizer, num_workers=workers, max_length=96)
+        first = loader(cfg, hf_tokenizer, num_workers=workers, max_length=ml)
         take(iter(first), k)
-        resumed = loader(cfg, hf_tokenizer, num_workers=workers, max_length=96)
+        resumed = loader(cfg, hf_tokenizer, num_workers=workers, max_length=ml)
         resumed.load_state_dict(roundtrip(merge_states([first.state_dict()])))
         assert_same(list(resumed), ref[k:])

@@ -196,12 +196,16 @@ def test_sft_messages_mask_exactly_the_prompt(hf, auto_tok, tmp_path):
         want = auto_tok.apply_chat_template(conv, tokenize=True, return_dict=False)
         prompt = auto_tok.apply_chat_template(conv[:-1], tokenize=True, add_generation_prompt=True,
                                               return_dict=False)
-        tokens, targets = next(s for s in samples if s[0] == want)  # the template's ids, as transformers makes them
+        # the template's ids, as transformers makes them, up to the answer's <|im_end|> (the EOS): the packer's EOS
+        # label takes its place, and the template's newline after it is not trained
+        end = len(want) - 1 - want[::-1].index(hf.eos_id)
+        assert want[end + 1:] == auto_tok("\n", add_special_tokens=False).input_ids
+        tokens, targets = next(s for s in samples if s[0] == want[:end])
         k = len(prompt)
         assert want[:k] == prompt
         # no BOS: position t predicts token t+1; the prompt's positions but its last are masked
         assert targets[:k - 1] == [IGNORE_INDEX] * (k - 1)
-        assert targets[k - 1:] == want[k:] + [hf.eos_id]
+        assert targets[k - 1:] == want[k:end + 1] and targets[-1] == hf.eos_id  # <|im_end|> trained once
 
 
 def test_sft_messages_errors_name_file_and_line(hf, tmp_path):
