@@ -46,6 +46,8 @@ KEYS: dict[str, str] = {
     "lora_targets": "lora.targets",
 }  # fmt: skip
 _FM_TO_UPSTREAM = {v: k for k, v in KEYS.items()}
+# Other upstream spellings of a key: FM9G's 2025 apps (4B/7B/70B) name the initial weights pretrained_model.
+ALIASES: dict[str, str] = {"pretrained_model": "load_model"}
 
 # Keys accepted for compatibility that change nothing; said at start, when the user set them.
 NO_OPS: dict[str, str] = {
@@ -137,11 +139,12 @@ def to_sections(data: Mapping[str, Any], where: str, root: type) -> tuple[dict[s
         if name in sections and isinstance(value, Mapping):
             for path, v in _flatten(value, name, root):
                 put(path, v, path)
-        elif name in KEYS:  # (upstream's "engine" and "lora" are also section names: a non-object value is the key)
+        elif name in KEYS or name in ALIASES:  # (upstream's "engine" and "lora" are also section names: a
+            key = ALIASES.get(name, name)       # non-object value is the key)
             try:
-                put(KEYS[name], _upstream_value(name, value, notes, where, root), name)
+                put(KEYS[key], _upstream_value(key, value, notes, where, root), name)
             except _Bad as e:
-                problems.append(f"{name} ({KEYS[name]}): {e}")
+                problems.append(f"{name} ({KEYS[key]}): {e}")
         elif name in sections:
             put(name, value, name)  # not an object: the section's check says so
         elif "." in name and name.split(".", 1)[0] in sections:
@@ -157,9 +160,9 @@ def to_sections(data: Mapping[str, Any], where: str, root: type) -> tuple[dict[s
             if not ok:
                 problems.append(f"{name}: {value!r} is refused: {why}")
         else:
-            known = [*sections, *KEYS, *NO_OPS, *REFUSED]
+            known = [*sections, *KEYS, *ALIASES, *NO_OPS, *REFUSED]
             problems.append(f"unknown key {name!r}{suggest(name, known)}")
-    aliases = {path: name for path, name in origin.items() if name in KEYS}
+    aliases = {path: name for path, name in origin.items() if name in KEYS or name in ALIASES}
     return nested, problems, notes, aliases
 
 

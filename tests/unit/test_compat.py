@@ -156,3 +156,15 @@ print("HEAVY", heavy)
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout[-2000:]
+
+
+def test_upstream_2025_apps_spell_the_initial_weights_pretrained_model(tmp_path):
+    # FM9G's 4B/7B/70B apps: args["pretrained_model"]="./9g_models/7b.pt" is load_model (model.init_from)
+    assert load_config(None, cli=parse_train_args(["--pretrained_model", "x.pt"]).cli()).model.init_from == "x.pt"
+    path = tmp_path / "t.json"
+    path.write_text('{"pretrained_model": "y.pt", "tokenizer_path": "./ckpt"}')
+    cfg = load_config(str(path))
+    assert (cfg.model.init_from, cfg.data.tokenizer) == ("y.pt", "./ckpt")
+    path.write_text('{"pretrained_model": "y.pt", "load_model": "z.pt"}')
+    with pytest.raises(FmError, match="load_model: sets model.init_from, which pretrained_model sets too"):
+        load_config(str(path))
