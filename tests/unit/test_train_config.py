@@ -192,3 +192,17 @@ def test_save_flag_form_is_upstreams_words_only():
         assert load_config(None, {"save": flag}).run.save_dir == "data/checkpoints"
     for path in ("yes", "", "ckpt"):
         assert load_config(None, {"save": path}).run.save_dir == path
+
+
+@pytest.mark.parametrize("doc", ["training.md", "zh/training.md"])
+def test_the_recipe_in_the_docs_is_a_valid_train_config(repo_root, tmp_path, doc):
+    """The one-run MiniCPM/FM9G recipe of docs/training.md (and its Chinese copy) loads as written: its decay stage
+    starts where the WSD drop does and its sections exist."""
+    text = (repo_root / "docs" / doc).read_text()
+    start = text.index("## The MiniCPM / FM9G recipe" if doc == "training.md" else "## 一次运行走完 MiniCPM")
+    block = re.search(r"```json\n(.*?)\n```", text[start:], re.S)
+    path = tmp_path / "recipe.json"
+    path.write_text(block.group(1))
+    cfg = load_config(str(path))
+    assert cfg.stage_starts() == [0, cfg.run.train_iters - cfg.drop_steps()] == [0, 18000]
+    assert (cfg.checkpoint.merge_last_n, cfg.optim.z_loss, cfg.stability.skip_spikes) == (4, 1e-4, True)
