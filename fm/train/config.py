@@ -95,10 +95,10 @@ class DataConfig:
         '`"start_iter": "decay"` is the first step of the decay of `warmupstabledrop`/`warmupstableexp`. Datasets '
         "of both stages continue where they were, new ones start at their beginning (docs/mixtures.md)",
         default_factory=list)
-    tokenizer: str = key("demo", "SentencePiece `.model`, `tokenizer.json` or Hugging Face tokenizer directory, or "
+    tokenizer: str = key("", "SentencePiece `.model`, `tokenizer.json` or Hugging Face tokenizer directory, or "
                          "`demo` (the shipped demo tokenizer); copied into every checkpoint (its files as read at "
-                         "the start). Empty: the tokenizer the checkpoint of `checkpoint.resume.source`, else of "
-                         "`model.init_from`, carries")
+                         "the start). Empty (the default): the tokenizer the checkpoint of `checkpoint.resume.source`, "
+                         "else of `model.init_from`, carries; with neither, `demo`")
     max_length: int = key(4096, "tokens per packed row", min=1)
     batch_size: int = key(1, "rows (packed sequences) per micro-batch per process", min=1)
     num_workers: int = key(0, "loader worker processes per rank", min=0)
@@ -443,7 +443,9 @@ def _stage_problems(cfg: TrainConfig) -> list[str]:
 def tokenizer_source(cfg: TrainConfig) -> tuple[str, str]:
     """``(tokenizer spec, where it comes from)`` of a run: ``data.tokenizer`` when set; when empty, the tokenizer the
     resume checkpoint (``checkpoint.resume.source``, if it names one that exists) carries, else ``model.init_from``'s.
-    ConfigError when it is empty and no such checkpoint carries one. The preflight and the trainer both use this."""
+    ``demo`` when it is empty and neither names a checkpoint; ConfigError when a named checkpoint carries none (an
+    upstream ``.pt`` alone: which tokenizer made its data is for the user to say). The preflight and the trainer both
+    use this."""
     if cfg.data.tokenizer:
         return cfg.data.tokenizer, "data.tokenizer"
     from fm.checkpoint.layout import CheckpointError, resolve_checkpoint
@@ -474,10 +476,10 @@ def tokenizer_source(cfg: TrainConfig) -> tuple[str, str]:
         if tok is not None:
             return str(tok), f"model.init_from {cfg.model.init_from}"
         tried.append(f"model.init_from {cfg.model.init_from}")
-    raise ConfigError("data.tokenizer is empty and " + (f"{' nor '.join(tried)} carries no tokenizer" if tried else
-                      "neither checkpoint.resume.source nor model.init_from names a checkpoint to take it from")
-                      + ": set data.tokenizer (a SentencePiece .model, tokenizer.json or Hugging Face tokenizer "
-                      "directory, or demo)")
+    if not tried:  # a fresh run from scratch: the shipped demo tokenizer, as fm always defaulted to
+        return "demo", "the default (data.tokenizer not set and no checkpoint to take it from)"
+    raise ConfigError(f"data.tokenizer is empty and {' nor '.join(tried)} carries no tokenizer: set data.tokenizer "
+                      "(a SentencePiece .model, tokenizer.json or Hugging Face tokenizer directory, or demo)")
 
 
 # ---------------------------------------------------------------------------------------------- help

@@ -301,8 +301,15 @@ def test_empty_tokenizer_comes_from_the_checkpoint(hf_dir, tmp_path):
     r = preflight(str(cfg), [])
     assert r.facts["tokenizer"].startswith(str(tmp_path / "base.tokenizer")) and "from model.init_from" in \
         r.facts["tokenizer"]
-    text = "\n".join(preflight(str(cfg), [("model.init_from", "")]).problems)
-    assert "data.tokenizer: data.tokenizer is empty and neither checkpoint.resume.source nor model.init_from" in text
+    # neither names a checkpoint: the default is the demo tokenizer, as fm always defaulted to
+    assert tokenizer_source(load_config(str(cfg), [("model.init_from", "")]))[0] == "demo"
+    assert "from the default" in preflight(str(cfg), [("model.init_from", "")]).facts["tokenizer"]
+    # a checkpoint named that carries none (an upstream .pt alone): data.tokenizer must say which made the data
+    bare = tmp_path / "bare" / "upstream.pt"
+    bare.parent.mkdir()
+    torch.save({}, bare)
+    text = "\n".join(preflight(str(cfg), [("model.init_from", str(bare))]).problems)
+    assert f"data.tokenizer is empty and model.init_from {bare} carries no tokenizer: set data.tokenizer" in text
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
