@@ -7,7 +7,9 @@ broadcasts its name), hashes the files it wrote (size and CRC32, in the writer t
 save overlaps it with training) and drops ``.done-rank<r>`` holding that manifest. Rank 0 waits for
 all markers, writes ``COMPLETE`` with the merged manifest, renames the temp dir to ``<root>/<step>``
 (atomic) and replaces ``latest`` (atomic), then deletes the oldest complete checkpoints beyond
-``keep_last_n``. A crash at any point leaves either a temp dir or a dir without ``COMPLETE``:
+``keep_last_n`` among those at steps up to the one just saved (after a resume from an earlier step, newer steps of
+the abandoned branch may be there: they are neither counted nor deleted). A crash at any point leaves either a
+temp dir or a dir without ``COMPLETE``:
 :func:`find_latest` ignores both, and the next start removes the temp dirs. A save that fails removes
 its temp dir. The markers are files rather than a barrier so that the whole write + commit can run in a
 background thread (``async_save``) without touching the training process group.
@@ -384,10 +386,19 @@ class CheckpointManager:
         self._prune(step)
 
     def _prune(self, keep_step: int) -> None:
+        """``keep_last_n``: delete the oldest complete checkpoints at steps <= ``keep_step`` (the one just saved)
+        beyond N. Steps above it are another branch of the run (saved before a resume from an earlier step): never
+        counted nor deleted here, and named in a warning."""
+        steps = list_checkpoints(self.root)
+        newer = [s for s in steps if s > keep_step]
+        if newer:
+            log.warning("checkpoint %d: %s also holds newer step(s) %s, saved before this run resumed from an earlier "
+                        "step (another branch): keep_last_n and merge_last_n leave them out, nothing deletes them; "
+                        "remove them if they are not wanted", keep_step, self.root, newer)
         if self.keep_last_n is None:
             return
-        steps = list_checkpoints(self.root)
-        for s in steps[: max(len(steps) - self.keep_last_n, 0)]:
+        mine = [s for s in steps if s <= keep_step]
+        for s in mine[: max(len(mine) - self.keep_last_n, 0)]:
             if s != keep_step:
                 shutil.rmtree(self.root / str(s), ignore_errors=True)
 

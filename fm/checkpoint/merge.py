@@ -233,17 +233,19 @@ def write_merged(result: MergeResult, output: Path) -> list[Path]:
     return written
 
 
-def merge_run_last(run_dir: str | Path, n: int) -> Path | None:
+def merge_run_last(run_dir: str | Path, n: int, up_to: int | None = None) -> tuple[Path, list[int]] | None:
     """The trainer's ``checkpoint.merge_last_n``: the uniform average of the newest ``n`` complete checkpoints of
-    ``run_dir`` as ``<run_dir>/merged_last_<n>.pt`` (with its config, tokenizer and provenance beside it); None
-    while fewer than ``n`` exist."""
+    ``run_dir`` at steps ``<= up_to`` (the step just saved: a run resumed from an earlier step may find steps of
+    the abandoned branch above it, which are no part of this run) as ``<run_dir>/merged_last_<n>.pt`` (with its
+    config, tokenizer and provenance beside it). Returns the file and the steps averaged; None while fewer than
+    ``n`` such steps exist."""
     run_dir = Path(run_dir)
-    steps = list_checkpoints(run_dir)
+    steps = [s for s in list_checkpoints(run_dir) if up_to is None or s <= up_to]
     if len(steps) < n:
         return None
     out = run_dir / merged_last_name(n)
     merge_checkpoints([run_dir / str(s) for s in steps[-n:]], out)
-    return out
+    return out, steps[-n:]
 
 
 def merged_last_name(n: int) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from fm import cli
 from fm.checkpoint import commit, layout
-from fm.checkpoint.merge import merge_weights
+from fm.checkpoint.merge import merge_run_last, merge_weights
 from tests.helpers import TINY_MODEL
 
 MODEL = {**TINY_MODEL, "model_family": "dragonfly", "max_length": 64}
@@ -245,6 +245,24 @@ def test_merge_last_n_after_each_save(tmp_path, tokenizer_path):
         assert (run / "merged_last_2.tokenizer.model").is_file() and (run / "merged_last_2.json").is_file()
     finally:
         engine.shutdown()
+
+
+def test_merge_last_n_after_a_resume_averages_only_steps_up_to_the_save(tmp_path, tokenizer_path, caplog):
+    # the run directory holds 10..40, but the run resumed from 10 and has just saved 20: steps 30 and 40 are an
+    # abandoned branch; the merge after the save of 20 averages 10 and 20, and the log names them
+    from fm.checkpoint.checkpointer import Checkpointer
+
+    run = _run(tmp_path, tokenizer_path, steps=(10, 20, 30, 40))
+    ck = SimpleNamespace(cfg=SimpleNamespace(merge_last_n=2), run_dir=run)
+    with caplog.at_level("INFO", logger="fm.train"):
+        Checkpointer._merge_last(ck, 20)
+    merged = run / "merged_last_2.pt"
+    assert json.loads(merged.with_suffix(".merge.json").read_text())["steps"] == [10, 20]
+    sds, got = _inputs(run, (10, 20)), _load(merged)
+    for k in sds[0]:
+        torch.testing.assert_close(got[k], (sds[0][k] + sds[1][k]) / 2, rtol=0, atol=1e-7)
+    assert "average of the checkpoints at steps 10, 20" in caplog.text and "newer step(s) [30, 40]" in caplog.text
+    assert merge_run_last(run, 3, up_to=20) is None  # fewer than 3 steps up to 20
 
 
 def test_merge_last_n_config_checks():
