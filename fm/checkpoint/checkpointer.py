@@ -14,7 +14,8 @@ LoRA run saves its adapter (PEFT format) in place of the model. The resume spec 
 ``source`` "" (fresh), ``latest`` (the newest complete checkpoint that verifies; fresh if none yet), a step, a
 directory, or a bare ``.pt`` (weights only); ``weights_only``, ``load_data``, ``rewarm_iters``, ``strict``.
 With ``checkpoint.merge_last_n`` N, rank 0 writes ``<run dir>/merged_last_<N>.pt``, the average of the newest N
-checkpoints up to the step just saved, after each save that commits (:meth:`Checkpointer._merge_last`).
+checkpoints up to the step just saved, after each save that commits, in a background thread that the next save
+(or :meth:`Checkpointer.wait`, at the end of training) joins (:meth:`Checkpointer._merge_last`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class Checkpointer:
             raise RunLockError(problem)
 
     def release(self) -> None:
+        self._writer.join_after_commit()  # a merge still running (a run that failed before its wait) ends first
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -236,11 +238,12 @@ class Checkpointer:
         return final
 
     def _merge_last(self, step: int) -> None:
-        """``checkpoint.merge_last_n``: rank 0, after checkpoint ``step`` is committed (in the writer thread under
-        ``async_save``), averages the newest N complete checkpoints at steps <= ``step`` (steps above it are of an
-        abandoned branch, saved before a resume from an earlier step) from their saved files into
-        ``<run dir>/merged_last_<N>.pt`` (:func:`fm.checkpoint.merge.merge_run_last`: one checkpoint in memory at a
-        time, an fp32 accumulator, every file written atomically)."""
+        """``checkpoint.merge_last_n``: rank 0, after checkpoint ``step`` is committed (in a thread of its own, sync or
+        async save alike: the other ranks go on training; the next save or :meth:`wait` joins it), averages the
+        newest N complete checkpoints at steps <= ``step`` (steps above it are of an abandoned branch, saved before a
+        resume from an earlier step) from their saved files into ``<run dir>/merged_last_<N>.pt``
+        (:func:`fm.checkpoint.merge.merge_run_last`: one checkpoint in memory at a time, an fp32 accumulator, every
+        file written atomically)."""
         from fm.checkpoint.merge import merge_run_last
 
         n = self.cfg.merge_last_n

@@ -238,8 +238,10 @@ class CheckpointManager:
     ``comm`` is the engine (rank, world size, ``broadcast_object``, ``all_gather_object``); None means
     a single process. With ``async_save`` the parts are written in a background thread; the next
     :meth:`save`, :meth:`wait` or :meth:`close` joins it and every rank raises if any rank failed.
-    ``after_commit(step)`` runs on rank 0 once checkpoint ``step`` is committed (and pruned), in the same thread
-    as the write; the checkpoint stands whatever it does: an exception there is logged, never raised.
+    ``after_commit(step)`` runs on rank 0 once checkpoint ``step`` is committed (and pruned), in a background thread
+    of its own, sync or async save alike, so that no rank waits for it inside the save's collectives; the next
+    :meth:`save` (before it starts) or :meth:`wait` joins it. The checkpoint stands whatever it does: an exception
+    there is logged, never raised.
     """
 
     def __init__(
@@ -263,13 +265,15 @@ class CheckpointManager:
         self.rank = comm.rank if comm is not None else 0
         self.world_size = comm.world_size if comm is not None else 1
         self._thread: threading.Thread | None = None
+        self._after_thread: threading.Thread | None = None  # rank 0's after_commit of the last committed save
         self._error: BaseException | None = None
         self._tmp: Path | None = None
         self.last_saved: Path | None = None
 
     # -------------------------------------------------------------- public
     def save(self, step: int, parts: Sequence[Part]) -> Path:
-        """Write ``parts`` as checkpoint ``step`` (collective). Returns the final directory path."""
+        """Write ``parts`` as checkpoint ``step`` (collective). Returns the final directory path; ``after_commit``
+        may still be running on rank 0 (the next save or :meth:`wait` joins it)."""
         self.wait()
         tmp_name = None
         if self.rank == 0:
@@ -289,15 +293,20 @@ class CheckpointManager:
             self._thread.start()
         else:
             self._run(step, tmp, list(parts))
-            self.wait()
+            self._settle(join_after=False)  # the save's collective end; after_commit goes on in its thread
         return final
 
     def wait(self) -> None:
-        """Join the background save; raise on every rank if any rank failed (the save's temp dir is then
-        removed: nothing half-written is left). Collective."""
+        """Join the background save and (rank 0) what runs after its commit; raise on every rank if any rank's save
+        failed (the save's temp dir is then removed: nothing half-written is left). Collective."""
+        self._settle(join_after=True)
+
+    def _settle(self, join_after: bool) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if join_after:
+            self.join_after_commit()
         err, self._error = self._error, None
         failed = [_describe(err) if err is not None else None]
         if self.comm is not None and self.world_size > 1:
@@ -314,6 +323,13 @@ class CheckpointManager:
     def close(self) -> None:
         self.wait()
 
+    def join_after_commit(self) -> None:
+        """Rank 0: wait for what runs after the last commit (not collective; the end of a run that failed before
+        its :meth:`wait`)."""
+        if self._after_thread is not None:
+            self._after_thread.join()
+            self._after_thread = None
+
     # -------------------------------------------------------------- internals
     def _run(self, step: int, tmp: Path, parts: list[Part]) -> None:
         try:
@@ -328,7 +344,10 @@ class CheckpointManager:
             atomic_write_json({"files": manifest}, tmp / f".done-rank{self.rank}")
             if self.rank == 0:
                 self._commit(step, tmp)
-                self._after_commit(step)
+                if self.after_commit is not None:
+                    self._after_thread = threading.Thread(target=self._after_commit, args=(step,),
+                                                          name=f"after-checkpoint-{step}", daemon=False)
+                    self._after_thread.start()
         except OSError as e:  # a full disk, a lost mount: one line that names the file and the cause
             log.error("checkpoint %d: rank %d could not write: %s", step, self.rank, _describe(e))
             self._error = e

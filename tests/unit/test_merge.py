@@ -275,6 +275,28 @@ def test_merge_last_n_config_checks():
     assert load_config(None, {"checkpoint": {"merge_last_n": 3}}).checkpoint.merge_last_n == 3
 
 
+def test_a_sync_save_returns_before_the_merge_and_the_next_save_joins_it(tmp_path):
+    # without async_save the merge still runs in a thread of its own: the save (whose collective part every rank
+    # waits in) returns while it runs; the next save, and wait(), join it before going on
+    import threading
+
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def slow_merge(step):
+        started.set()
+        release.wait(10)
+        done.append(step)
+
+    m = commit.CheckpointManager(tmp_path / "run", after_commit=slow_merge)
+    m.save(1, [commit.json_part("x.json", {})])
+    assert started.wait(10) and done == [] and layout.list_checkpoints(tmp_path / "run") == [1]
+    threading.Timer(0.2, release.set).start()
+    m.save(2, [commit.json_part("x.json", {})])
+    assert done[:1] == [1]  # joined before the second save started
+    m.wait()
+    assert done == [1, 2]
+
+
 def test_a_failing_merge_does_not_fail_the_save(tmp_path, caplog):
     def boom(step):
         raise RuntimeError("merge broke")
