@@ -265,6 +265,52 @@ def test_merge_last_n_after_a_resume_averages_only_steps_up_to_the_save(tmp_path
     assert merge_run_last(run, 3, up_to=20) is None  # fewer than 3 steps up to 20
 
 
+def test_the_provenance_is_written_last(tmp_path, tokenizer_path, monkeypatch):
+    import fm.io
+
+    run = _run(tmp_path, tokenizer_path, steps=(10, 20))
+    out = tmp_path / "avg.pt"
+    order = []
+    for name in ("atomic_torch_save", "atomic_write_json"):
+        real = getattr(fm.io, name)
+        monkeypatch.setattr(fm.io, name, lambda obj, path, *a, _real=real, **kw: (order.append(Path(path).name),
+                                                                                  _real(obj, path, *a, **kw))[1])
+    out.with_suffix(".merge.json").write_text('{"steps": "an older merge"}')
+    assert cli.main(["merge", "--run", str(run), "--last", "2", "-o", str(out)]) == 0
+    assert order[-2:] == ["avg.pt", "avg.merge.json"], order
+    assert json.loads(out.with_suffix(".merge.json").read_text())["steps"] == [10, 20]
+
+
+def test_the_accumulator_is_converted_tensor_by_tensor(tmp_path, tokenizer_path, monkeypatch):
+    # bf16 inputs: at each fp32 -> bf16 conversion only the fp32 tensors not yet converted are alive (the peak is
+    # the fp32 model plus one tensor, not the fp32 and the bf16 model whole)
+    import weakref
+
+    from fm.checkpoint.merge import merge_checkpoints
+
+    run = _run(tmp_path, tokenizer_path, steps=(10, 20), dtype=torch.bfloat16)
+    made, alive_at, real_zeros, real_to = [], [], torch.zeros, torch.Tensor.to
+
+    def zeros(*a, **kw):
+        t = real_zeros(*a, **kw)
+        if kw.get("dtype") is torch.float32:
+            made.append(weakref.ref(t))
+        return t
+
+    def to(self, *a, **kw):
+        if self.dtype is torch.float32 and a and a[0] is torch.bfloat16 and any(r() is self for r in made):
+            alive_at.append(sum(r() is not None for r in made))
+        return real_to(self, *a, **kw)
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    res = merge_checkpoints([run / "10", run / "20"])
+    monkeypatch.undo()
+    n = len(res.state)
+    assert n > 3 and alive_at == list(range(n, 0, -1)), alive_at
+    assert all(t.dtype == torch.bfloat16 for t in res.state.values())
+
+
 def test_merge_last_n_config_checks():
     from fm.train.config import ConfigError, load_config
 
