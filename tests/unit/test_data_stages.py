@@ -152,6 +152,23 @@ def test_resume_before_at_and_after_the_boundary_is_exact(stages, tokenizer, wor
     assert_same(take(iter(resumed), 30 - at), ref[at:])
 
 
+def test_a_stage_added_at_a_resume_keeps_the_current_stages_token_shares(stages, tokenizer, caplog):
+    # a run without stages, resumed with a later stage added (a dataset c new to the union, weight 0 until then):
+    # stage 0's token-share counters go on, so the batches are those of a run that had the stage from the start
+    s0, s1, _ = stages
+    ref = take(iter(loader(s0, tokenizer, [(BOUNDARY, s1)])), 20)
+    first = loader(s0, tokenizer)
+    take(iter(first), 4)
+    state = roundtrip(merge_states([first.state_dict()]))
+    resumed = loader(s0, tokenizer, [(BOUNDARY, s1)])
+    with caplog.at_level("WARNING"):
+        resumed.load_state_dict(state)
+    assert "token-share counters restart" not in caplog.text
+    assert [int(x) for x in resumed._streams[0].mixer_tokens[:2]] == [int(x) for x in state["streams"]["0"]
+                                                                      ["mixer_tokens"][:2]]
+    assert_same(take(iter(resumed), 16), ref[4:])
+
+
 def test_resume_two_ranks_exact_and_resharded_to_one(stages, tokenizer, tmp_path):
     """Two ranks, resumed on two ranks: exact. Resumed on one rank (or another worker count): every line of the
     non-repeating datasets once, and the switch at the same step."""
