@@ -318,3 +318,28 @@ def test_preflight_reads_the_downstream_benchmarks(tmp_path):
                                 ("eval.mmlu_dir", str(mmlu)), ("eval.downstream_subjects", "alpha, nope")])
     assert len(bad.problems) == 2 and bad.problems[0].startswith("eval.ceval_dir: ")
     assert bad.problems[1].startswith("eval.mmlu_dir: ") and "nope" in bad.problems[1]
+    # a subject file without question rows: refused, naming the directory and the subject
+    (ceval / "val" / "gamma_val.csv").write_text("id,question,A,B,C,D,answer\n")
+    empty = preflight(str(path), [("eval.downstream_interval", "5"), ("eval.ceval_dir", str(ceval)),
+                                  ("eval.downstream_subjects", "gamma")])
+    assert empty.problems == [f"eval.ceval_dir: {ceval}: subject(s) gamma have no questions in the val split (so the "
+                              "benchmark has no question at all); give the benchmark's files with their questions, "
+                              "or leave those subjects out with eval.downstream_subjects"], empty.problems
+
+
+def test_downstream_score_skips_a_task_without_questions():
+    from fm.eval.downstream import PreparedTask, score
+
+    class Model(torch.nn.Module):  # the letter B always wins
+        def forward(self, inputs, *a, **kw):
+            out = torch.zeros(*inputs.shape, 8)
+            out[..., 2] = 1.0
+            return out
+
+    empty = PreparedTask("ceval", [1, 2, 3, 4], ["gamma"], [], [], [])
+    some = PreparedTask("mmlu", [1, 2, 3, 4], ["alpha"], [[5, 6], [5, 7, 6]], [0, 0], ["B", "C"])
+    for world_size in (1, 2):
+        got = score(Model(), [empty, some], rank=0, world_size=world_size, all_reduce=lambda t, op: t,
+                    device=torch.device("cpu"), batch_size=2, pad_id=0)
+        assert set(got) == {"mmlu"} and got["mmlu"]["correct"] == 1 and got["mmlu"]["total"] == (2 if world_size == 1
+                                                                                                 else 1)
