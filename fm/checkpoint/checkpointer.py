@@ -14,7 +14,8 @@ LoRA run saves its adapter (PEFT format) in place of the model. The resume spec 
 ``source`` "" (fresh), ``latest`` (the newest complete checkpoint that verifies; fresh if none yet), a step, a
 directory, or a bare ``.pt`` (weights only); ``weights_only``, ``load_data``, ``rewarm_iters``, ``strict``.
 With ``checkpoint.merge_last_n`` N, rank 0 writes ``<run dir>/merged_last_<N>.pt``, the average of the newest N
-checkpoints, after each save that commits (:meth:`Checkpointer._merge_last`).
+checkpoints up to the step just saved, after each save that commits, in a background thread that the next save
+(or :meth:`Checkpointer.wait`, at the end of training) joins (:meth:`Checkpointer._merge_last`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class Checkpointer:
             raise RunLockError(problem)
 
     def release(self) -> None:
+        self._writer.join_after_commit()  # a merge still running (a run that failed before its wait) ends first
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -236,18 +238,23 @@ class Checkpointer:
         return final
 
     def _merge_last(self, step: int) -> None:
-        """``checkpoint.merge_last_n``: rank 0, after checkpoint ``step`` is committed (in the writer thread under
-        ``async_save``), averages the newest N complete checkpoints from their saved files into
-        ``<run dir>/merged_last_<N>.pt`` (:func:`fm.checkpoint.merge.merge_run_last`: one checkpoint in memory at a
-        time, an fp32 accumulator, every file written atomically)."""
+        """``checkpoint.merge_last_n``: rank 0, after checkpoint ``step`` is committed (in a thread of its own, sync or
+        async save alike: the other ranks go on training; the next save or :meth:`wait` joins it), averages the
+        newest N complete checkpoints at steps <= ``step`` (steps above it are of an abandoned branch, saved before a
+        resume from an earlier step) from their saved files into ``<run dir>/merged_last_<N>.pt``
+        (:func:`fm.checkpoint.merge.merge_run_last`: one checkpoint in memory at a time, an fp32 accumulator, every
+        file written atomically)."""
         from fm.checkpoint.merge import merge_run_last
 
         n = self.cfg.merge_last_n
         t0 = time.perf_counter()
-        out = merge_run_last(self.run_dir, n)
-        if out is not None:
-            log.info("checkpoint.merge_last_n: %s holds the average of the newest %d checkpoints (up to step %d; "
-                     "%.1f s)", out, n, step, time.perf_counter() - t0)
+        done = merge_run_last(self.run_dir, n, up_to=step)
+        if done is not None:
+            out, steps = done
+            newer = [s for s in layout.list_checkpoints(self.run_dir) if s > step]
+            log.info("checkpoint.merge_last_n: %s holds the average of the checkpoints at steps %s (%.1f s)%s", out,
+                     ", ".join(map(str, steps)), time.perf_counter() - t0,
+                     f"; left out: the newer step(s) {newer} of another branch of this run directory" if newer else "")
 
     def due(self, step: int) -> bool:
         """A periodic save is due at ``step`` (``checkpoint.every``)."""

@@ -7,7 +7,9 @@ broadcasts its name), hashes the files it wrote (size and CRC32, in the writer t
 save overlaps it with training) and drops ``.done-rank<r>`` holding that manifest. Rank 0 waits for
 all markers, writes ``COMPLETE`` with the merged manifest, renames the temp dir to ``<root>/<step>``
 (atomic) and replaces ``latest`` (atomic), then deletes the oldest complete checkpoints beyond
-``keep_last_n``. A crash at any point leaves either a temp dir or a dir without ``COMPLETE``:
+``keep_last_n`` among those at steps up to the one just saved (after a resume from an earlier step, newer steps of
+the abandoned branch may be there: they are neither counted nor deleted). A crash at any point leaves either a
+temp dir or a dir without ``COMPLETE``:
 :func:`find_latest` ignores both, and the next start removes the temp dirs. A save that fails removes
 its temp dir. The markers are files rather than a barrier so that the whole write + commit can run in a
 background thread (``async_save``) without touching the training process group.
@@ -236,8 +238,10 @@ class CheckpointManager:
     ``comm`` is the engine (rank, world size, ``broadcast_object``, ``all_gather_object``); None means
     a single process. With ``async_save`` the parts are written in a background thread; the next
     :meth:`save`, :meth:`wait` or :meth:`close` joins it and every rank raises if any rank failed.
-    ``after_commit(step)`` runs on rank 0 once checkpoint ``step`` is committed (and pruned), in the same thread
-    as the write; the checkpoint stands whatever it does: an exception there is logged, never raised.
+    ``after_commit(step)`` runs on rank 0 once checkpoint ``step`` is committed (and pruned), in a background thread
+    of its own, sync or async save alike, so that no rank waits for it inside the save's collectives; the next
+    :meth:`save` (before it starts) or :meth:`wait` joins it. The checkpoint stands whatever it does: an exception
+    there is logged, never raised.
     """
 
     def __init__(
@@ -261,13 +265,15 @@ class CheckpointManager:
         self.rank = comm.rank if comm is not None else 0
         self.world_size = comm.world_size if comm is not None else 1
         self._thread: threading.Thread | None = None
+        self._after_thread: threading.Thread | None = None  # rank 0's after_commit of the last committed save
         self._error: BaseException | None = None
         self._tmp: Path | None = None
         self.last_saved: Path | None = None
 
     # -------------------------------------------------------------- public
     def save(self, step: int, parts: Sequence[Part]) -> Path:
-        """Write ``parts`` as checkpoint ``step`` (collective). Returns the final directory path."""
+        """Write ``parts`` as checkpoint ``step`` (collective). Returns the final directory path; ``after_commit``
+        may still be running on rank 0 (the next save or :meth:`wait` joins it)."""
         self.wait()
         tmp_name = None
         if self.rank == 0:
@@ -287,15 +293,20 @@ class CheckpointManager:
             self._thread.start()
         else:
             self._run(step, tmp, list(parts))
-            self.wait()
+            self._settle(join_after=False)  # the save's collective end; after_commit goes on in its thread
         return final
 
     def wait(self) -> None:
-        """Join the background save; raise on every rank if any rank failed (the save's temp dir is then
-        removed: nothing half-written is left). Collective."""
+        """Join the background save and (rank 0) what runs after its commit; raise on every rank if any rank's save
+        failed (the save's temp dir is then removed: nothing half-written is left). Collective."""
+        self._settle(join_after=True)
+
+    def _settle(self, join_after: bool) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if join_after:
+            self.join_after_commit()
         err, self._error = self._error, None
         failed = [_describe(err) if err is not None else None]
         if self.comm is not None and self.world_size > 1:
@@ -312,6 +323,13 @@ class CheckpointManager:
     def close(self) -> None:
         self.wait()
 
+    def join_after_commit(self) -> None:
+        """Rank 0: wait for what runs after the last commit (not collective; the end of a run that failed before
+        its :meth:`wait`)."""
+        if self._after_thread is not None:
+            self._after_thread.join()
+            self._after_thread = None
+
     # -------------------------------------------------------------- internals
     def _run(self, step: int, tmp: Path, parts: list[Part]) -> None:
         try:
@@ -326,7 +344,10 @@ class CheckpointManager:
             atomic_write_json({"files": manifest}, tmp / f".done-rank{self.rank}")
             if self.rank == 0:
                 self._commit(step, tmp)
-                self._after_commit(step)
+                if self.after_commit is not None:
+                    self._after_thread = threading.Thread(target=self._after_commit, args=(step,),
+                                                          name=f"after-checkpoint-{step}", daemon=False)
+                    self._after_thread.start()
         except OSError as e:  # a full disk, a lost mount: one line that names the file and the cause
             log.error("checkpoint %d: rank %d could not write: %s", step, self.rank, _describe(e))
             self._error = e
@@ -384,10 +405,19 @@ class CheckpointManager:
         self._prune(step)
 
     def _prune(self, keep_step: int) -> None:
+        """``keep_last_n``: delete the oldest complete checkpoints at steps <= ``keep_step`` (the one just saved)
+        beyond N. Steps above it are another branch of the run (saved before a resume from an earlier step): never
+        counted nor deleted here, and named in a warning."""
+        steps = list_checkpoints(self.root)
+        newer = [s for s in steps if s > keep_step]
+        if newer:
+            log.warning("checkpoint %d: %s also holds newer step(s) %s, saved before this run resumed from an earlier "
+                        "step (another branch): keep_last_n and merge_last_n leave them out, nothing deletes them; "
+                        "remove them if they are not wanted", keep_step, self.root, newer)
         if self.keep_last_n is None:
             return
-        steps = list_checkpoints(self.root)
-        for s in steps[: max(len(steps) - self.keep_last_n, 0)]:
+        mine = [s for s in steps if s <= keep_step]
+        for s in mine[: max(len(mine) - self.keep_last_n, 0)]:
             if s != keep_step:
                 shutil.rmtree(self.root / str(s), ignore_errors=True)
 

@@ -16,7 +16,8 @@ Every floating-point tensor is ``sum_i w_i * float32(t_i)``, accumulated in fp32
 written in the newest input's dtype for that tensor (bf16 inputs give bf16 out, rounded once) or ``--dtype``'s.
 Tensors that are not floating point (none in fm's models) are the newest input's. The checkpoints are read one at a
 time (memory-mapped where the file allows) into the one fp32 accumulator, so memory is the fp32 model plus one
-input, whatever N.
+input, whatever N; the accumulator is then converted to the output dtype tensor by tensor, each fp32 tensor freed
+once converted (the fp32 model plus one tensor).
 
 The inputs must have the same model config (every key; :func:`config_differences` names the keys that differ and
 the files they come from; ``--config`` overrides them all) and the same tensor names and shapes.
@@ -24,8 +25,9 @@ the files they come from; ``--config`` overrides them all) and the same tensor n
 Output: ``OUT.pt`` (the state dict), ``OUT.json`` (its model config), its tokenizer beside it
 (``OUT.tokenizer.model`` or ``OUT.tokenizer/``, the newest input's or ``--tokenizer``'s) and ``OUT.merge.json`` (the
 inputs, steps and weights), as ``fm import`` and ``fm lora merge`` write: every command that takes a checkpoint
-opens ``OUT.pt``. Every file is written atomically and the ``.pt`` last; on a failure the files this call created
-are removed, so nothing half-written is left.
+opens ``OUT.pt``. Every file is written atomically, the ``.pt`` after its config and tokenizer and the provenance
+``.merge.json`` last (it names what the ``.pt`` beside it holds); on a failure the files this call created are
+removed, so nothing half-written is left.
 """
 
 from __future__ import annotations
@@ -177,16 +179,25 @@ def merge_checkpoints(paths: Sequence[str | Path], output: str | Path | None = N
             else:
                 keep[k] = t.clone()
         del sd
-    state = {k: (v if (dtype or out_dtypes[k]) == torch.float32 else v.to(dtype or out_dtypes[k]))
-             for k, v in acc.items()}
+    state = _to_output_dtypes(acc, {k: dtype or out_dtypes[k] for k in acc})
     state.update(keep)
-    del acc
     result = MergeResult(state=state, weights=w, sources=[str(ck.path) for ck in cks],
                          steps=[ck.step for ck in cks], model_config=cks[0].model_config,
                          tokenizer=cks[-1].tokenizer)
     if output is not None:
         result.written = write_merged(result, Path(output))
     return result
+
+
+def _to_output_dtypes(acc: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """The fp32 accumulator in the output dtypes, key by key, each fp32 tensor popped from ``acc`` (emptied) and
+    freed once converted: the peak is the fp32 model plus one converted tensor, never both models whole."""
+    state: dict[str, torch.Tensor] = {}
+    for k in list(acc):
+        v = acc.pop(k)
+        state[k] = v if dtypes[k] == torch.float32 else v.to(dtypes[k])
+        del v
+    return state
 
 
 def _check_same_tensors(acc: dict, keep: dict, sd: dict[str, torch.Tensor], first: str, this: str) -> None:
@@ -203,8 +214,9 @@ def _check_same_tensors(acc: dict, keep: dict, sd: dict[str, torch.Tensor], firs
 
 
 def write_merged(result: MergeResult, output: Path) -> list[Path]:
-    """Write ``OUT.pt`` and what goes beside it, each atomically, the ``.pt`` last; on a failure remove what this
-    call created (files that were there before are replaced atomically or left as they were)."""
+    """Write ``OUT.pt`` and what goes beside it, each atomically: its config and tokenizer, the ``.pt``, then its
+    provenance ``OUT.merge.json`` last (an older one is removed before the ``.pt`` is replaced); on a failure remove
+    what this call created (other files that were there before are replaced atomically or left as they were)."""
     from fm.checkpoint.open import tokenizer_beside, write_config_beside, write_tokenizer_beside
     from fm.io import atomic_torch_save, atomic_write_json
 
@@ -217,12 +229,15 @@ def write_merged(result: MergeResult, output: Path) -> list[Path]:
         written.append(write_config_beside(output, result.model_config))
         if result.tokenizer is not None:
             written.append(write_tokenizer_beside(output, result.tokenizer))
+        # the provenance last, and an older one gone before the .pt changes: a .merge.json always describes the .pt
+        # beside it (a crash in between leaves a .pt without one)
+        output.with_suffix(".merge.json").unlink(missing_ok=True)
+        atomic_torch_save({k: v.contiguous() for k, v in result.state.items()}, output)
+        written.append(output)
         provenance = {"sources": result.sources, "steps": result.steps, "weights": result.weights,
                       "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in result.state.values()})}
         atomic_write_json(provenance, output.with_suffix(".merge.json"))
         written.append(output.with_suffix(".merge.json"))
-        atomic_torch_save({k: v.contiguous() for k, v in result.state.items()}, output)
-        written.append(output)
     except BaseException:
         import shutil
 
@@ -233,17 +248,19 @@ def write_merged(result: MergeResult, output: Path) -> list[Path]:
     return written
 
 
-def merge_run_last(run_dir: str | Path, n: int) -> Path | None:
+def merge_run_last(run_dir: str | Path, n: int, up_to: int | None = None) -> tuple[Path, list[int]] | None:
     """The trainer's ``checkpoint.merge_last_n``: the uniform average of the newest ``n`` complete checkpoints of
-    ``run_dir`` as ``<run_dir>/merged_last_<n>.pt`` (with its config, tokenizer and provenance beside it); None
-    while fewer than ``n`` exist."""
+    ``run_dir`` at steps ``<= up_to`` (the step just saved: a run resumed from an earlier step may find steps of
+    the abandoned branch above it, which are no part of this run) as ``<run_dir>/merged_last_<n>.pt`` (with its
+    config, tokenizer and provenance beside it). Returns the file and the steps averaged; None while fewer than
+    ``n`` such steps exist."""
     run_dir = Path(run_dir)
-    steps = list_checkpoints(run_dir)
+    steps = [s for s in list_checkpoints(run_dir) if up_to is None or s <= up_to]
     if len(steps) < n:
         return None
     out = run_dir / merged_last_name(n)
     merge_checkpoints([run_dir / str(s) for s in steps[-n:]], out)
-    return out
+    return out, steps[-n:]
 
 
 def merged_last_name(n: int) -> str:

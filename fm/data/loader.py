@@ -282,8 +282,11 @@ class MixtureLoader:
         if st.stage != self.stage:
             log.info("data stage %d at the checkpoint, %d now (after %d batches): the token-share counters restart",
                      st.stage, self.stage, taken)
-        same_mix = [t.task for t in st.datasets] == self.task_names and st.stage == self.stage and \
-            all(abs(t.weight - w) < 1e-12 for t, w in zip(st.datasets, self.weights))
+        # the active stage's datasets and weights (weight 0: in another stage only, e.g. a stage added at the resume)
+        old_mix = {t.task: t.weight for t in st.datasets if t.weight > 0}
+        new_mix = {name: w for name, w in zip(self.task_names, self.weights) if w > 0}
+        same_mix = st.stage == self.stage and old_mix.keys() == new_mix.keys() and \
+            all(abs(old_mix[name] - w) < 1e-12 for name, w in new_mix.items())
         if not same_mix and st.stage == self.stage:
             log.warning("dataset mixture changed since the checkpoint (tasks or weights): token-share counters "
                         "restart; datasets kept continue where they were, new ones start at their beginning")

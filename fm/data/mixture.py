@@ -16,7 +16,7 @@ import os
 import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -118,14 +118,36 @@ class MixtureConfig:
         return [d.abs_weight / total for d in self.datasets]
 
 
+# The keys a dataset's entry may change from one data stage to the next: its weighting, and what only informs.
+# Every other key changes how its lines become samples, and a line cut at the switch continues under the new rule.
+STAGE_FREE_KEYS = ("abs_weight", "allow_repeat", "dataset_name", "nlines", "ave_tokens_per_line", "total_tokens",
+                   "is_long", "incontext_weight")
+_IDENTITY_KEYS = ("task_name", "path", "format")
+
+
+def _processing_differences(a: DatasetSpec, b: DatasetSpec) -> list[str]:
+    """``key: value in a vs value in b`` for every key that changes how the dataset is read (not its weighting)."""
+    out = []
+    for f in fields(DatasetSpec):
+        if f.name in STAGE_FREE_KEYS or f.name in _IDENTITY_KEYS:
+            continue
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if x != y:
+            out.append(f"{f.name} {y!r} vs {x!r}")
+    return out
+
+
 def stage_union(configs: Sequence[MixtureConfig], names: Sequence[str] | None = None) -> tuple[list[DatasetSpec],
                                                                                                 list[str]]:
     """The datasets of a run's data stages, each once (in order of first appearance), and the problems.
 
     A dataset's identity is its ``task_name`` and its ``path`` (with ``format``), the same identity resuming
     matches datasets by: a dataset listed in two stages continues where it was. One ``task_name`` naming two
-    different paths is a problem (the task name keys logs, tensorboard and the loader state); ``names`` name the
-    stages in the messages (default ``stage 0``, ``stage 1``, ...)."""
+    different paths is a problem (the task name keys logs, tensorboard and the loader state), and so is a dataset
+    read differently in two stages (``transforms``, ``oversize_rule``, ``json_keys``, ``messages_key``,
+    ``do_compact``: every key but :data:`STAGE_FREE_KEYS`, its weighting and informational keys), since a line cut
+    into rows at the switch would continue under other rules. ``names`` name the stages in the messages (default
+    ``stage 0``, ``stage 1``, ...)."""
     names = list(names) if names is not None else [f"stage {k}" for k in range(len(configs))]
     union: list[DatasetSpec] = []
     first: dict[str, tuple[int, DatasetSpec]] = {}
@@ -140,6 +162,14 @@ def stage_union(configs: Sequence[MixtureConfig], names: Sequence[str] | None = 
                 problems.append(f"task {spec.task_name!r} is {spec.path} ({spec.format}) in {names[k]} but "
                                 f"{seen[1].path} ({seen[1].format}) in {names[seen[0]]}: a task name is one dataset "
                                 "in every stage (rename one of them)")
+            else:
+                diff = _processing_differences(seen[1], spec)
+                if diff:
+                    problems.append(f"task {spec.task_name!r} ({spec.path}) is read differently in {names[k]} than "
+                                    f"in {names[seen[0]]}: {'; '.join(diff)}; a dataset in two stages must have the "
+                                    f"same entry except {', '.join(STAGE_FREE_KEYS[:2])} (its weighting): a line cut "
+                                    "at the switch would continue under other rules (give it another task_name to "
+                                    "make it another dataset)")
     return union, problems
 
 

@@ -69,6 +69,8 @@ def score(model: torch.nn.Module, prepared: list[PreparedTask], *, rank: int, wo
     """Accuracy per task (:func:`fm.eval.scoring.summarize_mc`'s dict: ``micro_accuracy``, ``macro_accuracy``,
     ``correct``, ``total``, ``subjects``) over every rank's share. Eval mode for the call (the mode is restored).
     Collective: every rank calls it with the same ``prepared``."""
+    prepared = [t for t in prepared if t.prompts]  # a task with no questions has nothing to score (the same on
+    # every rank: ``prepared`` is); the preflight refuses such a benchmark directory, the callback warns
     was_training = model.training
     model.eval()
     counts = []

@@ -178,6 +178,11 @@ class DownstreamEval(Callback):
         declared = config_to_dict(trainer.model_config).get("max_length")
         max_length = max(int(declared), cfg.data.max_length) if declared is not None else 4096
         self.prepared = downstream.prepare(trainer.tokenizer, loaded, max_length)
+        empty = [t.name for t in self.prepared if not t.prompts]
+        if empty and e.is_main:
+            log.warning("downstream evaluation: %s: no questions (every selected subject file is empty); skipped",
+                        ", ".join(empty))
+        self.prepared = [t for t in self.prepared if t.prompts]
         if e.is_main:
             log.info("downstream evaluation: %s, every %d steps", ", ".join(
                 f"{t.name} ({len(t.prompts)} questions, {len(t.subjects)} subjects)" for t in self.prepared),

@@ -170,10 +170,12 @@ class ResumeSpec:
 class CheckpointConfig:
     every: int = key(500, "checkpoint every N iterations and at the end; 0 = none, except on a stop signal, at the "
                      "end of data and at the non-finite stop", min=0)
-    keep_last_n: int = key(0, "keep only the newest N complete checkpoints (0 = all)", min=0)
-    merge_last_n: int = key(0, "after each save, once N complete checkpoints exist, rank 0 writes their uniform "
-                            "average (fp32 accumulation) as `<run dir>/merged_last_<N>.pt` with its config and "
-                            "tokenizer beside it (in the background writer with `async_save`); 0 = off", min=0)
+    keep_last_n: int = key(0, "keep only the newest N complete checkpoints up to the step just saved (0 = all); "
+                           "newer steps left by a run resumed from an earlier step are neither counted nor deleted",
+                           min=0)
+    merge_last_n: int = key(0, "after each save, once N complete checkpoints exist up to it, rank 0 writes their "
+                            "uniform average (fp32 accumulation) as `<run dir>/merged_last_<N>.pt` with its config and "
+                            "tokenizer beside it (in a background thread that the next save joins); 0 = off", min=0)
     async_save: bool = key(False, "write checkpoint files in a background thread (the snapshot is taken "
                            "synchronously)")
     resume: ResumeSpec = section(ResumeSpec, "what to resume from")

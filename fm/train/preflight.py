@@ -207,9 +207,17 @@ def _downstream(cfg: TrainConfig, report: Report) -> None:
         if not path:
             continue
         try:
-            _, subjects = load_mc(name, path, shots=ev.downstream_shots, subjects=wanted, limit=ev.downstream_limit)
+            task, subjects = load_mc(name, path, shots=ev.downstream_shots, subjects=wanted,
+                                     limit=ev.downstream_limit)
         except EvalDataError as e:
             report.problems.append(f"{key}: {e}")
+            continue
+        empty = [s.name for s in subjects if not s.questions]
+        if empty:  # nothing to score there: a file with no question rows (the in-loop evaluation would skip it)
+            none = " (so the benchmark has no question at all)" if len(empty) == len(subjects) else ""
+            report.problems.append(f"{key}: {path}: subject(s) {', '.join(empty)} have no questions in the "
+                                   f"{task.eval_split} split{none}; give the benchmark's files with their questions, "
+                                   "or leave those subjects out with eval.downstream_subjects")
             continue
         found.append(f"{name} {sum(len(s.questions) for s in subjects)} questions of {len(subjects)} subjects")
     if found:

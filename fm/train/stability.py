@@ -9,7 +9,14 @@ The decision is made on the host from the step's one agreement (:mod:`fm.train.s
 one without another collective, and the trainer can skip the update (``stability.skip_spikes``) the way it skips a
 non-finite step. ``stability.max_consecutive_spikes`` spikes in a row stop the run. The window and the counters are
 part of the trainer's resumable state (the checkpoint's ``.log_ckpt``): a resumed run decides exactly as the
-uninterrupted one.
+uninterrupted one, except that resuming restarts the count of consecutive spikes (the trainer sets it to 0: a resume
+is a deliberate action, typically after such a stop).
+
+A data stage (``data.stages``) changes the loss level: the window of the old stage says nothing about the new one
+(and spikes never join the window, so a higher level would make every later step a spike). When a step's stage
+differs from the previous step's (:meth:`SpikeDetector.enter_stage`; the stage is part of the state, so this holds
+across a resume too), the window is emptied and the count of consecutive spikes restarts: detection re-arms once
+``spike_window`` good steps of the new stage have filled it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class SpikeDetector:
         self.losses: deque[float] = deque(maxlen=self.window)
         self.total = 0  # spikes seen by the run
         self.consecutive = 0  # spikes in a row up to the last step
+        self.stage: int | None = None  # the data stage of the last step (None: no step yet)
 
     @property
     def enabled(self) -> bool:
@@ -74,10 +82,23 @@ class SpikeDetector:
             if self.enabled:
                 self.losses.append(float(loss))
 
+    def enter_stage(self, stage: int) -> bool:
+        """The data stage of the next step. True when it differs from the last step's: the window is emptied and
+        the consecutive count restarts (detection re-arms when the window is full again)."""
+        changed = self.stage is not None and stage != self.stage
+        if changed:
+            self.losses.clear()
+            self.consecutive = 0
+        self.stage = stage
+        return changed
+
     def state_dict(self) -> dict[str, Any]:
-        return {"losses": list(self.losses), "total": self.total, "consecutive": self.consecutive}
+        return {"losses": list(self.losses), "total": self.total, "consecutive": self.consecutive,
+                "stage": self.stage}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.losses = deque((float(x) for x in d.get("losses", ())), maxlen=self.window)
         self.total = int(d.get("total", 0))
         self.consecutive = int(d.get("consecutive", 0))
+        stage = d.get("stage")  # absent in checkpoints from before data stages: the trainer infers it
+        self.stage = None if stage is None else int(stage)

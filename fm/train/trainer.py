@@ -285,8 +285,38 @@ class Trainer:
         self.loader.set_step(self.iteration)  # the stage of the next step (a resume may cross or move a boundary)
         if loaded is not None and (not self.spikes.consecutive or self.cfg.stability.skip_spikes):
             self.good_checkpoint = str(loaded)
+        if loaded is not None:
+            self._resume_spike_state()
         for cb in self.callbacks:
             cb.setup(self)
+
+    def _resume_spike_state(self) -> None:
+        """Resuming restarts the count of consecutive loss spikes (a resume is a deliberate action, typically after
+        ``stability.max_consecutive_spikes`` stopped the run: the next K spikes stop it again). A checkpoint from
+        before data stages has no stage of its last step: the stage its iteration has under the current config."""
+        sp = self.spikes
+        if sp.consecutive:
+            if self.engine.is_main:
+                log.info("resuming after %d consecutive loss spikes: the count restarts at 0", sp.consecutive)
+            sp.consecutive = 0
+        if sp.stage is None and self.iteration > 0:
+            sp.stage = bisect.bisect_right(self.stage_starts, self.iteration - 1) - 1
+
+    def _enter_stage(self, stage: int) -> None:
+        """The data stage of the step about to run; at a switch (also the first step after a resume into another
+        stage) the loss-spike window restarts, and rank 0 says how far the lr schedule lags the iteration count."""
+        if not self.spikes.enter_stage(stage) or not self.engine.is_main:
+            return
+        lag = self.iteration - self.scheduler.num_iters
+        log.info("data stage %d from iteration %d: %sthe lr schedule is at step %d, %d behind the iteration count "
+                 "(%d skipped steps so far: the schedule advances on applied steps only)", stage, self.iteration,
+                 (f"the loss-spike window restarts (detection re-arms after {self.spikes.window} good steps); "
+                  if self.spikes.enabled else ""), self.scheduler.num_iters, lag, self.state.skipped_total)
+        stages = self.cfg.data.stages
+        if lag > 0 and 0 < stage <= len(stages) and stages[stage - 1].start_iter == "decay":
+            log.warning("data.stages[%d] starts at \"decay\" (iteration %d), counted in iterations attempted; the lr "
+                        "schedule counts applied steps only, so its decay begins %d iteration(s) later (at iteration "
+                        "%d if no more steps are skipped)", stage - 1, self.iteration, lag, self.iteration + lag)
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(self, reason: str = "save_iters") -> Path:
@@ -391,6 +421,7 @@ class Trainer:
         e, run = self.engine, self.cfg.run
         t0 = time.perf_counter()
         stage = bisect.bisect_right(self.stage_starts, self.iteration) - 1  # of this step's batches
+        self._enter_stage(stage)
         lr = self.scheduler.current_lr()
         total_targets = max(1, self._agreed.next_targets)
         micros = self._micros

@@ -102,6 +102,22 @@ def test_keep_last_n(tmp_path):
     assert find_latest(tmp_path) == 40
 
 
+def test_keep_last_n_after_a_resume_from_an_earlier_step(tmp_path, caplog):
+    # a run saved 10..40 (keep 2: 30, 40), then resumed from 30 saving every 5 steps: the current run's 35 and 37
+    # are kept, 30 goes, and the abandoned branch's 40 is neither counted nor deleted (a warning names it)
+    m = CheckpointManager(tmp_path, keep_last_n=2)
+    for s in (10, 20, 30, 40):
+        m.save(s, parts_for(s))
+    again = CheckpointManager(tmp_path, keep_last_n=2)
+    again.save(35, parts_for(35))
+    with caplog.at_level("WARNING", logger="fm.checkpoint.commit"):
+        again.save(37, parts_for(37))
+    assert list_checkpoints(tmp_path) == [35, 37, 40] and find_latest(tmp_path) == 37
+    assert "checkpoint 37:" in caplog.text and "newer step(s) [40]" in caplog.text
+    again.save(45, parts_for(45))  # past the old branch: it counts as any older step
+    assert list_checkpoints(tmp_path) == [40, 45]
+
+
 def test_resave_same_step_replaces(tmp_path):
     m = CheckpointManager(tmp_path)
     m.save(5, parts_for(5))

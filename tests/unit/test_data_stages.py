@@ -152,6 +152,23 @@ def test_resume_before_at_and_after_the_boundary_is_exact(stages, tokenizer, wor
     assert_same(take(iter(resumed), 30 - at), ref[at:])
 
 
+def test_a_stage_added_at_a_resume_keeps_the_current_stages_token_shares(stages, tokenizer, caplog):
+    # a run without stages, resumed with a later stage added (a dataset c new to the union, weight 0 until then):
+    # stage 0's token-share counters go on, so the batches are those of a run that had the stage from the start
+    s0, s1, _ = stages
+    ref = take(iter(loader(s0, tokenizer, [(BOUNDARY, s1)])), 20)
+    first = loader(s0, tokenizer)
+    take(iter(first), 4)
+    state = roundtrip(merge_states([first.state_dict()]))
+    resumed = loader(s0, tokenizer, [(BOUNDARY, s1)])
+    with caplog.at_level("WARNING"):
+        resumed.load_state_dict(state)
+    assert "token-share counters restart" not in caplog.text
+    assert [int(x) for x in resumed._streams[0].mixer_tokens[:2]] == [int(x) for x in state["streams"]["0"]
+                                                                      ["mixer_tokens"][:2]]
+    assert_same(take(iter(resumed), 16), ref[4:])
+
+
 def test_resume_two_ranks_exact_and_resharded_to_one(stages, tokenizer, tmp_path):
     """Two ranks, resumed on two ranks: exact. Resumed on one rank (or another worker count): every line of the
     non-repeating datasets once, and the switch at the same step."""
@@ -212,6 +229,23 @@ def test_one_task_name_for_two_datasets_is_refused(stages, tokenizer, tmp_path):
     other = make_mixture(tmp_path / "elsewhere", {"a": (short_records("x", 5, 9), {})}, "s1.json")
     with pytest.raises(ValueError, match="task 'a' is .*elsewhere/a.* in stage 1 but .* in stage 0"):
         loader(s0, tokenizer, [(3, other)])
+
+
+def test_a_dataset_read_differently_in_two_stages_is_refused(stages, tokenizer, tmp_path):
+    # a dataset of both stages must be read the same way in both (a line cut into rows at the switch would go on
+    # under another rule: IndexError in the stream); weights and allow_repeat may change
+    s0, _, _ = stages
+    ok = make_mixture(tmp_path, {"a": (None, {"abs_weight": 5.0, "allow_repeat": False, "dataset_name": "A",
+                                              "nlines": 80})}, "reweighted.json")
+    assert loader(s0, tokenizer, [(3, ok)]).task_names == ["a", "b"]
+    other = make_mixture(tmp_path, {"a": (None, {"oversize_rule": "drop", "json_keys": ["output"]}),
+                                    "b": (None, {})}, "reread.json")
+    with pytest.raises(ValueError) as e:
+        loader(s0, tokenizer, [(3, other)])
+    msg = str(e.value)
+    assert f"task 'a' ({tmp_path / 'a'}) is read differently in stage 1 than in stage 0: " in msg
+    assert "oversize_rule 'drop' vs None; json_keys ['output'] vs None;" in msg and "abs_weight, allow_repeat" in msg
+    assert "task 'b'" not in msg
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -295,6 +329,14 @@ def test_preflight_checks_every_stage_and_dry_run_lists_them(tmp_path):
     assert problems == [f"data.stages: task 'a' is {mixdir / 'b'} (jsonl) in data.stages[0] (stage 1) but "
                         f"{mixdir / 'a'} (jsonl) in data.mixture (stage 0): a task name is one dataset in every stage "
                         "(rename one of them)"], problems
+    (mixdir / "reread.json").write_text(json.dumps([{"task_name": "a", "abs_weight": 1, "path": "a",
+                                                     "oversize_rule": "head"}]))
+    data.update(data_stages=[{"start_iter": "decay", "dataset_config": str(mixdir / "reread.json")}])
+    cfg.write_text(json.dumps(data))
+    problems = preflight(str(cfg), []).problems
+    assert len(problems) == 1 and problems[0].startswith(
+        f"data.stages: task 'a' ({mixdir / 'a'}) is read differently in data.stages[0] (stage 1) than in data.mixture "
+        "(stage 0): oversize_rule 'head' vs None;"), problems
 
 
 def test_step_line_and_tensorboard_name_the_stage(tmp_path):

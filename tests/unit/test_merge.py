@@ -17,7 +17,7 @@ import torch
 
 from fm import cli
 from fm.checkpoint import commit, layout
-from fm.checkpoint.merge import merge_weights
+from fm.checkpoint.merge import merge_run_last, merge_weights
 from tests.helpers import TINY_MODEL
 
 MODEL = {**TINY_MODEL, "model_family": "dragonfly", "max_length": 64}
@@ -247,6 +247,70 @@ def test_merge_last_n_after_each_save(tmp_path, tokenizer_path):
         engine.shutdown()
 
 
+def test_merge_last_n_after_a_resume_averages_only_steps_up_to_the_save(tmp_path, tokenizer_path, caplog):
+    # the run directory holds 10..40, but the run resumed from 10 and has just saved 20: steps 30 and 40 are an
+    # abandoned branch; the merge after the save of 20 averages 10 and 20, and the log names them
+    from fm.checkpoint.checkpointer import Checkpointer
+
+    run = _run(tmp_path, tokenizer_path, steps=(10, 20, 30, 40))
+    ck = SimpleNamespace(cfg=SimpleNamespace(merge_last_n=2), run_dir=run)
+    with caplog.at_level("INFO", logger="fm.train"):
+        Checkpointer._merge_last(ck, 20)
+    merged = run / "merged_last_2.pt"
+    assert json.loads(merged.with_suffix(".merge.json").read_text())["steps"] == [10, 20]
+    sds, got = _inputs(run, (10, 20)), _load(merged)
+    for k in sds[0]:
+        torch.testing.assert_close(got[k], (sds[0][k] + sds[1][k]) / 2, rtol=0, atol=1e-7)
+    assert "average of the checkpoints at steps 10, 20" in caplog.text and "newer step(s) [30, 40]" in caplog.text
+    assert merge_run_last(run, 3, up_to=20) is None  # fewer than 3 steps up to 20
+
+
+def test_the_provenance_is_written_last(tmp_path, tokenizer_path, monkeypatch):
+    import fm.io
+
+    run = _run(tmp_path, tokenizer_path, steps=(10, 20))
+    out = tmp_path / "avg.pt"
+    order = []
+    for name in ("atomic_torch_save", "atomic_write_json"):
+        real = getattr(fm.io, name)
+        monkeypatch.setattr(fm.io, name, lambda obj, path, *a, _real=real, **kw: (order.append(Path(path).name),
+                                                                                  _real(obj, path, *a, **kw))[1])
+    out.with_suffix(".merge.json").write_text('{"steps": "an older merge"}')
+    assert cli.main(["merge", "--run", str(run), "--last", "2", "-o", str(out)]) == 0
+    assert order[-2:] == ["avg.pt", "avg.merge.json"], order
+    assert json.loads(out.with_suffix(".merge.json").read_text())["steps"] == [10, 20]
+
+
+def test_the_accumulator_is_converted_tensor_by_tensor(tmp_path, tokenizer_path, monkeypatch):
+    # bf16 inputs: at each fp32 -> bf16 conversion only the fp32 tensors not yet converted are alive (the peak is
+    # the fp32 model plus one tensor, not the fp32 and the bf16 model whole)
+    import weakref
+
+    from fm.checkpoint.merge import merge_checkpoints
+
+    run = _run(tmp_path, tokenizer_path, steps=(10, 20), dtype=torch.bfloat16)
+    made, alive_at, real_zeros, real_to = [], [], torch.zeros, torch.Tensor.to
+
+    def zeros(*a, **kw):
+        t = real_zeros(*a, **kw)
+        if kw.get("dtype") is torch.float32:
+            made.append(weakref.ref(t))
+        return t
+
+    def to(self, *a, **kw):
+        if self.dtype is torch.float32 and a and a[0] is torch.bfloat16 and any(r() is self for r in made):
+            alive_at.append(sum(r() is not None for r in made))
+        return real_to(self, *a, **kw)
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    res = merge_checkpoints([run / "10", run / "20"])
+    monkeypatch.undo()
+    n = len(res.state)
+    assert n > 3 and alive_at == list(range(n, 0, -1)), alive_at
+    assert all(t.dtype == torch.bfloat16 for t in res.state.values())
+
+
 def test_merge_last_n_config_checks():
     from fm.train.config import ConfigError, load_config
 
@@ -255,6 +319,28 @@ def test_merge_last_n_config_checks():
     with pytest.raises(ConfigError, match="LoRA run"):
         load_config(None, {"checkpoint": {"merge_last_n": 3}, "lora": {"enabled": True}})
     assert load_config(None, {"checkpoint": {"merge_last_n": 3}}).checkpoint.merge_last_n == 3
+
+
+def test_a_sync_save_returns_before_the_merge_and_the_next_save_joins_it(tmp_path):
+    # without async_save the merge still runs in a thread of its own: the save (whose collective part every rank
+    # waits in) returns while it runs; the next save, and wait(), join it before going on
+    import threading
+
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def slow_merge(step):
+        started.set()
+        release.wait(10)
+        done.append(step)
+
+    m = commit.CheckpointManager(tmp_path / "run", after_commit=slow_merge)
+    m.save(1, [commit.json_part("x.json", {})])
+    assert started.wait(10) and done == [] and layout.list_checkpoints(tmp_path / "run") == [1]
+    threading.Timer(0.2, release.set).start()
+    m.save(2, [commit.json_part("x.json", {})])
+    assert done[:1] == [1]  # joined before the second save started
+    m.wait()
+    assert done == [1, 2]
 
 
 def test_a_failing_merge_does_not_fail_the_save(tmp_path, caplog):

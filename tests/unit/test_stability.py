@@ -61,6 +61,23 @@ def test_detector_warms_up_then_flags_by_z_score_and_round_trips():
     assert not SpikeDetector(0.0, 4).check(1e9).spike  # 0 = off
 
 
+def test_a_new_data_stage_empties_the_window_and_restarts_the_streak():
+    d = SpikeDetector(zscore=3.0, window=3)
+    assert not d.enter_stage(0)  # the first step: nothing to restart
+    for x in (2.0, 2.1, 1.9):
+        d.observe(x, False)
+    d.observe(9.0, True)
+    assert not d.enter_stage(0) and len(d.losses) == 3 and d.consecutive == 1
+    assert d.enter_stage(1) and not d.losses and d.consecutive == 0 and d.total == 1
+    assert d.check(6.0).z is None  # the new stage's level fills the window before anything is a spike
+    for x in (6.0, 6.1, 5.9):
+        d.observe(x, False)
+    assert not d.check(6.05).spike and d.check(9.0).spike  # re-armed on the new stage's statistics
+    e = SpikeDetector(zscore=3.0, window=3)
+    e.load_state_dict(json.loads(json.dumps(d.state_dict())))
+    assert e.stage == 1 and not e.enter_stage(1) and e.enter_stage(2) and not e.losses
+
+
 # ------------------------------------------------------------------------------------------------ the step
 def _batch(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
@@ -152,6 +169,67 @@ def test_z_loss_in_the_step_equals_the_formula_on_both_loss_paths(tmp_path, engi
     assert tr.train_step()["z_loss"] is None
 
 
+class Level(Callback):
+    """From (1-based) iteration ``start`` on every loss is ``factor`` times higher: a data stage of harder data."""
+
+    def __init__(self, start: int, factor: float = 3.0):
+        self.start, self.factor = start, factor
+
+    def micro_batch(self, trainer, micro, loss):
+        return loss * self.factor if trainer.iteration + 1 >= self.start else loss
+
+
+def test_a_stage_switch_to_a_higher_loss_is_no_endless_spike(tmp_path, engine):
+    # stage 1 from iteration 6 on, its loss 3x stage 0's: the window restarts at the switch and refills with the
+    # new level (before the fix every step after the switch was a skipped spike, and the run stopped)
+    stab = {"spike_zscore": 4, "spike_window": 3, "skip_spikes": True, "max_consecutive_spikes": 2}
+    tr = _trainer(tmp_path, engine, [Level(7)], stability=stab)
+    tr.stage_starts = [0, 6]
+    steps = [tr.train_step() for _ in range(6)]
+    saved = json.loads(json.dumps(tr.state_dict()))  # a checkpoint at iteration 6: its last step was stage 0
+    steps += [tr.train_step() for _ in range(8)]
+    assert [s["stage"] for s in steps] == [0] * 6 + [1] * 8
+    assert steps[6]["loss"] > 2 * steps[5]["loss"] and steps[6]["loss_z"] is None  # the window refills first
+    assert not any(s["spike"] or s["skipped"] for s in steps) and tr.spikes.consecutive == 0
+    assert steps[9]["loss_z"] is not None and tr.spikes.stage == 1  # re-armed after 3 good steps of stage 1
+
+    # a resume across the boundary: the checkpoint's last step was stage 0, the next step is stage 1
+    assert saved["iteration"] == 6 and saved["stability"]["stage"] == 0 and len(saved["stability"]["losses"]) == 3
+    again = _trainer(tmp_path / "again", engine, [Level(7)], stability=stab)
+    again.stage_starts = [0, 6]
+    again.load_state_dict(saved)
+    s = again.train_step()
+    assert s["stage"] == 1 and not s["spike"] and s["loss_z"] is None and len(again.spikes.losses) == 1
+
+
+def test_resuming_restarts_the_spike_streak_and_infers_an_old_checkpoints_stage(tmp_path, engine):
+    tr = _trainer(tmp_path, engine, stability={"spike_zscore": 4, "spike_window": 3})
+    tr.stage_starts = [0, 5]
+    old = {"iteration": 6, "stability": {"losses": [2.0, 2.1, 2.2], "total": 3, "consecutive": 3}}  # no "stage"
+    tr.load_state_dict(old)
+    tr._resume_spike_state()
+    assert tr.spikes.consecutive == 0 and tr.spikes.total == 3 and tr.spikes.stage == 1
+    assert list(tr.spikes.losses) == [2.0, 2.1, 2.2]  # the same stage: the window stays
+
+
+def test_the_decay_stage_logs_how_far_the_schedule_lags(tmp_path, engine, caplog):
+    # a skipped spike at iteration 3: at the "decay" stage's first step (iteration 5) the lr schedule is one step
+    # behind, and the log says so
+    tr = _trainer(tmp_path, engine, [Spike({3})], train_iters=10, lr_scheduler="warmupstabledrop", drop_iters=0.5,
+                  data={"mixture": "m.json", "stages": [{"start_iter": "decay", "mixture": "d.json"}]},
+                  stability={"spike_zscore": 4, "spike_window": 2, "skip_spikes": True})
+    tr.stage_starts = tr.cfg.stage_starts()
+    assert tr.stage_starts == [0, 5]
+    with caplog.at_level(logging.INFO, logger="fm.train"):
+        steps = [tr.train_step() for _ in range(6)]
+    assert steps[2]["skipped"] and tr.scheduler.num_iters == 5 and tr.state.skipped_total == 1
+    msg = caplog.text
+    assert "data stage 1 from iteration 5: the loss-spike window restarts" in msg
+    assert "the lr schedule is at step 4, 1 behind the iteration count (1 skipped steps so far" in msg
+    assert 'data.stages[0] starts at "decay" (iteration 5)' in msg and "its decay begins 1 iteration(s) later " \
+        "(at iteration 6 if no more steps are skipped)" in msg
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def _log_ckpt(rd: Path, step: int) -> dict:
     return json.loads((rd / str(step) / ".log_ckpt").read_text())
@@ -174,6 +252,9 @@ def test_consecutive_spikes_stop_the_run_naming_the_last_good_checkpoint(tmp_pat
         assert f"the last good checkpoint is {rd / '6'}" in msg and not (rd / "8").exists()
     rows = [json.loads(x) for x in (rd / "train_stats.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if r.get("spike")] == [7, 8]
+    if skip:  # resuming (latest: step 8) restarts the streak: one more spike does not stop the run again
+        assert run(cfg, callbacks=[Spike({9}, factor=100.0)]) == 0
+        assert _log_ckpt(rd, 12)["stability"]["total"] == 3 and _log_ckpt(rd, 12)["stability"]["consecutive"] == 0
 
 
 def test_the_spike_statistics_resume_exactly(tmp_path):
@@ -237,3 +318,28 @@ def test_preflight_reads_the_downstream_benchmarks(tmp_path):
                                 ("eval.mmlu_dir", str(mmlu)), ("eval.downstream_subjects", "alpha, nope")])
     assert len(bad.problems) == 2 and bad.problems[0].startswith("eval.ceval_dir: ")
     assert bad.problems[1].startswith("eval.mmlu_dir: ") and "nope" in bad.problems[1]
+    # a subject file without question rows: refused, naming the directory and the subject
+    (ceval / "val" / "gamma_val.csv").write_text("id,question,A,B,C,D,answer\n")
+    empty = preflight(str(path), [("eval.downstream_interval", "5"), ("eval.ceval_dir", str(ceval)),
+                                  ("eval.downstream_subjects", "gamma")])
+    assert empty.problems == [f"eval.ceval_dir: {ceval}: subject(s) gamma have no questions in the val split (so the "
+                              "benchmark has no question at all); give the benchmark's files with their questions, "
+                              "or leave those subjects out with eval.downstream_subjects"], empty.problems
+
+
+def test_downstream_score_skips_a_task_without_questions():
+    from fm.eval.downstream import PreparedTask, score
+
+    class Model(torch.nn.Module):  # the letter B always wins
+        def forward(self, inputs, *a, **kw):
+            out = torch.zeros(*inputs.shape, 8)
+            out[..., 2] = 1.0
+            return out
+
+    empty = PreparedTask("ceval", [1, 2, 3, 4], ["gamma"], [], [], [])
+    some = PreparedTask("mmlu", [1, 2, 3, 4], ["alpha"], [[5, 6], [5, 7, 6]], [0, 0], ["B", "C"])
+    for world_size in (1, 2):
+        got = score(Model(), [empty, some], rank=0, world_size=world_size, all_reduce=lambda t, op: t,
+                    device=torch.device("cpu"), batch_size=2, pad_id=0)
+        assert set(got) == {"mmlu"} and got["mmlu"]["correct"] == 1 and got["mmlu"]["total"] == (2 if world_size == 1
+                                                                                                 else 1)

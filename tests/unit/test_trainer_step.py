@@ -249,7 +249,7 @@ def test_trainer_state_round_trip():
     tr = Trainer(load_config(None, {}))
     tr.load_state_dict({"iteration": 7, "consumed_tokens": 900, "task_tokens": {"a": 5}, "skipped_total": 1,
                         "optimizer_steps": 6, "world_size": 2, "reason": "end", "time": 0.0})  # a .log_ckpt
-    empty = {"losses": [], "total": 0, "consecutive": 0}  # no loss-spike statistics in that .log_ckpt
+    empty = {"losses": [], "total": 0, "consecutive": 0, "stage": None}  # no loss-spike statistics there
     assert tr.state_dict() == {"iteration": 7, "skipped_total": 1, "consumed_tokens": 900, "task_tokens": {"a": 5},
                                "stability": empty}
     tr.load_state_dict({"iteration": 3})  # older checkpoints carry fewer counters
