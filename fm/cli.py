@@ -31,8 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "uniform, weighted or EMA) into one .pt"),
     "export": ("fm.cli:export", "checkpoint -> Hugging Face directory of its family (Llama/Qwen2/Qwen3/Mistral; "
                "dragonfly, MiniCPM: Llama)"),
-    "import": ("fm.cli:import_hf", "Hugging Face Llama/Qwen2/Qwen3/Mistral/MiniCPM directory -> dragonfly .pt (+ its "
-               "model config and tokenizer)"),
+    "import": ("fm.cli:import_hf", "Hugging Face Llama/Qwen2/Qwen3/Mistral/MiniCPM/FM9G directory -> dragonfly .pt "
+               "(+ its model config and tokenizer)"),
     "import-spark": ("fm.export.spark_import", "Megatron-DeepSpeed iFlytekSpark checkpoint -> spark .pt"),
     "lora": ("fm.train.lora", "LoRA adapters: merge into dense weights, convert for the Hugging Face export"),
 }

@@ -168,10 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the conversation format the tokenizer's chat_template renders, as fm generate --template "
                          "does (default fm9g: <用户>…<AI>; none: no chat_template)")
     text = ("Hugging Face directory (Llama incl. Llama-3 rope scaling and tied heads, Qwen2/2.5, Qwen3, Mistral, "
-            "MiniCPM) → our state dict .pt + model config json + its tokenizer (OUTPUT stem + .tokenizer/ or "
-            ".tokenizer.model); anything else (other model types and rope types, MoE, mlp_bias, sliding windows on "
-            "some layers only, weights that do not fit the config) is refused, naming the file and the key, before "
-            "anything is written")
+            "MiniCPM, upstream FM9G's fm9g/fm9g7b) → our state dict .pt + model config json + its tokenizer "
+            "(OUTPUT stem + .tokenizer/ or .tokenizer.model); anything else (other model types and rope types, MoE, "
+            "mlp_bias, sliding windows on some layers only, weights that do not fit the config) is refused, naming "
+            "the file and the key, before anything is written")
     im = sub.add_parser("import", help=text, description=text)
     im.add_argument("--hf-dir", required=True, help="directory with config.json and safetensors/bin weights")
     im.add_argument("--output", required=True, help="state dict .pt to write")
