@@ -27,6 +27,8 @@ its beginning. The state records the stage and the batches handed out.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -74,6 +76,21 @@ class _MixtureIterable(IterableDataset):
             batch["_stream"], batch["_state"] = s, snap
             yield batch
         yield {"_stream": s, "_end": True}
+
+
+@contextlib.contextmanager
+def _fork_without_garbage() -> Iterator[None]:
+    """Fork the loader's workers with no garbage to inherit. Reference cycles the parent has not collected yet are
+    copied into each worker, whose own garbage collection would then destroy them there: for a torch process group
+    (gloo's, after ``destroy_process_group``) that destructor waits on threads that exist only in the parent, and
+    the worker hangs. Collect here, in the parent, where destructors are safe, and freeze what is left so the
+    workers' collections never visit the parent's objects."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _identity(x: Any) -> Any:
@@ -224,7 +241,8 @@ class MixtureLoader:
             else:
                 loader = DataLoader(data, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                                     prefetch_factor=self.prefetch_factor, persistent_workers=False)
-                items = iter(loader)
+                with _fork_without_garbage():
+                    items = iter(loader)  # forks the workers
             try:
                 for item in items:
                     s = item.pop("_stream")

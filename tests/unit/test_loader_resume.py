@@ -430,3 +430,48 @@ def test_exact_continuation_with_an_hf_tokenizer(tmp_path, hf_tokenizer, workers
         resumed = loader(cfg, hf_tokenizer, num_workers=workers, max_length=ml)
         resumed.load_state_dict(roundtrip(merge_states([first.state_dict()])))
         assert_same(list(resumed), ref[k:])
+
+
+WORKERS_AFTER_A_PROCESS_GROUP = """
+import itertools, sys
+import torch.distributed as dist
+from fm.data.loader import build_train_loader
+from fm.tokenizer import load_tokenizer
+
+loader = build_train_loader(sys.argv[1], load_tokenizer("demo"), batch_size=2, max_length=32, seed=3, num_workers=2)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+cycle = {"pg": dist.distributed_c10d._get_default_group()}
+cycle["self"] = cycle
+dist.destroy_process_group()
+del cycle  # garbage now, which only the cycle collector frees: in whichever process it runs next
+print(len(list(itertools.islice(iter(loader), 20))))
+"""
+
+COLLECTING_TRANSFORM = """
+import gc
+
+
+def transform(data, num_sample, r):
+    gc.collect()  # a full collection inside the worker, as allocation-heavy transforms trigger sooner or later
+    return {"input": data.get("input", ""), "output": data["output"]}
+"""
+
+
+def test_workers_fork_cleanly_after_a_process_group_became_garbage(tmp_path):
+    # A destroyed gloo process group left in a reference cycle (as an engine and its sharded model leave it) used to
+    # be collected inside each forked worker, where its destructor waits for the parent's gloo threads: the worker
+    # hung and the run with it. The loader collects and freezes the parent's garbage before it forks.
+    import subprocess
+    import sys
+
+    (tmp_path / "collect.py").write_text(COLLECTING_TRANSFORM)
+    mix = make_mixture(tmp_path, {"a": (short_records("a", 60, 1), {"transforms": str(tmp_path / "collect.py")})})
+    script = tmp_path / "fork_after_pg.py"
+    script.write_text(WORKERS_AFTER_A_PROCESS_GROUP)
+    try:
+        out = subprocess.run([sys.executable, str(script), mix, str(tmp_path / "store")], capture_output=True,
+                             text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the loader's workers hung after a process group became garbage")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "20"
