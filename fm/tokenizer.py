@@ -72,6 +72,8 @@ def resolve_tokenizer(path_or_name: str | os.PathLike) -> str:
             return os.path.abspath(spec)
         if os.path.isfile(os.path.join(spec, "tokenizer.model")):  # a SentencePiece model in a directory
             return os.path.abspath(os.path.join(spec, "tokenizer.model"))
+        if spec in SHIPPED_TOKENIZERS:  # `fm demo --out demo` makes a directory of that name: the name still wins
+            return SHIPPED_TOKENIZERS[spec]
         raise FileNotFoundError(f"tokenizer directory {spec} holds no {HF_JSON} (nor tokenizer.model); give "
                                 f"{ACCEPTED} (key data.tokenizer / option --tokenizer)")
     if spec in SHIPPED_TOKENIZERS:

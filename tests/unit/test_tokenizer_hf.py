@@ -15,6 +15,7 @@ import torch
 
 from fm.constants import IGNORE_INDEX
 from fm.tokenizer import (
+    SHIPPED_TOKENIZERS,
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
@@ -94,12 +95,16 @@ def test_tokenizer_json_file_alone_and_beside_its_config(hf, hf_dir, tmp_path):
     assert bare.eos_id == hf.piece_to_id("<|endoftext|>") and bare.encode(TEXTS[0]) == hf.encode(TEXTS[0])
 
 
-def test_resolve_errors_name_the_path_and_what_is_accepted(tmp_path):
+def test_resolve_errors_name_the_path_and_what_is_accepted(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"tokenizer not found: .*nope.*tokenizer\.json file, a Hugging Face"):
         resolve_tokenizer(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty holds no tokenizer\.json"):
         resolve_tokenizer(tmp_path / "empty")
+    # a directory that happens to carry a shipped name (`fm demo --out demo` makes one) is no tokenizer: the name wins
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tokenizer("demo") == SHIPPED_TOKENIZERS["demo"]
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"\x00\x01 not a model")
     with pytest.raises(TokenizerError, match=rf"{junk} is not a tokenizer: not a SentencePiece model"):
