@@ -442,6 +442,18 @@ def _stage_problems(cfg: TrainConfig) -> list[str]:
     return problems
 
 
+def _carried_tokenizer(checkpoint: str | Path, named: str) -> str | None:
+    """The tokenizer the checkpoint carries (a path), or None; ConfigError naming the key when it cannot be opened."""
+    from fm.checkpoint.layout import CheckpointError
+    from fm.checkpoint.open import open_checkpoint
+
+    try:
+        tok = open_checkpoint(checkpoint).tokenizer
+    except (OSError, ValueError, CheckpointError) as e:
+        raise ConfigError(f"data.tokenizer is empty and {named} cannot be opened: {e}") from None
+    return None if tok is None else str(tok)
+
+
 def tokenizer_source(cfg: TrainConfig) -> tuple[str, str]:
     """``(tokenizer spec, where it comes from)`` of a run: ``data.tokenizer`` when set; when empty, the tokenizer the
     resume checkpoint (``checkpoint.resume.source``, if it names one that exists) carries, else ``model.init_from``'s.
@@ -450,8 +462,7 @@ def tokenizer_source(cfg: TrainConfig) -> tuple[str, str]:
     use this."""
     if cfg.data.tokenizer:
         return cfg.data.tokenizer, "data.tokenizer"
-    from fm.checkpoint.layout import CheckpointError, resolve_checkpoint
-    from fm.checkpoint.open import open_checkpoint
+    from fm.checkpoint.layout import resolve_checkpoint
 
     tried = []
     spec = cfg.checkpoint.resume.source.strip()
@@ -461,22 +472,14 @@ def tokenizer_source(cfg: TrainConfig) -> tuple[str, str]:
         except (OSError, ValueError):
             resume = None
         if resume is not None:
-            try:
-                tok = open_checkpoint(resume).tokenizer
-            except (OSError, ValueError, CheckpointError) as e:
-                raise ConfigError(f"data.tokenizer is empty and checkpoint.resume.source {spec!r} ({resume}) cannot "
-                                  f"be opened: {e}") from None
+            tok = _carried_tokenizer(resume, f"checkpoint.resume.source {spec!r} ({resume})")
             if tok is not None:
-                return str(tok), f"checkpoint.resume.source {resume}"
+                return tok, f"checkpoint.resume.source {resume}"
             tried.append(f"checkpoint.resume.source {resume}")
     if cfg.model.init_from:
-        try:
-            tok = open_checkpoint(cfg.model.init_from).tokenizer
-        except (OSError, ValueError, CheckpointError) as e:
-            raise ConfigError(f"data.tokenizer is empty and model.init_from {cfg.model.init_from!r} cannot be "
-                              f"opened: {e}") from None
+        tok = _carried_tokenizer(cfg.model.init_from, f"model.init_from {cfg.model.init_from!r}")
         if tok is not None:
-            return str(tok), f"model.init_from {cfg.model.init_from}"
+            return tok, f"model.init_from {cfg.model.init_from}"
         tried.append(f"model.init_from {cfg.model.init_from}")
     if not tried:  # a fresh run from scratch: the shipped demo tokenizer, as fm always defaulted to
         return "demo", "the default (data.tokenizer not set and no checkpoint to take it from)"
