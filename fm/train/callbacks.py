@@ -97,7 +97,34 @@ class MetricsLogger(Callback):
         trainer.metrics.close()
 
 
-class Validation(Callback):
+class PeriodicEval(Callback):
+    """An evaluation every ``interval`` steps and once more at the end of training (not after a stop signal or the
+    non-finite limit). Subclasses prepare it in ``setup`` (``ready`` then true) and give ``interval`` and ``run``,
+    which records the iteration in ``last``. Collective."""
+
+    last = -1  # the iteration of the last evaluation
+
+    @property
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def interval(self, trainer: Trainer) -> int:
+        raise NotImplementedError
+
+    def run(self, trainer: Trainer) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def step_end(self, trainer: Trainer, stats: dict[str, Any]) -> None:
+        every, it = self.interval(trainer), trainer.iteration
+        if self.ready and not trainer.stopping and (it % every == 0 or it == trainer.cfg.run.train_iters):
+            self.run(trainer)  # (a stop signal wants the checkpoint now)
+
+    def train_end(self, trainer: Trainer, end: TrainEnd) -> None:
+        if end.ok and not end.stopped and self.ready and self.last != trainer.iteration:
+            self.run(trainer)  # end of training (data ran out, or resumed at train_iters): the final weights
+
+
+class Validation(PeriodicEval):
     """The validation loss over a fixed set of batches of ``eval.mixture`` (built once, at setup), every
     ``eval.interval`` steps and once more at the end of training (not after a stop signal or the non-finite
     limit). Token-weighted over every rank; logged to the console, tensorboard and jsonl. Collective."""
@@ -105,7 +132,13 @@ class Validation(Callback):
     def __init__(self) -> None:
         self.batches: list[dict] = []
         self.tasks: list[str] = []
-        self.last = -1  # the iteration of the last validation
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.batches)
+
+    def interval(self, trainer: Trainer) -> int:
+        return trainer.cfg.eval.interval
 
     def setup(self, trainer: Trainer) -> None:
         """The first ``eval.iters`` batches per rank of ``eval.mixture`` (seed ``run.seed``), kept in memory, with
@@ -142,17 +175,7 @@ class Validation(Callback):
         trainer.metrics.log_validation(trainer.iteration, res)
         return res
 
-    def step_end(self, trainer: Trainer, stats: dict[str, Any]) -> None:
-        every, it = trainer.cfg.eval.interval, trainer.iteration
-        if self.batches and not trainer.stopping and (it % every == 0 or it == trainer.cfg.run.train_iters):
-            self.run(trainer)  # (a stop signal wants the checkpoint now)
-
-    def train_end(self, trainer: Trainer, end: TrainEnd) -> None:
-        if end.ok and not end.stopped and self.batches and self.last != trainer.iteration:
-            self.run(trainer)  # end of training (data ran out, or resumed at train_iters): the final weights
-
-
-class DownstreamEval(Callback):
+class DownstreamEval(PeriodicEval):
     """Multiple-choice accuracy on a fixed subset of C-Eval/CMMLU/MMLU (``eval.ceval_dir``/``cmmlu_dir``/
     ``mmlu_dir``, the first ``eval.downstream_limit`` questions of each subject) every ``eval.downstream_interval``
     steps and once more at the end of training (as :class:`Validation`), scored as ``fm eval`` scores it
@@ -160,7 +183,13 @@ class DownstreamEval(Callback):
 
     def __init__(self) -> None:
         self.prepared: list = []
-        self.last = -1
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.prepared)
+
+    def interval(self, trainer: Trainer) -> int:
+        return trainer.cfg.eval.downstream_interval
 
     def setup(self, trainer: Trainer) -> None:
         """Read the files and build the prompts once, with the trainer's tokenizer, at ``fm eval``'s max length for
@@ -201,15 +230,6 @@ class DownstreamEval(Callback):
         self.last = trainer.iteration
         trainer.metrics.log_downstream(trainer.iteration, res)
         return res
-
-    def step_end(self, trainer: Trainer, stats: dict[str, Any]) -> None:
-        every, it = trainer.cfg.eval.downstream_interval, trainer.iteration
-        if self.prepared and not trainer.stopping and (it % every == 0 or it == trainer.cfg.run.train_iters):
-            self.run(trainer)
-
-    def train_end(self, trainer: Trainer, end: TrainEnd) -> None:
-        if end.ok and not end.stopped and self.prepared and self.last != trainer.iteration:
-            self.run(trainer)
 
 
 class InspectTable(Callback):
