@@ -205,3 +205,19 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def record_generate_prompts(monkeypatch) -> list:
+    """The prompts (token ids) ``fm generate`` feeds the model, recorded as it runs them (``fm.generate.generate``
+    wrapped for the test)."""
+    from fm import generate as gen
+
+    seen: list = []
+    real = gen.generate
+
+    def spy(model, prompts, **kw):
+        seen.extend(prompts)
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    return seen

@@ -15,6 +15,7 @@ from fm.chat import jinja_template, render, render_prompt
 from fm.export.llama import write_tokenizer_files
 from fm.generate import main as generate_main
 from tests.envs import EnvUnavailable, ensure, python
+from tests.helpers import record_generate_prompts
 
 CONVERSATIONS = [
     [{"role": "user", "content": "你好"}],
@@ -99,16 +100,7 @@ def test_export_tokenizer_loads_in_transformers_4(export_dir, tokenizer, version
 
 def test_generate_renders_conversations_like_the_template(tmp_path, tokenizer, tokenizer_path, monkeypatch):
     """fm generate --input-file with "messages" feeds render(messages): the ids apply_chat_template gives."""
-    import fm.generate as gen
-
-    seen = []
-    real = gen.generate
-
-    def spy(model, prompts, **kw):
-        seen.extend(prompts)
-        return real(model, prompts, **kw)
-
-    monkeypatch.setattr(gen, "generate", spy)
+    seen = record_generate_prompts(monkeypatch)
     conv = tmp_path / "conv.jsonl"
     conv.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in CONVERSATIONS))
     torch.manual_seed(0)

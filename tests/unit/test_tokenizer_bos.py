@@ -17,7 +17,7 @@ import pytest
 
 from fm.constants import IGNORE_INDEX
 from fm.tokenizer import load_tokenizer
-from tests.helpers import make_mixture
+from tests.helpers import make_mixture, record_generate_prompts
 from tests.support.hf_fixtures import BEGIN, ENDOFTEXT, EOT, IM_END, build_hf_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -124,14 +124,7 @@ def test_generate_bos_with_and_without_a_template(dirs, tmp_path, monkeypatch, c
     from fm import generate as gen
     from tests.unit.test_generate import DRAGONFLY
 
-    seen = []
-    real = gen.generate
-
-    def spy(model, prompts, **kw):
-        seen.extend(prompts)
-        return real(model, prompts, **kw)
-
-    monkeypatch.setattr(gen, "generate", spy)
+    seen = record_generate_prompts(monkeypatch)
     (tmp_path / "m.json").write_text(json.dumps({**DRAGONFLY, "vocab_size": 600}))
     for style in ("llama3", "gpt2"):
         d = dirs[style]

@@ -24,7 +24,7 @@ from fm.tokenizer import (
     load_tokenizer,
     resolve_tokenizer,
 )
-from tests.helpers import make_mixture
+from tests.helpers import make_mixture, record_generate_prompts
 from tests.support.hf_fixtures import CHATML, IM_END, IM_START, build_hf_tokenizer
 
 TEXTS = ["中国的首都是北京。Hello, world!", "Training a language model 需要数据", "  two  spaces\tand tab\n\n",
@@ -347,14 +347,7 @@ def test_checkpoint_carries_an_hf_tokenizer(hf, hf_dir, tmp_path):
 def test_generate_template_auto_uses_the_tokenizers_template(hf, hf_dir, tmp_path, capsys, monkeypatch):
     from fm import generate as gen
 
-    seen = []
-    real = gen.generate
-
-    def spy(model, prompts, **kw):
-        seen.extend(prompts)
-        return real(model, prompts, **kw)
-
-    monkeypatch.setattr(gen, "generate", spy)
+    seen = record_generate_prompts(monkeypatch)
     from tests.unit.test_generate import DRAGONFLY
 
     (tmp_path / "m.json").write_text(json.dumps({**DRAGONFLY, "vocab_size": 600}))
